@@ -1,0 +1,265 @@
+"""The one wrapper around `stripe.StripeClient`.
+
+Every call is typed against the SDK's params, and every POST carries an
+idempotency key derived from business identity, so a Temporal retry or a worker
+crash replays the first answer instead of creating a second object.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import stripe
+from stripe.params import (
+    CustomerCreateParams,
+    SubscriptionCreateParams,
+    SubscriptionCreateParamsItem,
+)
+from stripe.params.billing import MeterEventCreateParams
+from stripe.params.billing_portal import SessionCreateParams
+
+from billing.config import Settings
+from billing.domain import (
+    LIVE_SUBSCRIPTION_STATUSES,
+    OrgProfile,
+    SubscriptionSnapshot,
+    SubscriptionStatus,
+)
+
+WEBHOOK_TOLERANCE_SECONDS = 300
+
+
+def make_stripe_client(
+    settings: Settings, *, max_network_retries: int = 0, api_key: str | None = None
+) -> stripe.StripeClient:
+    """Built only by composition roots. `STRIPE_API_BASE` points it at the emulator."""
+    base_addresses: dict[str, str | None] = {}
+    if settings.stripe_api_base:
+        base = settings.stripe_api_base.rstrip("/")
+        base_addresses = {"api": base, "files": base, "connect": base, "meter_events": base}
+    return stripe.StripeClient(
+        api_key or settings.stripe_secret_key,
+        base_addresses=base_addresses,  # type: ignore[arg-type]
+        max_network_retries=max_network_retries,
+        http_client=stripe.HTTPXClient(),
+    )
+
+
+def _ts(value: int | None) -> datetime | None:
+    return datetime.fromtimestamp(value, tz=UTC) if value else None
+
+
+def subscription_end_of(sub: Mapping[str, Any]) -> datetime | None:
+    """design.md's rule: cancel_at, else ended/canceled when canceled, else trial end, else period end."""
+    status = sub.get("status")
+    if sub.get("cancel_at"):
+        return _ts(sub["cancel_at"])
+    if status in ("canceled", "incomplete_expired"):
+        return _ts(sub.get("ended_at") or sub.get("canceled_at"))
+    if status == "trialing" and sub.get("trial_end"):
+        return _ts(sub["trial_end"])
+    return _ts(_item_period(sub)[1])
+
+
+def _item_period(sub: Mapping[str, Any]) -> tuple[int | None, int | None]:
+    items = (sub.get("items") or {}).get("data") or []
+    starts = [i["current_period_start"] for i in items if i.get("current_period_start")]
+    ends = [i["current_period_end"] for i in items if i.get("current_period_end")]
+    return (min(starts) if starts else None, max(ends) if ends else None)
+
+
+def snapshot_of(sub: Mapping[str, Any]) -> SubscriptionSnapshot:
+    """Reduce a Stripe subscription (current API shape) to what the org row keeps."""
+    start, end = _item_period(sub)
+    customer = sub["customer"]
+    metadata = sub.get("metadata") or {}
+    return SubscriptionSnapshot(
+        id=sub["id"],
+        customer_id=customer if isinstance(customer, str) else customer["id"],
+        status=SubscriptionStatus(sub["status"]),
+        subscription_end=subscription_end_of(sub),
+        trial_end=_ts(sub.get("trial_end")),
+        current_period_start=_ts(start),
+        current_period_end=_ts(end),
+        cancel_at=_ts(sub.get("cancel_at")),
+        pause_collection=bool(sub.get("pause_collection")),
+        org_id=metadata.get("org_id"),
+    )
+
+
+MeterOutcome = Literal["sent", "duplicate"]
+
+
+def is_duplicate_meter_event(err: stripe.StripeError) -> bool:
+    """Stripe answers a reused meter event identifier with a 400 naming it."""
+    code = getattr(err, "code", None) or ""
+    message = (getattr(err, "user_message", None) or str(err)).lower()
+    return code in ("duplicate_meter_event", "meter_event_duplicate_identifier") or (
+        "identifier" in message and ("already" in message or "duplicate" in message)
+    )
+
+
+class StripeGateway:
+    """The operations billing needs from Stripe, and nothing else."""
+
+    def __init__(self, client: stripe.StripeClient, settings: Settings) -> None:
+        self._client = client
+        self._settings = settings
+
+    # Customers -----------------------------------------------------------------
+
+    async def find_customer_for_org(self, org_id: int) -> str | None:
+        result = await self._client.v1.customers.search_async(
+            {"query": f"metadata['org_id']:'{org_id}'", "limit": 10}
+        )
+        matches = sorted(result.data, key=lambda c: c.created)
+        return matches[0].id if matches else None
+
+    async def create_customer(
+        self, org: OrgProfile, *, idempotency_key: str, test_clock: str | None = None
+    ) -> str:
+        params: CustomerCreateParams = {
+            "name": org.customer_name,
+            "email": org.owner_email,
+            "metadata": {
+                "org_id": str(org.org_id),
+                "org_uid": org.org_uid,
+                "source": self._settings.billing_source,
+            },
+        }
+        if test_clock:
+            params["test_clock"] = test_clock
+        customer = await self._client.v1.customers.create_async(
+            params, {"idempotency_key": idempotency_key}
+        )
+        return customer.id
+
+    async def create_or_get_customer(
+        self, org: OrgProfile, *, idempotency_key: str, test_clock: str | None = None
+    ) -> str:
+        existing = await self.find_customer_for_org(org.org_id)
+        if existing:
+            return existing
+        return await self.create_customer(
+            org, idempotency_key=idempotency_key, test_clock=test_clock
+        )
+
+    async def customer_org_id(self, customer_id: str) -> str | None:
+        """The org a customer belongs to, from its metadata (webhook routing fallback)."""
+        try:
+            customer = await self._client.v1.customers.retrieve_async(customer_id)
+        except stripe.InvalidRequestError:
+            return None
+        metadata = getattr(customer, "metadata", None) or {}
+        value = metadata.get("org_id")
+        return str(value) if value else None
+
+    # Subscriptions -------------------------------------------------------------
+
+    async def find_live_subscription(self, customer_id: str) -> SubscriptionSnapshot | None:
+        subs = await self._client.v1.subscriptions.list_async(
+            {"customer": customer_id, "status": "all", "limit": 100}
+        )
+        live = [s for s in subs.data if s.status in LIVE_SUBSCRIPTION_STATUSES]
+        if not live:
+            return None
+        oldest = min(live, key=lambda s: s.created)
+        return snapshot_of(oldest.to_dict())
+
+    async def create_subscription(
+        self, customer_id: str, org: OrgProfile, *, idempotency_key: str
+    ) -> SubscriptionSnapshot:
+        s = self._settings
+        items: list[SubscriptionCreateParamsItem] = [
+            {"price": s.stripe_price_id, "quantity": 1},
+            {"price": s.stripe_users_price_id},
+            {"price": s.stripe_requests_price_id},
+        ]
+        params: SubscriptionCreateParams = {
+            "customer": customer_id,
+            "items": items,
+            "metadata": {
+                "org_id": str(org.org_id),
+                "org_uid": org.org_uid,
+                "source": s.billing_source,
+            },
+            "automatic_tax": {"enabled": s.stripe_automatic_tax},
+        }
+        if s.stripe_trial_days > 0:
+            params["trial_period_days"] = s.stripe_trial_days
+        sub = await self._client.v1.subscriptions.create_async(
+            params, {"idempotency_key": idempotency_key}
+        )
+        return snapshot_of(sub.to_dict())
+
+    async def create_customer_and_subscription(
+        self, org: OrgProfile, *, test_clock: str | None = None
+    ) -> tuple[str, SubscriptionSnapshot]:
+        customer_id = await self.create_or_get_customer(
+            org, idempotency_key=f"customer-create-{org.org_id}", test_clock=test_clock
+        )
+        existing = await self.find_live_subscription(customer_id)
+        if existing:
+            return customer_id, existing
+        sub = await self.create_subscription(
+            customer_id, org, idempotency_key=f"subscription-create-{org.org_id}"
+        )
+        return customer_id, sub
+
+    async def get_subscription(self, subscription_id: str) -> SubscriptionSnapshot:
+        sub = await self._client.v1.subscriptions.retrieve_async(subscription_id)
+        return snapshot_of(sub.to_dict())
+
+    # Usage ---------------------------------------------------------------------
+
+    async def report_usage(
+        self,
+        *,
+        customer_id: str,
+        event_name: str,
+        value: int,
+        timestamp: datetime,
+        identifier: str,
+    ) -> MeterOutcome:
+        params: MeterEventCreateParams = {
+            "event_name": event_name,
+            "payload": {"stripe_customer_id": customer_id, "value": str(value)},
+            "identifier": identifier,
+            "timestamp": int(timestamp.timestamp()),
+        }
+        try:
+            await self._client.v1.billing.meter_events.create_async(
+                params, {"idempotency_key": f"meter-event-{identifier}"}
+            )
+        except stripe.InvalidRequestError as err:
+            if is_duplicate_meter_event(err):
+                return "duplicate"
+            raise
+        return "sent"
+
+    # Portal and webhooks -------------------------------------------------------
+
+    async def create_portal_link(self, customer_id: str, *, return_url: str) -> str:
+        params: SessionCreateParams = {"customer": customer_id, "return_url": return_url}
+        session = await self._client.v1.billing_portal.sessions.create_async(params)
+        return session.url
+
+    def verify_webhook_signature(self, payload: bytes, sig_header: str) -> dict[str, Any]:
+        """Raises `stripe.SignatureVerificationError` for a bad or stale signature."""
+        return verify_webhook_signature(payload, sig_header, self._settings.stripe_webhook_secret)
+
+
+def verify_webhook_signature(payload: bytes, sig_header: str, secret: str) -> dict[str, Any]:
+    """Check the signature over the raw body with a 300 s tolerance, then parse it.
+
+    Raises `stripe.SignatureVerificationError` (bad or stale signature) or
+    `ValueError` (body not UTF-8 JSON).
+    """
+    stripe.WebhookSignature.verify_header(
+        payload.decode("utf-8"), sig_header, secret, tolerance=WEBHOOK_TOLERANCE_SECONDS
+    )
+    event: dict[str, Any] = json.loads(payload)
+    return event

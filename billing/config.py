@@ -1,0 +1,67 @@
+"""Settings read from the environment (and `.env`), as listed in design.md."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class StripeNotConfiguredError(RuntimeError):
+    """A Stripe secret the process needs is missing; the message names it."""
+
+    def __init__(self, missing: list[str]) -> None:
+        self.missing = missing
+        names = " and ".join(missing)
+        super().__init__(f"Stripe is not configured: set {names}.")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+    temporal_address: str = "localhost:7233"
+    temporal_namespace: str = "default"
+    temporal_task_queue: str = "billing"
+    auth_jwt_secret: str = ""
+
+    stripe_secret_key: str = ""
+    stripe_webhook_secret: str = ""
+    stripe_price_id: str = ""
+    stripe_users_price_id: str = ""
+    stripe_requests_price_id: str = ""
+    stripe_users_dimension: str = "additional_users"
+    stripe_requests_dimension: str = "additional_requests"
+    stripe_trial_days: int = Field(default=30, ge=0, le=730)
+    stripe_allow_promotion_codes: bool = False
+    stripe_automatic_tax: bool = False
+    stripe_api_base: str | None = None
+    stripe_portal_return_url: str = "http://localhost:3000/settings/billing"
+
+    # Operational knobs (not part of the seed's contract).
+    stripe_activities_per_second: float = Field(default=20.0, gt=0)
+    backfill_interval_seconds: int = Field(default=300, ge=10)
+    usage_report_lead_seconds: int = Field(default=3600, ge=0)
+    usage_report_grace_seconds: int = Field(default=300, ge=0)
+    resync_interval_seconds: int = Field(default=86400, ge=60)
+    billing_source: str = "org-billing"
+
+    def missing_stripe_settings(self) -> list[str]:
+        missing = []
+        if not self.stripe_secret_key:
+            missing.append("STRIPE_SECRET_KEY")
+        if not self.stripe_webhook_secret:
+            missing.append("STRIPE_WEBHOOK_SECRET")
+        return missing
+
+    def require_stripe(self) -> None:
+        """Fail at startup, naming the variable, instead of at the first request."""
+        missing = self.missing_stripe_settings()
+        if missing:
+            raise StripeNotConfiguredError(missing)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

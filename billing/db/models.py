@@ -1,0 +1,195 @@
+"""The database schema. `orgs` keeps the seed's columns exactly."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from billing.domain import SubscriptionStatus
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+def _status_values(enum: type[SubscriptionStatus]) -> list[str]:
+    return [member.value for member in enum]
+
+
+class Org(Base):
+    __tablename__ = "orgs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    uid: Mapped[str] = mapped_column(
+        String(36), unique=True, nullable=False, default=lambda: str(uuid.uuid4())
+    )
+    name: Mapped[str] = mapped_column(String(255), nullable=False)
+    stripe_customer_id: Mapped[str | None] = mapped_column(String(255), unique=True)
+    stripe_subscription_id: Mapped[str | None] = mapped_column(String(255), unique=True)
+    subscription_status: Mapped[SubscriptionStatus] = mapped_column(
+        Enum(
+            SubscriptionStatus,
+            name="subscription_status",
+            native_enum=False,
+            length=32,
+            values_callable=_status_values,
+            validate_strings=True,
+        ),
+        nullable=False,
+        default=SubscriptionStatus.TRIALING,
+        server_default=SubscriptionStatus.TRIALING.value,
+    )
+    subscription_end: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    aws_account_id: Mapped[str | None] = mapped_column(String(255))
+    azure_subscription_id: Mapped[str | None] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now(), onupdate=func.now()
+    )
+
+    memberships: Mapped[list[Membership]] = relationship(back_populates="org")
+
+    __table_args__ = (
+        # Orgs that still need billing: the backfill pages through this index.
+        Index(
+            "ix_orgs_without_billing",
+            "id",
+            postgresql_where=text(
+                "stripe_subscription_id IS NULL AND aws_account_id IS NULL "
+                "AND azure_subscription_id IS NULL"
+            ),
+        ),
+    )
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    email: Mapped[str] = mapped_column(String(320), unique=True, nullable=False)
+    first_name: Mapped[str] = mapped_column(String(255), nullable=False, default="")
+    last_name: Mapped[str] = mapped_column(String(255), nullable=False, default="")
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+
+    memberships: Mapped[list[Membership]] = relationship(back_populates="user")
+
+
+class Membership(Base):
+    """A user in an org. Active memberships are what the users meter counts."""
+
+    __tablename__ = "memberships"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    org_id: Mapped[int] = mapped_column(ForeignKey("orgs.id", ondelete="CASCADE"), nullable=False)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), nullable=False)
+    role: Mapped[str] = mapped_column(String(16), nullable=False, default="member")
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+
+    org: Mapped[Org] = relationship(back_populates="memberships")
+    user: Mapped[User] = relationship(back_populates="memberships")
+
+    __table_args__ = (
+        UniqueConstraint("org_id", "user_id", name="uq_memberships_org_user"),
+        CheckConstraint("role IN ('owner', 'member')", name="ck_memberships_role"),
+        Index(
+            "uq_memberships_one_owner",
+            "org_id",
+            unique=True,
+            postgresql_where=text("role = 'owner'"),
+        ),
+        Index("ix_memberships_user", "user_id"),
+    )
+
+
+class RequestLog(Base):
+    """Requests an org made: what the requests meter counts. The host app appends."""
+
+    __tablename__ = "request_log"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    org_id: Mapped[int] = mapped_column(ForeignKey("orgs.id", ondelete="CASCADE"), nullable=False)
+    occurred_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+    count: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
+
+    __table_args__ = (
+        CheckConstraint("count > 0", name="ck_request_log_count_positive"),
+        Index("ix_request_log_org_time", "org_id", "occurred_at"),
+    )
+
+
+class UsageLedger(Base):
+    """One meter event per row: written `pending` before it is sent, `sent` after.
+
+    The identifier is deterministic, so a retry re-sends the same one and Stripe
+    deduplicates; a `pending` row found on retry is sent again, never re-counted.
+    """
+
+    __tablename__ = "usage_ledger"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    org_id: Mapped[int] = mapped_column(ForeignKey("orgs.id", ondelete="CASCADE"), nullable=False)
+    dimension: Mapped[str] = mapped_column(String(64), nullable=False)
+    period_start: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    period_end: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    seq: Mapped[int] = mapped_column(Integer, nullable=False)
+    identifier: Mapped[str] = mapped_column(String(255), unique=True, nullable=False)
+    value: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    event_timestamp: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    status: Mapped[str] = mapped_column(String(16), nullable=False, default="pending")
+    reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        UniqueConstraint("org_id", "dimension", "period_start", "seq", name="uq_usage_ledger_seq"),
+        CheckConstraint("status IN ('pending', 'sent', 'skipped')", name="ck_usage_ledger_status"),
+        Index("ix_usage_ledger_org_period", "org_id", "period_start"),
+    )
+
+
+class StripeEventLog(Base):
+    """Every webhook received, and what became of it (signalled, unroutable, ignored)."""
+
+    __tablename__ = "stripe_events"
+
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    type: Mapped[str] = mapped_column(String(128), nullable=False)
+    created: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    object_id: Mapped[str | None] = mapped_column(String(255))
+    org_id: Mapped[int | None] = mapped_column(Integer)
+    outcome: Mapped[str] = mapped_column(String(32), nullable=False)
+    detail: Mapped[str | None] = mapped_column(Text)
+    received_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+
+    __table_args__ = (
+        Index("ix_stripe_events_org", "org_id", "created"),
+        Index("ix_stripe_events_outcome", "outcome", "received_at"),
+    )

@@ -1,0 +1,153 @@
+"""Types shared by the DB layer, the workflows, the activities and the API.
+
+Everything a workflow sends or receives is one of these pydantic models, so the
+pydantic data converter carries them through Temporal unchanged.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+
+from pydantic import BaseModel, Field
+
+
+class SubscriptionStatus(StrEnum):
+    """Stripe's eight subscription statuses."""
+
+    INCOMPLETE = "incomplete"
+    INCOMPLETE_EXPIRED = "incomplete_expired"
+    TRIALING = "trialing"
+    ACTIVE = "active"
+    PAST_DUE = "past_due"
+    CANCELED = "canceled"
+    UNPAID = "unpaid"
+    PAUSED = "paused"
+
+
+class BillingStatus(StrEnum):
+    """The `BillingStatus` search attribute: a Stripe status or one of our own."""
+
+    PROVISIONING = "provisioning"
+    PROVISIONING_FAILED = "provisioning_failed"
+    NOT_BILLED = "not_billed"
+    INCOMPLETE = "incomplete"
+    INCOMPLETE_EXPIRED = "incomplete_expired"
+    TRIALING = "trialing"
+    ACTIVE = "active"
+    PAST_DUE = "past_due"
+    CANCELED = "canceled"
+    UNPAID = "unpaid"
+    PAUSED = "paused"
+
+    @classmethod
+    def of(cls, status: SubscriptionStatus) -> BillingStatus:
+        return cls(status.value)
+
+
+# Statuses of a subscription that still bills the org: provisioning must reuse it.
+LIVE_SUBSCRIPTION_STATUSES = frozenset(
+    {
+        SubscriptionStatus.TRIALING,
+        SubscriptionStatus.ACTIVE,
+        SubscriptionStatus.PAST_DUE,
+        SubscriptionStatus.UNPAID,
+        SubscriptionStatus.PAUSED,
+        SubscriptionStatus.INCOMPLETE,
+    }
+)
+
+
+class StripeEventSignal(BaseModel):
+    """The small payload a webhook becomes: enough to dedupe, order and re-read."""
+
+    event_id: str
+    type: str
+    created: int
+    object_id: str
+    customer_id: str | None = None
+    subscription_id: str | None = None
+
+
+class SubscriptionSnapshot(BaseModel):
+    """What we keep of a Stripe subscription, already reduced by design.md's rules."""
+
+    id: str
+    customer_id: str
+    status: SubscriptionStatus
+    subscription_end: datetime | None
+    trial_end: datetime | None
+    current_period_start: datetime | None
+    current_period_end: datetime | None
+    cancel_at: datetime | None = None
+    pause_collection: bool = False
+    org_id: str | None = None
+
+
+class UsagePeriodReport(BaseModel):
+    """What was sent to Stripe for one billing period of one org."""
+
+    period_start: datetime
+    period_end: datetime
+    users: int = 0
+    requests: int = 0
+    meter_events_sent: int = 0
+    skipped_reason: str | None = None
+    last_reported_at: datetime | None = None
+
+
+class OrgBillingState(BaseModel):
+    """Everything the `OrgBilling` workflow knows; carried across continue-as-new."""
+
+    org_id: int
+    status: BillingStatus = BillingStatus.PROVISIONING
+    stripe_customer_id: str | None = None
+    stripe_subscription_id: str | None = None
+    subscription_status: SubscriptionStatus | None = None
+    subscription_end: datetime | None = None
+    trial_end: datetime | None = None
+    current_period_start: datetime | None = None
+    current_period_end: datetime | None = None
+    pause_collection: bool = False
+    last_error: str | None = None
+    last_event_id: str | None = None
+    last_event_type: str | None = None
+    # Watermark: `created` of the newest event applied, per Stripe object id.
+    watermarks: dict[str, int] = Field(default_factory=dict)
+    # Recently applied event ids, oldest first, bounded.
+    seen_event_ids: list[str] = Field(default_factory=list)
+    trial_will_end_noted_for: datetime | None = None
+    last_synced_at: datetime | None = None
+    usage: list[UsagePeriodReport] = Field(default_factory=list)
+
+
+class OrgBillingInput(BaseModel):
+    """Workflow input: a `state` field so continue-as-new carries everything forward."""
+
+    org_id: int
+    state: OrgBillingState | None = None
+    pending_events: list[StripeEventSignal] = Field(default_factory=list)
+
+
+class OrgProfile(BaseModel):
+    """What Stripe needs to know about an org to bill it."""
+
+    org_id: int
+    org_uid: str
+    name: str
+    owner_email: str
+    owner_first_name: str = ""
+    owner_last_name: str = ""
+    aws_account_id: str | None = None
+    azure_subscription_id: str | None = None
+    stripe_customer_id: str | None = None
+    stripe_subscription_id: str | None = None
+
+    @property
+    def billed_elsewhere(self) -> bool:
+        return bool(self.aws_account_id or self.azure_subscription_id)
+
+    @property
+    def customer_name(self) -> str:
+        person = f"{self.owner_first_name} {self.owner_last_name}".strip() or self.owner_email
+        return f"{person} ({self.name})"
