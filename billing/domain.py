@@ -151,3 +151,26 @@ class OrgProfile(BaseModel):
     def customer_name(self) -> str:
         person = f"{self.owner_first_name} {self.owner_last_name}".strip() or self.owner_email
         return f"{person} ({self.name})"
+
+
+class FieldDifference(BaseModel):
+    field: str
+    before: str | None
+    after: str | None
+
+
+class ReconcileResult(BaseModel):
+    """What a re-sync from Stripe changed in the org's state and row."""
+
+    org_id: int
+    differences: list[FieldDifference] = Field(default_factory=list)
+    status: BillingStatus
+
+
+class UsageReportResult(BaseModel):
+    """The answer of the `report_usage` update: what this call sent."""
+
+    org_id: int
+    periods: list[UsagePeriodReport] = Field(default_factory=list)
+    meter_events_sent: int = 0
+    skipped_reason: str | None = None
