@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     usage_report_grace_seconds: int = Field(default=300, ge=0)
     resync_interval_seconds: int = Field(default=86400, ge=60)
     billing_source: str = "org-billing"
+    # Emulator only: new customers are attached to this test clock (set by `billing dev`).
+    stripe_test_clock: str | None = None
 
     def missing_stripe_settings(self) -> list[str]:
         missing = []
