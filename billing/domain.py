@@ -121,12 +121,37 @@ class OrgBillingState(BaseModel):
     usage: list[UsagePeriodReport] = Field(default_factory=list)
 
 
+class OrgBillingTuning(BaseModel):
+    """Timings of an org workflow; tests shrink them to exercise the same paths quickly."""
+
+    resync_interval_seconds: int = 86400
+    usage_lead_seconds: int = 3600
+    usage_grace_seconds: int = 300
+    failed_retry_seconds: int = 3600
+    # Continue-as-new once a run's history reaches this many events (Temporal's
+    # own suggestion applies too); small values exercise the path in tests.
+    max_history_events: int = 2000
+    seen_events_limit: int = 500
+
+
 class OrgBillingInput(BaseModel):
     """Workflow input: a `state` field so continue-as-new carries everything forward."""
 
     org_id: int
     state: OrgBillingState | None = None
     pending_events: list[StripeEventSignal] = Field(default_factory=list)
+    retry_requested: bool = False
+    tuning: OrgBillingTuning = Field(default_factory=OrgBillingTuning)
+
+
+class BackfillInput(BaseModel):
+    after_id: int = 0
+    page_size: int = 200
+    started: int = 0
+
+
+class BackfillResult(BaseModel):
+    started: int
 
 
 class OrgProfile(BaseModel):

@@ -7,7 +7,11 @@ Always signal-with-start: an event for an org whose workflow does not exist yet
 from __future__ import annotations
 
 from temporalio.client import Client, WorkflowHandle
-from temporalio.common import SearchAttributePair, TypedSearchAttributes
+from temporalio.common import (
+    SearchAttributePair,
+    TypedSearchAttributes,
+    WorkflowIDConflictPolicy,
+)
 
 from billing.constants import (
     ORG_BILLING_WORKFLOW,
@@ -51,6 +55,18 @@ async def ensure_org_workflow(client: Client, task_queue: str, org_id: int) -> N
         id=org_workflow_id(org_id),
         task_queue=task_queue,
         start_signal=RETRY_PROVISIONING_SIGNAL,
+        search_attributes=_start_attributes(org_id),
+    )
+
+
+async def start_org_workflow(client: Client, task_queue: str, org_id: int) -> None:
+    """Start the org's workflow if none is running; a running one is not touched."""
+    await client.start_workflow(
+        ORG_BILLING_WORKFLOW,
+        OrgBillingInput(org_id=org_id),
+        id=org_workflow_id(org_id),
+        task_queue=task_queue,
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
         search_attributes=_start_attributes(org_id),
     )
 

@@ -1,0 +1,67 @@
+"""Inputs and outputs of activities (pydantic, carried by the pydantic data converter)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel
+
+from billing.domain import OrgProfile, SubscriptionSnapshot
+
+
+class EnsureSubscriptionInput(BaseModel):
+    customer_id: str
+    org: OrgProfile
+
+
+class FetchSubscriptionInput(BaseModel):
+    """Re-read from Stripe: by id when known, else the customer's live one."""
+
+    subscription_id: str | None = None
+    customer_id: str | None = None
+
+
+class SaveCustomerInput(BaseModel):
+    org_id: int
+    customer_id: str
+
+
+class SaveSubscriptionInput(BaseModel):
+    org_id: int
+    subscription: SubscriptionSnapshot
+
+
+class OrgPage(BaseModel):
+    after_id: int = 0
+    limit: int = 200
+
+
+class PlanUsageInput(BaseModel):
+    org_id: int
+    customer_id: str
+    period_start: datetime
+    period_end: datetime
+    # When the report is made: the meter events' timestamp is clamped into the period.
+    report_time: datetime
+
+
+class MeterEventToSend(BaseModel):
+    identifier: str
+    dimension: str
+    event_name: str
+    customer_id: str
+    value: int
+    timestamp: datetime
+
+
+class UsagePlan(BaseModel):
+    """Ledger rows (new or left pending by an earlier attempt) to send now."""
+
+    events: list[MeterEventToSend]
+    users: int
+    requests: int
+    skipped_reason: str | None = None
+
+
+class MarkSentInput(BaseModel):
+    identifiers: list[str]

@@ -1,0 +1,519 @@
+"""`OrgBilling`: the one writer of an org's billing state.
+
+Signal handlers only queue; the run loop provisions, applies Stripe events (each
+re-read from Stripe, deduplicated by id, ordered by a per-subscription
+watermark), re-syncs daily, reports usage per billing period and continues as
+new at each period and whenever Temporal suggests it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from datetime import datetime, timedelta
+from typing import Any
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from activities.db_activities import DbActivities
+    from activities.models import (
+        EnsureSubscriptionInput,
+        FetchSubscriptionInput,
+        MarkSentInput,
+        PlanUsageInput,
+        SaveCustomerInput,
+        SaveSubscriptionInput,
+    )
+    from activities.stripe_activities import StripeActivities
+    from billing.constants import (
+        ORG_BILLING_WORKFLOW,
+        RECONCILE_UPDATE,
+        REPORT_USAGE_UPDATE,
+        RESYNC_SIGNAL,
+        RETRY_PROVISIONING_SIGNAL,
+        STATE_QUERY,
+        STRIPE_EVENT_SIGNAL,
+        stripe_task_queue,
+    )
+    from billing.domain import (
+        LIVE_SUBSCRIPTION_STATUSES,
+        BillingStatus,
+        FieldDifference,
+        OrgBillingInput,
+        OrgBillingState,
+        ReconcileResult,
+        StripeEventSignal,
+        SubscriptionSnapshot,
+        SubscriptionStatus,
+        UsagePeriodReport,
+        UsageReportResult,
+    )
+    from billing.runtime import BILLING_STATUS_KEY, ORG_ID_KEY, STRIPE_CUSTOMER_ID_KEY
+
+DB_TIMEOUT = timedelta(seconds=30)
+STRIPE_TIMEOUT = timedelta(seconds=30)
+# Transient failures (Stripe 429/5xx, connection, DB down) retry with backoff for
+# as long as it takes; errors retrying cannot fix are raised non-retryable.
+RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(minutes=1),
+)
+USAGE_STATUSES = frozenset(
+    {
+        SubscriptionStatus.TRIALING,
+        SubscriptionStatus.ACTIVE,
+        SubscriptionStatus.PAST_DUE,
+        SubscriptionStatus.UNPAID,
+    }
+)
+KEPT_USAGE_PERIODS = 12
+
+
+class ProvisioningFailed(Exception):
+    pass
+
+
+@workflow.defn(name=ORG_BILLING_WORKFLOW)
+class OrgBillingWorkflow:
+    @workflow.init
+    def __init__(self, input: OrgBillingInput) -> None:
+        self._input = input
+        self._tuning = input.tuning
+        self._state = input.state or OrgBillingState(org_id=input.org_id)
+        self._pending: deque[StripeEventSignal] = deque(input.pending_events)
+        self._retry_requested = input.retry_requested
+        self._resync_requested = False
+        self._lock = asyncio.Lock()
+        # Periods that ended (seen through a renewal) and still need their final report.
+        self._to_finalize: list[tuple[datetime, datetime]] = []
+        self._period_rolled = False
+        self._last_attributes: dict[str, str] = {}
+
+    # Handlers: record only, the run loop acts. --------------------------------
+
+    @workflow.signal(name=STRIPE_EVENT_SIGNAL)
+    def on_stripe_event(self, event: StripeEventSignal) -> None:
+        self._pending.append(event)
+
+    @workflow.signal(name=RETRY_PROVISIONING_SIGNAL)
+    def on_retry_provisioning(self) -> None:
+        self._retry_requested = True
+
+    @workflow.signal(name=RESYNC_SIGNAL)
+    def on_resync(self) -> None:
+        self._resync_requested = True
+
+    @workflow.query(name=STATE_QUERY)
+    def state(self) -> OrgBillingState:
+        return self._state
+
+    @workflow.update(name=RECONCILE_UPDATE)
+    async def reconcile(self) -> ReconcileResult:
+        """Re-read from Stripe now and say what differed."""
+        async with self._lock:
+            diffs = await self._resync()
+        return ReconcileResult(
+            org_id=self._state.org_id, differences=diffs, status=self._state.status
+        )
+
+    @workflow.update(name=REPORT_USAGE_UPDATE)
+    async def report_usage(self) -> UsageReportResult:
+        """Report the current period's usage not yet reported, now."""
+        async with self._lock:
+            if not self._billable():
+                return UsageReportResult(
+                    org_id=self._state.org_id,
+                    skipped_reason=f"nothing to report: billing status is {self._state.status}",
+                )
+            start, end = self._current_period()
+            report = await self._report_period(start, end, workflow.now())
+        return UsageReportResult(
+            org_id=self._state.org_id,
+            periods=[report],
+            meter_events_sent=report.meter_events_sent,
+            skipped_reason=report.skipped_reason,
+        )
+
+    # Main loop ------------------------------------------------------------------
+
+    @workflow.run
+    async def run(self, input: OrgBillingInput) -> None:
+        self._upsert_attributes()
+        if self._state.status in (BillingStatus.PROVISIONING, BillingStatus.PROVISIONING_FAILED):
+            await self._provision_until_done()
+        while True:
+            timeout = self._next_wake()
+            with contextlib.suppress(TimeoutError):
+                await workflow.wait_condition(
+                    lambda: bool(self._pending) or self._resync_requested or self._retry_requested,
+                    timeout=timeout,
+                )
+            async with self._lock:
+                await self._drain_events()
+                if self._retry_requested:
+                    self._retry_requested = False
+                    if self._state.status == BillingStatus.NOT_BILLED:
+                        await self._provision_once()
+                if self._resync_requested or self._resync_due():
+                    self._resync_requested = False
+                    await self._resync()
+                await self._usage_due_work()
+            if self._should_continue_as_new():
+                await workflow.wait_condition(workflow.all_handlers_finished)
+                workflow.continue_as_new(
+                    OrgBillingInput(
+                        org_id=self._state.org_id,
+                        state=self._state,
+                        pending_events=list(self._pending),
+                        retry_requested=self._retry_requested,
+                        tuning=self._tuning,
+                    )
+                )
+
+    def _should_continue_as_new(self) -> bool:
+        info = workflow.info()
+        return (
+            self._period_rolled
+            or info.is_continue_as_new_suggested()
+            or info.get_current_history_length() >= self._tuning.max_history_events
+        )
+
+    # Provisioning ---------------------------------------------------------------
+
+    async def _provision_until_done(self) -> None:
+        while True:
+            self._retry_requested = False
+            async with self._lock:
+                done = await self._provision_once()
+            if done:
+                return
+            # Wait for an operator (signal), a fixed configuration (periodic retry),
+            # or an event that links a subscription made elsewhere.
+            with contextlib.suppress(TimeoutError):
+                await workflow.wait_condition(
+                    lambda: self._retry_requested or bool(self._pending),
+                    timeout=timedelta(seconds=self._tuning.failed_retry_seconds),
+                )
+            if self._pending and not self._retry_requested:
+                async with self._lock:
+                    await self._drain_events()
+                if self._state.stripe_subscription_id:
+                    return
+
+    async def _provision_once(self) -> bool:
+        """One attempt; False (with the error kept in state) if retrying cannot help."""
+        self._set_status(BillingStatus.PROVISIONING)
+        try:
+            org = await self._db(DbActivities.load_org, self._state.org_id)
+            if org.billed_elsewhere:
+                self._state.last_error = None
+                self._set_status(BillingStatus.NOT_BILLED)
+                return True
+            customer_id = org.stripe_customer_id
+            if not customer_id:
+                customer_id = await self._stripe(StripeActivities.ensure_customer, org)
+                await self._db(
+                    DbActivities.save_customer,
+                    SaveCustomerInput(org_id=org.org_id, customer_id=customer_id),
+                )
+            self._state.stripe_customer_id = customer_id
+            self._upsert_attributes()
+            snapshot: SubscriptionSnapshot | None = None
+            if org.stripe_subscription_id:
+                snapshot = await self._stripe(
+                    StripeActivities.fetch_subscription,
+                    FetchSubscriptionInput(subscription_id=org.stripe_subscription_id),
+                )
+            if snapshot is None or snapshot.status not in LIVE_SUBSCRIPTION_STATUSES:
+                snapshot = await self._stripe(
+                    StripeActivities.ensure_subscription,
+                    EnsureSubscriptionInput(customer_id=customer_id, org=org),
+                )
+            await self._apply(snapshot, adopt=True)
+            self._state.last_error = None
+            workflow.logger.info(
+                "org provisioned",
+                extra={"org_id": org.org_id, "subscription_id": snapshot.id},
+            )
+            return True
+        except ActivityError as err:
+            cause = err.cause
+            if isinstance(cause, ApplicationError) and cause.non_retryable:
+                self._state.last_error = cause.message
+                self._set_status(BillingStatus.PROVISIONING_FAILED)
+                workflow.logger.error(
+                    "provisioning failed",
+                    extra={"org_id": self._state.org_id, "error": cause.message},
+                )
+                return False
+            raise
+
+    # Events and re-sync ---------------------------------------------------------
+
+    async def _drain_events(self) -> None:
+        while self._pending:
+            event = self._pending.popleft()
+            if event.event_id in self._state.seen_event_ids:
+                continue
+            try:
+                await self._apply_event(event)
+            except ActivityError as err:
+                cause = err.cause
+                if not (isinstance(cause, ApplicationError) and cause.non_retryable):
+                    raise
+                # E.g. the subscription was deleted from Stripe: keep the error visible.
+                self._state.last_error = f"event {event.event_id}: {cause.message}"
+            self._remember(event)
+
+    def _remember(self, event: StripeEventSignal) -> None:
+        seen = self._state.seen_event_ids
+        seen.append(event.event_id)
+        del seen[: max(0, len(seen) - self._tuning.seen_events_limit)]
+        self._state.last_event_id = event.event_id
+        self._state.last_event_type = event.type
+
+    async def _apply_event(self, event: StripeEventSignal) -> None:
+        sub_id = event.subscription_id
+        if sub_id is None and event.type.startswith("customer.subscription."):
+            sub_id = event.object_id
+        key = sub_id or event.customer_id or self._state.stripe_customer_id or "org"
+        if event.created < self._state.watermarks.get(key, 0):
+            workflow.logger.info(
+                "stale event skipped",
+                extra={"org_id": self._state.org_id, "event_id": event.event_id},
+            )
+            return
+        fetch = FetchSubscriptionInput(
+            subscription_id=sub_id,
+            customer_id=None if sub_id else (event.customer_id or self._state.stripe_customer_id),
+        )
+        if fetch.subscription_id is None and fetch.customer_id is None:
+            return
+        snapshot = await self._stripe(StripeActivities.fetch_subscription, fetch)
+        if snapshot is None:
+            return
+        await self._apply(snapshot, adopt=True)
+        self._state.watermarks[key] = max(event.created, self._state.watermarks.get(key, 0))
+        if (
+            event.type == "customer.subscription.trial_will_end"
+            and snapshot.trial_end is not None
+            and self._state.trial_will_end_noted_for != snapshot.trial_end
+        ):
+            # Once per trial end, however often Stripe redelivers: the hook for a notice.
+            self._state.trial_will_end_noted_for = snapshot.trial_end
+            workflow.logger.info(
+                "trial ends soon",
+                extra={"org_id": self._state.org_id, "trial_end": snapshot.trial_end.isoformat()},
+            )
+
+    async def _resync(self) -> list[FieldDifference]:
+        """Daily (and on demand): heal whatever a lost webhook left behind."""
+        self._state.last_synced_at = workflow.now()
+        if self._state.status == BillingStatus.NOT_BILLED:
+            return []
+        if not (self._state.stripe_subscription_id or self._state.stripe_customer_id):
+            return []
+        snapshot = await self._stripe(
+            StripeActivities.fetch_subscription,
+            FetchSubscriptionInput(
+                subscription_id=self._state.stripe_subscription_id,
+                customer_id=self._state.stripe_customer_id,
+            ),
+        )
+        if snapshot is None:
+            return []
+        return await self._apply(snapshot, adopt=True)
+
+    def _resync_due(self) -> bool:
+        last = self._state.last_synced_at
+        interval = timedelta(seconds=self._tuning.resync_interval_seconds)
+        return last is None or workflow.now() >= last + interval
+
+    async def _apply(self, snapshot: SubscriptionSnapshot, *, adopt: bool) -> list[FieldDifference]:
+        """Write a fresh Stripe read to the org row and the state."""
+        state = self._state
+        if state.stripe_subscription_id and snapshot.id != state.stripe_subscription_id:
+            current_live = state.subscription_status in LIVE_SUBSCRIPTION_STATUSES
+            if current_live or snapshot.status not in LIVE_SUBSCRIPTION_STATUSES or not adopt:
+                workflow.logger.warning(
+                    "ignoring another subscription of the org",
+                    extra={"org_id": state.org_id, "subscription_id": snapshot.id},
+                )
+                return []
+        diffs: list[FieldDifference] = await self._db(
+            DbActivities.save_subscription,
+            SaveSubscriptionInput(org_id=state.org_id, subscription=snapshot),
+        )
+        old_start = state.current_period_start
+        if (
+            old_start is not None
+            and state.current_period_end is not None
+            and snapshot.id == state.stripe_subscription_id
+            and snapshot.current_period_start is not None
+            and snapshot.current_period_start > old_start
+            and state.subscription_status in USAGE_STATUSES
+        ):
+            self._to_finalize.append((old_start, state.current_period_end))
+        state.stripe_subscription_id = snapshot.id
+        state.stripe_customer_id = snapshot.customer_id
+        state.subscription_status = snapshot.status
+        state.subscription_end = snapshot.subscription_end
+        state.trial_end = snapshot.trial_end
+        state.current_period_start = snapshot.current_period_start
+        state.current_period_end = snapshot.current_period_end
+        state.pause_collection = snapshot.pause_collection
+        self._set_status(BillingStatus.of(snapshot.status))
+        return diffs
+
+    # Usage ----------------------------------------------------------------------
+
+    def _billable(self) -> bool:
+        s = self._state
+        return (
+            s.subscription_status in USAGE_STATUSES
+            and s.stripe_customer_id is not None
+            and s.current_period_start is not None
+            and s.current_period_end is not None
+        )
+
+    def _current_period(self) -> tuple[datetime, datetime]:
+        start, end = self._state.current_period_start, self._state.current_period_end
+        assert start is not None and end is not None
+        return start, end
+
+    def _usage_entry(self, start: datetime) -> UsagePeriodReport | None:
+        return next((u for u in self._state.usage if u.period_start == start), None)
+
+    async def _usage_due_work(self) -> None:
+        # Periods that a renewal showed to be over: their final report, then a new run.
+        while self._to_finalize:
+            start, end = self._to_finalize.pop(0)
+            await self._report_period(start, end, max(workflow.now(), end))
+            self._period_rolled = True
+        if not self._billable():
+            return
+        start, end = self._current_period()
+        now = workflow.now()
+        entry = self._usage_entry(start)
+        lead = timedelta(seconds=self._tuning.usage_lead_seconds)
+        grace = timedelta(seconds=self._tuning.usage_grace_seconds)
+        if now >= end + grace:
+            await self._report_period(start, end, now)
+            # Stripe has renewed by now: read the new period, then start a new run.
+            await self._resync()
+            self._period_rolled = True
+        elif now >= end - lead and (
+            entry is None or entry.last_reported_at is None or entry.last_reported_at < end - lead
+        ):
+            await self._report_period(start, end, now)
+
+    def _next_wake(self) -> timedelta:
+        now = workflow.now()
+        candidates: list[datetime] = []
+        if self._state.last_synced_at is not None:
+            candidates.append(
+                self._state.last_synced_at + timedelta(seconds=self._tuning.resync_interval_seconds)
+            )
+        if self._billable():
+            start, end = self._current_period()
+            lead = timedelta(seconds=self._tuning.usage_lead_seconds)
+            grace = timedelta(seconds=self._tuning.usage_grace_seconds)
+            entry = self._usage_entry(start)
+            if now < end - lead:
+                candidates.append(end - lead)
+            elif (
+                entry is None
+                or entry.last_reported_at is None
+                or entry.last_reported_at < end - lead
+            ):
+                candidates.append(now)
+            candidates.append(end + grace)
+        if not candidates:
+            return timedelta(seconds=self._tuning.resync_interval_seconds)
+        return max(min(candidates) - now, timedelta(seconds=1))
+
+    async def _report_period(
+        self, start: datetime, end: datetime, report_time: datetime
+    ) -> UsagePeriodReport:
+        customer_id = self._state.stripe_customer_id
+        assert customer_id is not None
+        plan = await self._db(
+            DbActivities.plan_usage,
+            PlanUsageInput(
+                org_id=self._state.org_id,
+                customer_id=customer_id,
+                period_start=start,
+                period_end=end,
+                report_time=report_time,
+            ),
+        )
+        sent: list[str] = []
+        for event in plan.events:
+            await self._stripe(StripeActivities.send_meter_event, event)
+            sent.append(event.identifier)
+        if sent:
+            await self._db(DbActivities.mark_usage_sent, MarkSentInput(identifiers=sent))
+        entry = self._usage_entry(start)
+        if entry is None:
+            entry = UsagePeriodReport(period_start=start, period_end=end)
+            self._state.usage.append(entry)
+            del self._state.usage[: max(0, len(self._state.usage) - KEPT_USAGE_PERIODS)]
+        entry.users = plan.users
+        entry.requests = plan.requests
+        entry.meter_events_sent += len(sent)
+        entry.skipped_reason = plan.skipped_reason or entry.skipped_reason
+        entry.last_reported_at = workflow.now()
+        workflow.logger.info(
+            "usage reported",
+            extra={
+                "org_id": self._state.org_id,
+                "period_start": start.isoformat(),
+                "meter_events": len(sent),
+            },
+        )
+        return entry.model_copy()
+
+    # Plumbing -------------------------------------------------------------------
+
+    def _set_status(self, status: BillingStatus) -> None:
+        self._state.status = status
+        self._upsert_attributes()
+
+    def _upsert_attributes(self) -> None:
+        wanted = {
+            ORG_ID_KEY.name: str(self._state.org_id),
+            BILLING_STATUS_KEY.name: self._state.status.value,
+        }
+        if self._state.stripe_customer_id:
+            wanted[STRIPE_CUSTOMER_ID_KEY.name] = self._state.stripe_customer_id
+        if wanted == self._last_attributes:
+            return
+        updates = [
+            ORG_ID_KEY.value_set(wanted[ORG_ID_KEY.name]),
+            BILLING_STATUS_KEY.value_set(wanted[BILLING_STATUS_KEY.name]),
+        ]
+        if STRIPE_CUSTOMER_ID_KEY.name in wanted:
+            updates.append(STRIPE_CUSTOMER_ID_KEY.value_set(wanted[STRIPE_CUSTOMER_ID_KEY.name]))
+        workflow.upsert_search_attributes(updates)
+        self._last_attributes = wanted
+
+    async def _db(self, fn: Any, arg: Any) -> Any:
+        """Run a DB activity; its return type comes from the method's annotations."""
+        return await workflow.execute_activity_method(
+            fn, arg, start_to_close_timeout=DB_TIMEOUT, retry_policy=RETRY
+        )
+
+    async def _stripe(self, fn: Any, arg: Any) -> Any:
+        """Run a Stripe activity on the rate-limited Stripe task queue."""
+        return await workflow.execute_activity_method(
+            fn,
+            arg,
+            task_queue=stripe_task_queue(workflow.info().task_queue),
+            start_to_close_timeout=STRIPE_TIMEOUT,
+            retry_policy=RETRY,
+        )
