@@ -1,0 +1,113 @@
+"""What handlers receive: the services built by the lifespan, and the caller's identity.
+
+Handlers never build clients; they declare these `Annotated` dependencies and
+get what `api.main.create_app` wired (tests wire real ones pointed elsewhere).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
+
+from activities.stripe_gateway import StripeGateway
+from api import store
+from api.errors import auth_not_configured, forbidden, stripe_not_configured, unauthorized
+from api.temporal import TemporalLink
+from billing.auth import Claims, InvalidTokenError, decode_token
+from billing.config import Settings
+from billing.metrics import BillingMetrics
+
+
+@dataclass
+class ApiServices:
+    """Everything the handlers use, built once per process by the lifespan."""
+
+    settings: Settings
+    metrics: BillingMetrics
+    session_factory: store.SessionFactory
+    temporal: TemporalLink
+    stripe: StripeGateway | None
+
+
+def get_services(request: Request) -> ApiServices:
+    services: ApiServices | None = getattr(request.app.state, "services", None)
+    if services is None:
+        raise RuntimeError("The API's lifespan has not run: no services are wired.")
+    return services
+
+
+ServicesDep = Annotated[ApiServices, Depends(get_services)]
+
+
+def get_settings(services: ServicesDep) -> Settings:
+    return services.settings
+
+
+def get_metrics(services: ServicesDep) -> BillingMetrics:
+    return services.metrics
+
+
+def get_session_factory(services: ServicesDep) -> store.SessionFactory:
+    return services.session_factory
+
+
+def get_temporal(services: ServicesDep) -> TemporalLink:
+    return services.temporal
+
+
+def get_stripe(services: ServicesDep) -> StripeGateway:
+    """The Stripe gateway, or the documented 500 naming the missing settings."""
+    missing = services.settings.missing_stripe_settings()
+    if missing or services.stripe is None:
+        raise stripe_not_configured(missing or ["STRIPE_SECRET_KEY"])
+    return services.stripe
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+MetricsDep = Annotated[BillingMetrics, Depends(get_metrics)]
+SessionFactoryDep = Annotated[store.SessionFactory, Depends(get_session_factory)]
+TemporalDep = Annotated[TemporalLink, Depends(get_temporal)]
+StripeDep = Annotated[StripeGateway, Depends(get_stripe)]
+
+bearer_scheme = HTTPBearer(
+    auto_error=False,
+    bearerFormat="JWT",
+    description="HS256 JWT signed with AUTH_JWT_SECRET; claims `sub` (user id), `org_id`, `exp`.",
+)
+
+
+async def get_claims(
+    settings: SettingsDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
+) -> Claims:
+    """A verified token (401 otherwise); membership is checked by the route."""
+    if not settings.auth_jwt_secret:
+        raise auth_not_configured()
+    if credentials is None:
+        raise unauthorized("Missing bearer token")
+    try:
+        return decode_token(settings.auth_jwt_secret, credentials.credentials)
+    except InvalidTokenError as err:
+        raise unauthorized(err.reason) from None
+
+
+ClaimsDep = Annotated[Claims, Depends(get_claims)]
+
+
+async def require_member(factory: store.SessionFactory, claims: Claims) -> None:
+    """403 unless the token's user is (still) a member of the token's org."""
+    if not await run_in_threadpool(store.is_member, factory, claims.org_id, claims.user_id):
+        raise forbidden("Not a member of this organization")
+
+
+async def get_member_claims(claims: ClaimsDep, factory: SessionFactoryDep) -> Claims:
+    """A verified token whose user is a current member of the token's org."""
+    await require_member(factory, claims)
+    return claims
+
+
+MemberDep = Annotated[Claims, Depends(get_member_claims)]

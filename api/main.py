@@ -1,0 +1,157 @@
+"""The API's composition root: the only place that builds its clients.
+
+`uvicorn api.main:app` (what `billing api` runs) imports this module; nothing
+connects at import. The lifespan builds one Temporal client, the engine and the
+Stripe gateway, unless the caller passed them in (tests pass real ones pointed
+at their own servers).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import stripe
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from temporalio.client import Client
+
+from activities.stripe_gateway import StripeGateway, make_stripe_client
+from api import store
+from api.deps import ApiServices
+from api.errors import database_unavailable
+from api.routes import health, orgs, payments, webhooks
+from api.temporal import TemporalLink
+from billing.config import Settings, get_settings
+from billing.db.session import make_engine, make_session_factory
+from billing.logging import log_context
+from billing.metrics import BillingMetrics
+
+log = logging.getLogger(__name__)
+
+UNMATCHED_ROUTE = "<unmatched>"
+
+
+class RequestMetricsMiddleware:
+    """Counts and times every request by route template (never the raw path)."""
+
+    def __init__(self, app: ASGIApp, metrics: BillingMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status_code = 500
+
+        async def send_with_status(message: Message) -> None:
+            nonlocal status_code
+            if message["type"] == "http.response.start":
+                status_code = int(message["status"])
+            await send(message)
+
+        with log_context():
+            try:
+                await self.app(scope, receive, send_with_status)
+            finally:
+                route = scope.get("route")
+                template = getattr(route, "path", None) or UNMATCHED_ROUTE
+                method = str(scope.get("method", ""))
+                elapsed = time.perf_counter() - started
+                self.metrics.http_requests.labels(
+                    method=method, route=template, status=str(status_code)
+                ).inc()
+                self.metrics.http_request_duration.labels(method=method, route=template).observe(
+                    elapsed
+                )
+                log.info(
+                    "%s %s %s",
+                    method,
+                    template,
+                    status_code,
+                    extra={"status": status_code, "duration_ms": round(elapsed * 1000, 1)},
+                )
+
+
+def _stripe_gateway(
+    settings: Settings, stripe_client: stripe.StripeClient | None
+) -> StripeGateway | None:
+    if stripe_client is not None:
+        return StripeGateway(stripe_client, settings)
+    missing = settings.missing_stripe_settings()
+    if missing:
+        log.warning(
+            "Stripe is not configured (%s): webhooks and the portal will answer 500",
+            " and ".join(missing),
+        )
+        return None
+    # Bounded retries of transient Stripe failures (connection errors, 429, 5xx).
+    return StripeGateway(make_stripe_client(settings, max_network_retries=2), settings)
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    temporal_client: Client | None = None,
+    session_factory: store.SessionFactory | None = None,
+    stripe_client: stripe.StripeClient | None = None,
+) -> FastAPI:
+    """Build the API. What is not passed in is built by the lifespan from `settings`."""
+    resolved = settings or get_settings()
+    metrics = BillingMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine: Engine | None = None
+        factory = session_factory
+        if factory is None:
+            engine = make_engine(resolved.database_url)
+            factory = make_session_factory(engine)
+        temporal = TemporalLink(resolved, metrics, temporal_client)
+        if temporal_client is None:
+            await temporal.connect()
+        app.state.services = ApiServices(
+            settings=resolved,
+            metrics=metrics,
+            session_factory=factory,
+            temporal=temporal,
+            stripe=_stripe_gateway(resolved, stripe_client),
+        )
+        try:
+            yield
+        finally:
+            if engine is not None:
+                engine.dispose()
+
+    app = FastAPI(
+        title="Org billing API",
+        version="0.1.0",
+        summary="Stripe webhooks in, billing portal links and billing state out.",
+        lifespan=lifespan,
+    )
+    app.state.metrics = metrics
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+
+    @app.exception_handler(SQLAlchemyError)
+    async def database_failed(request: Request, exc: SQLAlchemyError) -> JSONResponse:
+        log.warning("Database error answering %s: %s", request.url.path, type(exc).__name__)
+        http = database_unavailable()
+        return JSONResponse(
+            {"detail": http.detail}, status_code=http.status_code, headers=http.headers
+        )
+
+    app.include_router(webhooks.router)
+    app.include_router(payments.router)
+    app.include_router(orgs.router)
+    app.include_router(health.router)
+    return app
+
+
+app = create_app()

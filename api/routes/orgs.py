@@ -1,0 +1,73 @@
+"""`GET /api/orgs/{org_id}/billing`: an org's billing state, for its members."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, HTTPException, Path, status
+from starlette.concurrency import run_in_threadpool
+
+from api import store
+from api.deps import ClaimsDep, ServicesDep, require_member
+from api.errors import forbidden, responses
+from api.temporal import workflow_state
+from billing.db.models import Org
+from billing.domain import BillingStatus, OrgBillingState
+from billing.logging import bind_log_context
+
+router = APIRouter(prefix="/api/orgs", tags=["orgs"])
+
+OrgId = Annotated[int, Path(ge=1, le=2**31 - 1, description="The org's id")]
+
+
+class OrgBillingPublic(OrgBillingState):
+    """The workflow's `state`, plus where it came from.
+
+    `source` is `workflow` for live state, `database` when the workflow could
+    not answer (not started yet, no worker, Temporal down): then only the
+    row's fields are filled in.
+    """
+
+    source: Literal["workflow", "database"]
+
+
+def _state_from_row(org: Org) -> OrgBillingPublic:
+    if org.aws_account_id or org.azure_subscription_id:
+        status_ = BillingStatus.NOT_BILLED
+    elif org.stripe_subscription_id is None:
+        status_ = BillingStatus.PROVISIONING
+    else:
+        status_ = BillingStatus.of(org.subscription_status)
+    return OrgBillingPublic(
+        org_id=org.id,
+        status=status_,
+        stripe_customer_id=org.stripe_customer_id,
+        stripe_subscription_id=org.stripe_subscription_id,
+        subscription_status=org.subscription_status,
+        subscription_end=org.subscription_end,
+        source="database",
+    )
+
+
+@router.get(
+    "/{org_id}/billing",
+    response_model=OrgBillingPublic,
+    responses=responses(401, 403, 404, 500, 503),
+    summary="Read an org's billing state",
+)
+async def read_org_billing(
+    org_id: OrgId, claims: ClaimsDep, services: ServicesDep
+) -> OrgBillingPublic:
+    """The org workflow's live state, or the database row when the workflow cannot answer."""
+    # The token's org is compared first, so a caller learns nothing about other orgs.
+    if claims.org_id != org_id:
+        raise forbidden("This token is not valid for this organization")
+    bind_log_context(org_id=org_id)
+    org = await run_in_threadpool(store.get_org, services.session_factory, org_id)
+    if org is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail="Organization not found")
+    await require_member(services.session_factory, claims)
+    state = await workflow_state(services.temporal, org_id)
+    if state is None:
+        return _state_from_row(org)
+    return OrgBillingPublic.model_validate({**state.model_dump(), "source": "workflow"})

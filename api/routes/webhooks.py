@@ -1,0 +1,267 @@
+"""`POST /api/webhooks/stripe`: verify, route to an org, hand over, then answer.
+
+Stripe retries anything but a 2xx for days, so the answer is honest: 2xx only
+once the event is durably with Temporal (or durably recorded as not ours), 503
+while Temporal or the database is down, 4xx for what retrying cannot fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Annotated, Literal
+
+import stripe
+from fastapi import APIRouter, Header, HTTPException, Request, status
+from pydantic import BaseModel, ValidationError
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.concurrency import run_in_threadpool
+from temporalio.service import RPCError
+
+from activities.stripe_gateway import StripeGateway, verify_webhook_signature
+from api import store
+from api.deps import ApiServices, ServicesDep
+from api.errors import (
+    database_unavailable,
+    problem,
+    responses,
+    stripe_not_configured,
+    temporal_unavailable,
+)
+from api.temporal import TemporalUnavailableError, is_unreachable
+from api.webhook_events import (
+    MAX_BODY_BYTES,
+    WEBHOOK_REQUEST_BODY,
+    StripeEventCreate,
+    customer_id_of,
+    metadata_org_id,
+    parse_org_id,
+    signal_of,
+)
+from billing.constants import HANDLED_EVENT_TYPES, org_workflow_id
+from billing.logging import bind_log_context, log_context
+from billing.metrics import UNVERIFIED_EVENT_TYPE, BillingMetrics
+from billing.orchestration import signal_stripe_event
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/api/webhooks", tags=["webhooks"])
+
+# Bounds the time Stripe waits while the SDK retries an unreachable server.
+SIGNAL_TIMEOUT_SECONDS = 10.0
+
+Outcome = Literal["signalled", "unroutable", "ignored_type"]
+
+
+class WebhookReceiptPublic(BaseModel):
+    """What became of an accepted event (it is also a row in `stripe_events`)."""
+
+    event_id: str
+    outcome: Outcome
+    org_id: int | None = None
+    detail: str | None = None
+
+
+class _Rejected(Exception):
+    """A delivery refused before its type was known; `outcome` labels the metric."""
+
+    def __init__(self, http: HTTPException, outcome: str) -> None:
+        self.http = http
+        self.outcome = outcome
+
+
+def _bad_request(reason: str) -> _Rejected:
+    return _Rejected(HTTPException(status.HTTP_400_BAD_REQUEST, detail=reason), "rejected")
+
+
+def _too_large() -> _Rejected:
+    detail = f"Body is larger than {MAX_BODY_BYTES} bytes"
+    return _Rejected(HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, detail=detail), "too_large")
+
+
+async def _read_body(request: Request) -> bytes:
+    """The raw body, refused as soon as it is known to exceed the limit."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.strip().isdigit():
+            raise _bad_request("Content-Length is not a number")
+        if int(declared) > MAX_BODY_BYTES:
+            raise _too_large()
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise _too_large()
+    return bytes(body)
+
+
+def _verify(body: bytes, signature: str | None, secret: str) -> StripeEventCreate:
+    if not signature:
+        raise _bad_request("Missing Stripe-Signature header")
+    try:
+        parsed = verify_webhook_signature(body, signature, secret)
+    except stripe.SignatureVerificationError as err:
+        message = str(err)
+        if "tolerance" in message:
+            reason = "Stripe-Signature timestamp is older than the 300 s tolerance"
+        elif "Unable to extract" in message or "expected scheme" in message:
+            reason = "Stripe-Signature header is malformed"
+        else:
+            reason = "Stripe-Signature does not match the body"
+        raise _bad_request(reason) from None
+    except UnicodeDecodeError:
+        raise _bad_request("Body is not UTF-8") from None
+    except (json.JSONDecodeError, RecursionError):
+        raise _bad_request("Body is not JSON") from None
+    try:
+        return StripeEventCreate.model_validate(parsed)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "event"
+        raise _bad_request(f"Not a Stripe event: {where}: {first['msg']}") from None
+
+
+async def _resolve_org(
+    event: StripeEventCreate,
+    factory: store.SessionFactory,
+    gateway: StripeGateway,
+    metrics: BillingMetrics,
+) -> tuple[int | None, str]:
+    """The org the event belongs to, and how that was decided (or why not)."""
+    obj = event.object
+    hint = metadata_org_id(obj)
+    if hint is not None:
+        raw, where = hint
+        org_id = parse_org_id(raw)
+        if org_id is None:
+            return None, f"{where}.org_id {raw[:40]!r} is not an org id"
+        if not await run_in_threadpool(store.org_exists, factory, org_id):
+            return None, f"org {org_id} from {where} does not exist"
+        return org_id, f"org from {where}"
+    customer_id = customer_id_of(obj)
+    if customer_id is None:
+        return None, "event names no org and no customer"
+    org_id = await run_in_threadpool(store.org_id_for_customer, factory, customer_id)
+    if org_id is not None:
+        return org_id, "org from the customer id in the database"
+    async with metrics.stripe_call("customer_org_id"):
+        raw_org = await gateway.customer_org_id(customer_id)
+    if raw_org is None:
+        return None, f"customer {customer_id} belongs to no known org"
+    org_id = parse_org_id(raw_org)
+    if org_id is None or not await run_in_threadpool(store.org_exists, factory, org_id):
+        return None, f"org {raw_org[:40]!r} from customer metadata does not exist"
+    return org_id, "org from the customer's metadata in Stripe"
+
+
+@router.post(
+    "/stripe",
+    response_model=WebhookReceiptPublic,
+    responses=responses(400, 413, 500, 503),
+    openapi_extra={"requestBody": WEBHOOK_REQUEST_BODY},
+    summary="Receive a Stripe webhook event",
+)
+async def receive_stripe_event(
+    request: Request,
+    services: ServicesDep,
+    stripe_signature: Annotated[
+        str | None, Header(description="Stripe's `t=...,v1=...` signature of the raw body")
+    ] = None,
+) -> WebhookReceiptPublic:
+    """Verify a Stripe event and hand it to its org's workflow; 2xx only once accepted."""
+    metrics = services.metrics
+    settings = services.settings
+    missing = settings.missing_stripe_settings()
+    if missing or services.stripe is None:
+        metrics.webhook_events.labels(type=UNVERIFIED_EVENT_TYPE, outcome="not_configured").inc()
+        raise stripe_not_configured(missing or ["STRIPE_SECRET_KEY"])
+    try:
+        body = await _read_body(request)
+        event = _verify(body, stripe_signature, settings.stripe_webhook_secret)
+    except _Rejected as rejected:
+        metrics.webhook_events.labels(type=UNVERIFIED_EVENT_TYPE, outcome=rejected.outcome).inc()
+        log.warning("Stripe webhook refused: %s", rejected.http.detail)
+        raise rejected.http from None
+
+    with log_context(event_id=event.id, event_type=event.type):
+        try:
+            receipt = await _handle(event, services.stripe, services)
+        except HTTPException as err:
+            outcome = "unavailable" if err.status_code == 503 else "failed"
+            metrics.webhook_events.labels(type=event.type, outcome=outcome).inc()
+            raise
+        metrics.webhook_events.labels(type=event.type, outcome=receipt.outcome).inc()
+        return receipt
+
+
+async def _handle(
+    event: StripeEventCreate, gateway: StripeGateway, services: ApiServices
+) -> WebhookReceiptPublic:
+    factory = services.session_factory
+    try:
+        if event.type not in HANDLED_EVENT_TYPES:
+            return await _record(factory, event, None, "ignored_type", "event type not handled")
+        try:
+            org_id, how = await _resolve_org(event, factory, gateway, services.metrics)
+        except stripe.StripeError as err:
+            log.warning("Stripe unreachable while routing an event: %s", type(err).__name__)
+            raise problem(
+                status.HTTP_503_SERVICE_UNAVAILABLE,
+                "Stripe unavailable",
+                "The event's customer could not be looked up in Stripe; retry later.",
+                **{"Retry-After": "5"},
+            ) from None
+        if org_id is None:
+            log.warning("Stripe event unroutable: %s", how)
+            return await _record(factory, event, None, "unroutable", how)
+        workflow_id = org_workflow_id(org_id)
+        bind_log_context(org_id=org_id, workflow_id=workflow_id)
+        await _signal(event, org_id, services)
+        log.info("Stripe event signalled (%s)", how)
+        return await _record(factory, event, org_id, "signalled", f"signalled {workflow_id}")
+    except SQLAlchemyError as err:
+        log.warning("Database unavailable for a webhook: %s", type(err).__name__)
+        raise database_unavailable() from None
+
+
+async def _signal(event: StripeEventCreate, org_id: int, services: ApiServices) -> None:
+    """Signal-with-start the org's workflow; any failure is a 503 so Stripe retries."""
+    link = services.temporal
+    try:
+        client = await link.ready_client()
+        await asyncio.wait_for(
+            signal_stripe_event(
+                client, services.settings.temporal_task_queue, org_id, signal_of(event)
+            ),
+            SIGNAL_TIMEOUT_SECONDS,
+        )
+    except TemporalUnavailableError as err:
+        log.warning("Temporal unavailable, event not accepted: %s", err)
+        raise temporal_unavailable("no server") from None
+    except (RPCError, RuntimeError, OSError, TimeoutError) as err:
+        if is_unreachable(err):
+            link.mark(False, f"{type(err).__name__}: {err}")
+        log.warning("Temporal refused the event: %s: %s", type(err).__name__, err)
+        raise temporal_unavailable(type(err).__name__) from None
+    link.mark(True)
+
+
+async def _record(
+    factory: store.SessionFactory,
+    event: StripeEventCreate,
+    org_id: int | None,
+    outcome: Outcome,
+    detail: str,
+) -> WebhookReceiptPublic:
+    record = store.EventRecord(
+        event_id=event.id,
+        type=event.type,
+        created=event.created,
+        object_id=event.object_id,
+        org_id=org_id,
+        outcome=outcome,
+        detail=detail,
+    )
+    await run_in_threadpool(store.record_event, factory, record)
+    return WebhookReceiptPublic(event_id=event.id, outcome=outcome, org_id=org_id, detail=detail)
