@@ -1,0 +1,3 @@
+from billing.cli.main import app
+
+app()

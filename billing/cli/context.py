@@ -1,0 +1,188 @@
+"""What every command shares: the settings, the database, Temporal, Stripe, output.
+
+The CLI is a composition root: it is one of the places that builds the engine,
+the Temporal client and the Stripe client, and it does so here, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Coroutine, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import stripe
+import typer
+from psycopg.errors import UndefinedTable
+from pydantic import ValidationError
+from pydantic_core import to_jsonable_python
+from rich.console import Console
+from sqlalchemy import Engine
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError
+from sqlalchemy.orm import Session
+from temporalio.client import Client
+from typer.core import TyperGroup
+
+from billing.cli.home import settings_file
+from billing.config import Settings
+from billing.db.session import make_engine, make_session_factory
+from billing.runtime import connect_temporal
+from billing.services import ServiceError
+
+T = TypeVar("T")
+
+out = Console(highlight=False, soft_wrap=False)
+err = Console(stderr=True, highlight=False)
+
+TEMPORAL_CONNECT_TIMEOUT = 5.0
+
+
+class CliError(Exception):
+    """An expected failure: the message is printed on stderr, without a traceback."""
+
+
+class TemporalUnavailableError(CliError):
+    pass
+
+
+def fail(message: str) -> NoReturn:
+    raise CliError(message)
+
+
+def warn(message: str) -> None:
+    err.print(f"[yellow]Warning:[/yellow] {message}", markup=True, highlight=False)
+
+
+def _stripe_message(error: stripe.StripeError) -> str:
+    if isinstance(error, stripe.APIConnectionError):
+        return "Stripe is not reachable (is the emulator running?)."
+    text = error.user_message or str(error) or type(error).__name__
+    return f"Stripe refused the request: {text.rstrip('.')}."
+
+
+def _expected_error_message(error: BaseException) -> str | None:
+    """One sentence for errors a user can cause or fix; None means a bug (keep the traceback)."""
+    if isinstance(error, CliError | ServiceError):
+        return str(error)
+    if isinstance(error, OperationalError):
+        return "The database is not reachable (check DATABASE_URL, or start `billing dev`)."
+    if isinstance(error, ProgrammingError) and isinstance(error.orig, UndefinedTable):
+        return "The database has no billing tables yet; run `billing migrate`."
+    if isinstance(error, DBAPIError) and error.connection_invalidated:
+        return "The database connection was lost."
+    if isinstance(error, stripe.StripeError):
+        return _stripe_message(error)
+    return None
+
+
+class BillingGroup(TyperGroup):
+    """Turns expected errors into one line on stderr and exit code 1."""
+
+    def invoke(self, ctx: typer.Context) -> Any:  # type: ignore[override]
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as error:
+            message = _expected_error_message(error)
+            if message is None:
+                raise
+            err.print(f"[red]Error:[/red] {message}", markup=True, highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err.print("Interrupted.")
+            raise typer.Exit(130) from None
+
+
+@dataclass
+class CliState:
+    """Built once by the root callback; every command reads it from `ctx.obj`."""
+
+    home: Path
+    load_home_settings: bool = True
+    _settings: Settings | None = field(default=None, repr=False)
+    _engine: Engine | None = field(default=None, repr=False)
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = build_settings(self.home if self.load_home_settings else None)
+        return self._settings
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """One transaction: committed when the block ends, rolled back on error."""
+        if self._engine is None:
+            self._engine = make_engine(self.settings.database_url, pool_size=2)
+        factory = make_session_factory(self._engine)
+        with factory() as session, session.begin():
+            yield session
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
+
+    async def temporal(self) -> Client:
+        return await connect(self.settings)
+
+    def stripe_client(self) -> stripe.StripeClient:
+        from activities.stripe_gateway import make_stripe_client
+
+        if not self.settings.stripe_secret_key:
+            fail("STRIPE_SECRET_KEY is not set; start `billing dev` or set it in the environment.")
+        return make_stripe_client(self.settings, max_network_retries=2)
+
+
+def build_settings(home: Path | None) -> Settings:
+    """Environment first, then the dev home's `settings.env`, then `.env`."""
+    env_files: list[Path] = [Path(".env")]
+    if home is not None and settings_file(home).is_file():
+        env_files.append(settings_file(home))
+    try:
+        return Settings(_env_file=tuple(env_files))
+    except ValidationError as error:
+        first = error.errors()[0]
+        name = str(first["loc"][0]).upper() if first["loc"] else "a setting"
+        raise CliError(f"{name} is invalid: {first['msg']}.") from None
+
+
+def state_of(ctx: typer.Context) -> CliState:
+    obj = ctx.find_root().obj
+    if not isinstance(obj, CliState):
+        raise RuntimeError("the root callback did not run")
+    return obj
+
+
+async def connect(settings: Settings) -> Client:
+    """Connect with a bound, and say where we tried when it fails."""
+    try:
+        return await asyncio.wait_for(
+            connect_temporal(settings.temporal_address, settings.temporal_namespace),
+            TEMPORAL_CONNECT_TIMEOUT,
+        )
+    except (RuntimeError, TimeoutError, OSError) as error:
+        raise TemporalUnavailableError(
+            f"Temporal is not reachable at {settings.temporal_address}."
+        ) from error
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+def print_json(document: Any) -> None:
+    """Exactly one JSON document on stdout, so `--json` output can be piped."""
+    typer.echo(json.dumps(to_jsonable_python(document), indent=2, sort_keys=False))
+
+
+def safe_url(url: str) -> str:
+    """A database URL fit to print: the password masked."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url

@@ -1,0 +1,170 @@
+"""The `billing` command: one entry point for operators and developers.
+
+The root callback resolves the home folder (`--home` / `BILLING_HOME`) and,
+lazily, the settings: environment first, then the home's `settings.env` written
+by `billing dev`, then `.env`. Every command reads them from there, so there is
+one place that decides which stack a command talks to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from billing.cli import emulator, members, operations, orgs, request_log
+from billing.cli.context import BillingGroup, CliError, CliState, out, safe_url, state_of
+from billing.cli.home import DEFAULT_HOME, HOME_ENV_VAR
+from billing.config import StripeNotConfiguredError
+
+app = typer.Typer(
+    cls=BillingGroup,
+    name="billing",
+    help="Org billing on Temporal and Stripe.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+app.add_typer(orgs.app, name="orgs")
+app.add_typer(members.app, name="members")
+app.add_typer(request_log.app, name="requests")
+app.add_typer(emulator.app, name="emulator")
+
+usage_app = typer.Typer(help="Usage reporting.", no_args_is_help=True)
+usage_app.command("report")(operations.usage_report)
+app.add_typer(usage_app, name="usage")
+
+app.command("provision")(operations.provision)
+app.command("backfill")(operations.backfill)
+app.command("reconcile")(operations.reconcile)
+app.command("token")(operations.token)
+
+HomeOption = Annotated[
+    Path,
+    typer.Option(
+        "--home",
+        envvar=HOME_ENV_VAR,
+        help="Folder of the `billing dev` stack whose settings to use.",
+        show_default=True,
+    ),
+]
+
+
+@app.callback()
+def root(ctx: typer.Context, home: HomeOption = DEFAULT_HOME) -> None:
+    """Org billing on Temporal and Stripe."""
+    # `billing dev` chooses the settings itself; it must not read what it wrote last time.
+    ctx.obj = CliState(home=home.resolve(), load_home_settings=ctx.invoked_subcommand != "dev")
+    ctx.call_on_close(ctx.obj.close)
+
+
+@app.command("migrate")
+def migrate(ctx: typer.Context) -> None:
+    """Apply database migrations (Alembic) up to the newest."""
+    from sqlalchemy.exc import OperationalError
+
+    from billing.db.migrate import upgrade
+
+    settings = state_of(ctx).settings
+    try:
+        upgrade(settings.database_url)
+    except OperationalError as error:
+        raise CliError(
+            f"The database at {safe_url(settings.database_url)} is not reachable."
+        ) from error
+    out.print(f"Database at {safe_url(settings.database_url)} is up to date.")
+
+
+@app.command("api")
+def api(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Option("--host", help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8000,
+    log_level: Annotated[str, typer.Option("--log-level")] = "info",
+) -> None:
+    """Run the HTTP API (webhooks, portal, status, health) in this process."""
+    import uvicorn
+
+    from api.main import create_app
+    from billing.logging import configure_logging
+
+    settings = state_of(ctx).settings
+    try:
+        settings.require_stripe()
+    except StripeNotConfiguredError as error:
+        raise CliError(str(error)) from None
+    configure_logging(log_level.upper())
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_config=None,
+        log_level=log_level.lower(),
+        timeout_graceful_shutdown=5,
+    )
+
+
+@app.command("worker")
+def worker(
+    ctx: typer.Context,
+    log_level: Annotated[str, typer.Option("--log-level")] = "info",
+) -> None:
+    """Run the Temporal worker (workflows and activities) in this process."""
+    from billing.logging import configure_logging
+    from worker import run_worker
+
+    settings = state_of(ctx).settings
+    try:
+        settings.require_stripe()
+    except StripeNotConfiguredError as error:
+        raise CliError(str(error)) from None
+    configure_logging(log_level.upper())
+
+    async def _run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await run_worker(settings, stop=stop)
+        except RuntimeError as error:
+            if "client connect" in str(error).lower():
+                raise CliError(
+                    f"Temporal is not reachable at {settings.temporal_address}."
+                ) from None
+            raise
+
+    asyncio.run(_run())
+
+
+@app.command("dev")
+def dev(
+    ctx: typer.Context,
+    api_port: Annotated[int, typer.Option("--api-port")] = 8000,
+    temporal_port: Annotated[int, typer.Option("--temporal-port")] = 7233,
+    ui_port: Annotated[int, typer.Option("--ui-port")] = 8233,
+    emulator_port: Annotated[int, typer.Option("--emulator-port")] = 12111,
+    home: Annotated[
+        Path | None,
+        typer.Option("--home", help="Folder for all data (default: the global --home)."),
+    ] = None,
+    demo: Annotated[
+        bool, typer.Option("--demo", help="Create a few orgs with members and requests.")
+    ] = False,
+) -> None:
+    """The whole stack on this machine; Ctrl-C stops every part of it."""
+    from billing.devstack import DevOptions, DevPorts, run_dev
+
+    options = DevOptions(
+        home=(home or state_of(ctx).home).resolve(),
+        ports=DevPorts(
+            api=api_port, temporal=temporal_port, ui=ui_port, emulator=emulator_port
+        ),
+        demo=demo,
+    )
+    code = run_dev(options)
+    if code:
+        raise typer.Exit(code)

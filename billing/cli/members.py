@@ -1,0 +1,48 @@
+"""`billing members ...`: change who is in an org (what the users meter counts)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from billing import services
+from billing.cli.context import out, print_json, state_of
+
+app = typer.Typer(help="Add or remove an org's members.", no_args_is_help=True)
+
+OrgArgument = Annotated[int, typer.Argument(help="The org's id.")]
+EmailOption = Annotated[str, typer.Option("--email", help="The member's email.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
+
+
+@app.command("add")
+def add(
+    ctx: typer.Context,
+    org_id: OrgArgument,
+    email: EmailOption,
+    name: Annotated[str | None, typer.Option("--name", help="Full name of a new user.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Add a user (created if new) to the org."""
+    with state_of(ctx).session() as session:
+        user = services.add_member(session, org_id, email, name)
+        members = len(services.list_members(session, org_id))
+    if as_json:
+        print_json({"org_id": org_id, "email": user.email, "role": "member", "members": members})
+        return
+    out.print(f"Added {user.email} to org {org_id}; it now has {members} members.")
+
+
+@app.command("remove")
+def remove(
+    ctx: typer.Context, org_id: OrgArgument, email: EmailOption, as_json: JsonOption = False
+) -> None:
+    """Remove a member from the org (never its owner)."""
+    with state_of(ctx).session() as session:
+        user = services.remove_member(session, org_id, email)
+        members = len(services.list_members(session, org_id))
+    if as_json:
+        print_json({"org_id": org_id, "email": user.email, "removed": True, "members": members})
+        return
+    out.print(f"Removed {user.email} from org {org_id}; it now has {members} members.")

@@ -1,0 +1,256 @@
+"""Commands that act through the org workflows: provision, backfill, usage, reconcile, token."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import timedelta
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from billing import services
+from billing.auth import AuthNotConfiguredError, mint_token
+from billing.cli.context import (
+    CliState,
+    err,
+    fail,
+    out,
+    print_json,
+    run,
+    state_of,
+)
+from billing.cli.live import WORKER_SILENT, live_state
+from billing.cli.render import key_value_table, reconcile_table, state_fields, usage_table
+from billing.constants import (
+    ORG_BILLING_WORKFLOW,
+    RECONCILE_UPDATE,
+    REPORT_USAGE_UPDATE,
+    org_workflow_id,
+)
+from billing.domain import BillingStatus, OrgBillingState, ReconcileResult, UsageReportResult
+from billing.orchestration import ensure_org_workflow
+
+OrgArgument = Annotated[int, typer.Argument(help="The org's id.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
+UPDATE_TIMEOUT = 60.0
+
+
+def _org_must_exist(state: CliState, org_id: int) -> None:
+    with state.session() as session:
+        services.get_org(session, org_id)
+
+
+# provision -------------------------------------------------------------------------
+
+
+async def _provision(state: CliState, org_id: int, timeout: float) -> OrgBillingState:
+    client = await state.temporal()
+    await ensure_org_workflow(client, state.settings.temporal_task_queue, org_id)
+    deadline = time.monotonic() + timeout
+    last_problem: str | None = None
+    with err.status(f"Provisioning org {org_id}…", spinner="dots"):
+        while time.monotonic() < deadline:
+            live = await live_state(client, org_id, timeout=min(3.0, timeout))
+            if live.state is not None and live.state.status != BillingStatus.PROVISIONING:
+                return live.state
+            last_problem = live.problem
+            await asyncio.sleep(0.5)
+    why = f": {last_problem}" if last_problem else ""
+    hint = " Is `billing worker` running?" if last_problem in (None, WORKER_SILENT) else ""
+    fail(f"Org {org_id} was still provisioning after {timeout:.0f} s{why}.{hint}")
+
+
+def provision(
+    ctx: typer.Context,
+    org_id: OrgArgument,
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="Seconds to wait for the result.", min=1)
+    ] = 60.0,
+    as_json: JsonOption = False,
+) -> None:
+    """Provision one org now and wait for the outcome."""
+    state = state_of(ctx)
+    _org_must_exist(state, org_id)
+    result = run(_provision(state, org_id, timeout))
+    if as_json:
+        print_json(result.model_dump(mode="json"))
+    else:
+        out.print(key_value_table(f"Org {org_id}", state_fields(result)))
+    if result.status == BillingStatus.PROVISIONING_FAILED:
+        fail(f"Provisioning org {org_id} failed: {result.last_error or 'see the workflow'}.")
+
+
+# backfill --------------------------------------------------------------------------
+
+
+async def _backfill(state: CliState, org_ids: list[int]) -> list[tuple[int, str | None]]:
+    client = await state.temporal()
+    queue = state.settings.temporal_task_queue
+    outcomes: list[tuple[int, str | None]] = []
+    columns = (
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=err, transient=False) as progress:
+        task = progress.add_task("Starting org workflows", total=len(org_ids))
+        for org_id in org_ids:
+            try:
+                await ensure_org_workflow(client, queue, org_id)
+                outcomes.append((org_id, None))
+            except RPCError as error:
+                outcomes.append((org_id, error.message or str(error)))
+            progress.advance(task)
+    return outcomes
+
+
+def backfill(ctx: typer.Context, as_json: JsonOption = False) -> None:
+    """Start the workflow of every org that has no billing yet."""
+    state = state_of(ctx)
+    with state.session() as session:
+        org_ids = services.orgs_without_billing(session)
+    outcomes = run(_backfill(state, org_ids)) if org_ids else []
+    failed = [(org_id, problem) for org_id, problem in outcomes if problem]
+    if as_json:
+        print_json(
+            {
+                "started": [org_id for org_id, problem in outcomes if not problem],
+                "failed": [{"org_id": org_id, "error": problem} for org_id, problem in failed],
+            }
+        )
+    elif not org_ids:
+        out.print("Every org already has billing; nothing to start.")
+    else:
+        out.print(f"Signalled {len(outcomes) - len(failed)} of {len(org_ids)} org workflows.")
+    if failed:
+        org_id, problem = failed[0]
+        fail(f"{len(failed)} org workflows could not be started (org {org_id}: {problem}).")
+
+
+# updates: usage report and reconcile -------------------------------------------------
+
+
+async def _update(client: Client, org_id: int, name: str, result_type: type[Any]) -> Any:
+    """Run one Update on the org's workflow, bounded, with errors turned into sentences."""
+    handle = client.get_workflow_handle(org_workflow_id(org_id))
+    try:
+        return await asyncio.wait_for(
+            handle.execute_update(name, result_type=result_type), UPDATE_TIMEOUT
+        )
+    except TimeoutError:
+        fail(
+            f"Org {org_id}'s workflow did not answer within {UPDATE_TIMEOUT:.0f} s; "
+            "is `billing worker` running?"
+        )
+    except RPCError as error:
+        if error.status == RPCStatusCode.NOT_FOUND:
+            fail(
+                f"Org {org_id} has no running billing workflow; "
+                f"start it with `billing provision {org_id}`."
+            )
+        fail(f"Temporal refused the {name} update for org {org_id}: {error.message}.")
+    except WorkflowUpdateFailedError as error:
+        cause = error.cause
+        detail = str(cause) if cause else str(error)
+        fail(f"The {name} update failed for org {org_id}: {detail.rstrip('.')}.")
+
+
+def usage_report(ctx: typer.Context, org_id: OrgArgument, as_json: JsonOption = False) -> None:
+    """Report the org's usage to Stripe now, and show what was sent."""
+    state = state_of(ctx)
+    _org_must_exist(state, org_id)
+
+    async def go() -> UsageReportResult:
+        client = await state.temporal()
+        result: UsageReportResult = await _update(
+            client, org_id, REPORT_USAGE_UPDATE, UsageReportResult
+        )
+        return result
+
+    result = run(go())
+    if as_json:
+        print_json(result.model_dump(mode="json"))
+        return
+    if result.periods:
+        out.print(usage_table(result))
+    out.print(f"Meter events sent: {result.meter_events_sent}.")
+    if result.skipped_reason:
+        out.print(f"Skipped: {result.skipped_reason}")
+
+
+async def running_org_ids(client: Client) -> list[int]:
+    """Orgs whose workflow is running, from Temporal's visibility store."""
+    query = f"WorkflowType = '{ORG_BILLING_WORKFLOW}' AND ExecutionStatus = 'Running'"
+    ids: set[int] = set()
+    prefix = org_workflow_id(0)[:-1]
+    async for execution in client.list_workflows(query):
+        suffix = execution.id.removeprefix(prefix)
+        if suffix.isdigit():
+            ids.add(int(suffix))
+    return sorted(ids)
+
+
+def reconcile(
+    ctx: typer.Context,
+    org_id: Annotated[
+        int | None, typer.Argument(help="One org's id; all orgs with a workflow when omitted.")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Re-sync from Stripe and show what differed."""
+    state = state_of(ctx)
+    if org_id is not None:
+        _org_must_exist(state, org_id)
+
+    async def go() -> list[ReconcileResult]:
+        client = await state.temporal()
+        ids = [org_id] if org_id is not None else await running_org_ids(client)
+        results: list[ReconcileResult] = []
+        for one in ids:
+            results.append(await _update(client, one, RECONCILE_UPDATE, ReconcileResult))
+        return results
+
+    results = run(go())
+    if as_json:
+        print_json([r.model_dump(mode="json") for r in results])
+        return
+    if not results:
+        out.print("No org has a running billing workflow.")
+        return
+    out.print(reconcile_table(results))
+    changed = sum(1 for r in results if r.differences)
+    out.print(f"{changed} of {len(results)} orgs differed from Stripe.")
+
+
+# token -----------------------------------------------------------------------------
+
+
+def token(
+    ctx: typer.Context,
+    org_id: OrgArgument,
+    email: Annotated[str, typer.Option("--email", help="A member of the org.")],
+    ttl_minutes: Annotated[
+        int, typer.Option("--ttl-minutes", help="How long the token is valid.", min=1)
+    ] = 60,
+    as_json: JsonOption = False,
+) -> None:
+    """Mint a bearer token for a member of the org (for local use)."""
+    state = state_of(ctx)
+    with state.session() as session:
+        membership = services.get_membership(session, org_id, email)
+        user_id = membership.user_id
+    try:
+        minted = mint_token(
+            state.settings.auth_jwt_secret, user_id, org_id, timedelta(minutes=ttl_minutes)
+        )
+    except AuthNotConfiguredError:
+        fail("AUTH_JWT_SECRET is not set, so no token can be minted.")
+    if as_json:
+        print_json({"token": minted, "org_id": org_id, "user_id": user_id})
+        return
+    typer.echo(minted)

@@ -1,0 +1,199 @@
+"""`billing orgs ...`: create orgs and see them as the DB and their workflows know them."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+from temporalio.service import RPCError
+
+from billing import services
+from billing.cli.context import (
+    CliState,
+    TemporalUnavailableError,
+    out,
+    print_json,
+    run,
+    state_of,
+    warn,
+)
+from billing.cli.live import TEMPORAL_DOWN, Live, live_state, live_states
+from billing.cli.render import (
+    key_value_table,
+    live_document,
+    merged_view,
+    org_document,
+    orgs_table,
+    state_fields,
+)
+from billing.constants import org_workflow_id
+from billing.orchestration import ensure_org_workflow
+
+app = typer.Typer(help="Create, list and inspect orgs.", no_args_is_help=True)
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
+
+
+async def start_org_workflow(state: CliState, org_id: int) -> str | None:
+    """Start provisioning now; return why it could not start (None when it did)."""
+    settings = state.settings
+    try:
+        client = await state.temporal()
+        await ensure_org_workflow(client, settings.temporal_task_queue, org_id)
+    except TemporalUnavailableError as error:
+        return str(error)
+    except RPCError as error:
+        return f"Temporal refused to start the workflow: {error.message or error}."
+    return None
+
+
+@app.command("create")
+def create(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Option("--name", help="The org's name.")],
+    owner_email: Annotated[str, typer.Option("--owner-email", help="Owner's email.")],
+    owner_first_name: Annotated[str, typer.Option("--owner-first-name")] = "",
+    owner_last_name: Annotated[str, typer.Option("--owner-last-name")] = "",
+    aws_account_id: Annotated[
+        str | None, typer.Option("--aws-account-id", help="Billed by AWS Marketplace instead.")
+    ] = None,
+    azure_subscription_id: Annotated[
+        str | None,
+        typer.Option("--azure-subscription-id", help="Billed by Azure Marketplace instead."),
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Create an org and its owner; its billing workflow starts at once."""
+    state = state_of(ctx)
+    with state.session() as session:
+        org = services.create_org_with_owner(
+            session,
+            name=name,
+            owner_email=owner_email,
+            owner_first_name=owner_first_name,
+            owner_last_name=owner_last_name,
+            aws_account_id=aws_account_id,
+            azure_subscription_id=azure_subscription_id,
+        )
+        org_id = org.id
+    with state.session() as session:
+        summary = services.org_summary(session, org_id)
+    problem = run(start_org_workflow(state, org_id))
+    if problem:
+        warn(
+            f"{problem.rstrip('.')}; org {org_id} is saved and the `billing-backfill` "
+            "schedule will provision it."
+        )
+    if as_json:
+        print_json(
+            {
+                "org": org_document(summary),
+                "workflow": {
+                    "id": org_workflow_id(org_id),
+                    "started": problem is None,
+                    "problem": problem,
+                },
+            }
+        )
+        return
+    out.print(f"Created org {org_id} ({summary.name}), owner {summary.owner_email}.")
+    if problem is None:
+        out.print(f"Billing started: workflow {org_workflow_id(org_id)}.")
+
+
+async def _lives(state: CliState, org_ids: list[int]) -> dict[int, Live]:
+    if not org_ids:
+        return {}
+    try:
+        client = await state.temporal()
+    except TemporalUnavailableError:
+        return await live_states(None, org_ids)
+    return await live_states(client, org_ids)
+
+
+def _warn_about_missing_state(lives: dict[int, Live]) -> None:
+    problems = {live.problem for live in lives.values() if live.problem}
+    problems.discard("no workflow")
+    for problem in sorted(problems):
+        if problem == TEMPORAL_DOWN:
+            warn("Temporal is not reachable; showing the database rows only.")
+        else:
+            warn(f"Live state missing for some orgs: {problem}; showing their database rows.")
+
+
+@app.command("list")
+def list_orgs(
+    ctx: typer.Context,
+    status: Annotated[
+        str | None,
+        typer.Option("--status", help="Only orgs with this status (e.g. past_due)."),
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Every org, with its live workflow state where available (else its DB row)."""
+    state = state_of(ctx)
+    with state.session() as session:
+        orgs = services.list_orgs(session)
+    lives = run(_lives(state, [o.id for o in orgs]))
+    _warn_about_missing_state(lives)
+    rows = [(org, lives[org.id]) for org in orgs]
+    if status:
+        rows = [(org, live) for org, live in rows if merged_view(org, live)["status"] == status]
+    if as_json:
+        documents: list[dict[str, Any]] = []
+        for org, live in rows:
+            documents.append({**org_document(org), "billing": merged_view(org, live)})
+        print_json(documents)
+        return
+    if not rows:
+        out.print("No orgs." if not status else f"No orgs with status {status}.")
+        return
+    out.print(orgs_table(rows))
+
+
+@app.command("show")
+def show(
+    ctx: typer.Context,
+    org_id: Annotated[int, typer.Argument(help="The org's id.")],
+    as_json: JsonOption = False,
+) -> None:
+    """One org: its DB row, members, and its workflow's live state."""
+    state = state_of(ctx)
+    with state.session() as session:
+        summary = services.org_summary(session, org_id)
+        members = services.list_members(session, org_id)
+        requests = services.request_total(session, org_id)
+
+    async def fetch() -> Live:
+        try:
+            client = await state.temporal()
+        except TemporalUnavailableError:
+            return Live(None, TEMPORAL_DOWN)
+        return await live_state(client, org_id)
+
+    live = run(fetch())
+    if as_json:
+        print_json(
+            {
+                "org": {**org_document(summary), "requests_recorded": requests},
+                "members": [
+                    {"email": m.email, "first_name": m.first_name, "last_name": m.last_name,
+                     "role": m.role}
+                    for m in members
+                ],
+                "workflow": {"id": org_workflow_id(org_id), **live_document(live)},
+            }
+        )
+        return
+    row = org_document(summary)
+    row["requests_recorded"] = requests
+    out.print(key_value_table(f"Org {org_id} (database)", row))
+    out.print(
+        key_value_table(
+            "Members", {m.email: m.role for m in members}
+        )
+    )
+    if live.state is not None:
+        out.print(key_value_table(f"Workflow {org_workflow_id(org_id)}", state_fields(live.state)))
+    else:
+        out.print(f"Workflow {org_workflow_id(org_id)}: no live state ({live.problem}).")

@@ -1,0 +1,168 @@
+"""How orgs and workflow states look in tables and in `--json` documents."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from rich.table import Table
+
+from billing.cli.live import Live
+from billing.domain import BillingStatus, OrgBillingState, ReconcileResult, UsageReportResult
+from billing.services import OrgSummary
+
+
+def when(value: datetime | None) -> str:
+    if value is None:
+        return "-"
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def db_status(org: OrgSummary) -> str:
+    """What the row alone says; an org without a subscription is still waiting for one."""
+    if org.billed_elsewhere:
+        return BillingStatus.NOT_BILLED.value
+    if not org.stripe_subscription_id:
+        return BillingStatus.PROVISIONING.value
+    return org.subscription_status.value
+
+
+def org_document(org: OrgSummary) -> dict[str, Any]:
+    return {
+        "id": org.id,
+        "uid": org.uid,
+        "name": org.name,
+        "owner_email": org.owner_email,
+        "members": org.members,
+        "stripe_customer_id": org.stripe_customer_id,
+        "stripe_subscription_id": org.stripe_subscription_id,
+        "subscription_status": org.subscription_status.value,
+        "subscription_end": org.subscription_end,
+        "aws_account_id": org.aws_account_id,
+        "azure_subscription_id": org.azure_subscription_id,
+        "created_at": org.created_at,
+    }
+
+
+def merged_view(org: OrgSummary, live: Live) -> dict[str, Any]:
+    """The columns of `orgs list`: live workflow state where there is one, else the row."""
+    state = live.state
+    if state is not None:
+        return {
+            "status": state.status.value,
+            "source": "workflow",
+            "subscription_end": state.subscription_end,
+            "stripe_customer_id": state.stripe_customer_id,
+            "last_event": state.last_event_type,
+            "last_error": state.last_error,
+        }
+    return {
+        "status": db_status(org),
+        "source": "database",
+        "subscription_end": org.subscription_end,
+        "stripe_customer_id": org.stripe_customer_id,
+        "last_event": None,
+        "last_error": None,
+    }
+
+
+def live_document(live: Live) -> dict[str, Any]:
+    return {
+        "state": live.state.model_dump(mode="json") if live.state else None,
+        "unavailable_because": live.problem,
+    }
+
+
+def orgs_table(rows: list[tuple[OrgSummary, Live]]) -> Table:
+    table = Table(title="Orgs", title_justify="left")
+    table.add_column("org", overflow="fold")
+    table.add_column("status")
+    table.add_column("subscription end")
+    table.add_column("customer", overflow="fold")
+    table.add_column("last event", overflow="fold")
+    table.add_column("last error", overflow="fold")
+    for org, live in rows:
+        view = merged_view(org, live)
+        status = view["status"] if view["source"] == "workflow" else f"{view['status']} (db)"
+        table.add_row(
+            f"{org.id} {org.name}",
+            status,
+            when(view["subscription_end"]),
+            view["stripe_customer_id"] or "-",
+            view["last_event"] or "-",
+            view["last_error"] or "",
+        )
+    return table
+
+
+def key_value_table(title: str, values: dict[str, Any]) -> Table:
+    table = Table(title=title, title_justify="left", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
+    for key, value in values.items():
+        if isinstance(value, datetime):
+            shown = when(value)
+        elif value is None or value == "":
+            shown = "-"
+        else:
+            shown = str(value)
+        table.add_row(key, shown)
+    return table
+
+
+def state_fields(state: OrgBillingState) -> dict[str, Any]:
+    return {
+        "status": state.status.value,
+        "stripe_customer_id": state.stripe_customer_id,
+        "stripe_subscription_id": state.stripe_subscription_id,
+        "subscription_status": state.subscription_status.value
+        if state.subscription_status
+        else None,
+        "subscription_end": state.subscription_end,
+        "trial_end": state.trial_end,
+        "current_period": f"{when(state.current_period_start)} → {when(state.current_period_end)}"
+        if state.current_period_start
+        else None,
+        "pause_collection": state.pause_collection or None,
+        "last_event": f"{state.last_event_type} ({state.last_event_id})"
+        if state.last_event_type
+        else None,
+        "last_error": state.last_error,
+        "last_synced_at": state.last_synced_at,
+    }
+
+
+def usage_table(result: UsageReportResult) -> Table:
+    table = Table(title=f"Usage reported for org {result.org_id}", title_justify="left")
+    table.add_column("period")
+    table.add_column("users", justify="right")
+    table.add_column("requests", justify="right")
+    table.add_column("meter events sent", justify="right")
+    table.add_column("note", overflow="fold")
+    for period in result.periods:
+        table.add_row(
+            f"{when(period.period_start)} → {when(period.period_end)}",
+            str(period.users),
+            str(period.requests),
+            str(period.meter_events_sent),
+            period.skipped_reason or "",
+        )
+    return table
+
+
+def reconcile_table(results: list[ReconcileResult]) -> Table:
+    table = Table(title="Reconcile", title_justify="left")
+    table.add_column("org")
+    table.add_column("status")
+    table.add_column("field")
+    table.add_column("before", overflow="fold")
+    table.add_column("after", overflow="fold")
+    for result in results:
+        if not result.differences:
+            table.add_row(str(result.org_id), result.status.value, "(in sync)", "", "")
+        for diff in result.differences:
+            table.add_row(
+                str(result.org_id), result.status.value, diff.field, diff.before or "-",
+                diff.after or "-",
+            )
+    return table

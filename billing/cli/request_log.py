@@ -1,0 +1,51 @@
+"""`billing requests record`: add to an org's request log (what the requests meter counts)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated
+
+import typer
+
+from billing import services
+from billing.cli.context import fail, out, print_json, state_of
+
+app = typer.Typer(help="Record requests an org made.", no_args_is_help=True)
+
+
+def parse_time(value: str) -> datetime:
+    """ISO 8601 with a timezone; a time without one is taken as UTC."""
+    try:
+        parsed = datetime.fromisoformat(value.strip())
+    except ValueError:
+        fail(f"{value!r} is not an ISO 8601 time (for example 2025-01-31T12:00:00Z).")
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed
+
+
+@app.command("record")
+def record(
+    ctx: typer.Context,
+    org_id: Annotated[int, typer.Argument(help="The org's id.")],
+    count: Annotated[int, typer.Option("--count", help="How many requests (at least 1).")],
+    at: Annotated[
+        str | None, typer.Option("--at", help="When they happened (ISO 8601; default now).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+) -> None:
+    """Add N requests to the org's request log."""
+    if count < 1:
+        fail(f"--count must be at least 1, not {count}.")
+    when = parse_time(at) if at else datetime.now(UTC)
+    with state_of(ctx).session() as session:
+        row = services.record_requests(session, org_id, count, when)
+        total = services.request_total(session, org_id)
+    if as_json:
+        print_json(
+            {"org_id": org_id, "count": row.count, "occurred_at": row.occurred_at, "total": total}
+        )
+        return
+    out.print(
+        f"Recorded {count} requests for org {org_id} at {when.isoformat()}; {total} in total."
+    )

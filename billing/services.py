@@ -1,0 +1,294 @@
+"""Plain database operations behind the CLI (and anything else that manages orgs).
+
+Each function takes an open `Session` and leaves committing to the caller, so
+one command is one transaction. Expected failures raise `ServiceError`
+subclasses whose message is one sentence a person can act on.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from billing.db.models import Membership, Org, RequestLog, User
+from billing.domain import SubscriptionStatus
+
+OWNER_ROLE = "owner"
+MEMBER_ROLE = "member"
+
+
+class ServiceError(Exception):
+    """An expected failure; the message is shown to the user as is."""
+
+
+class NotFoundError(ServiceError):
+    pass
+
+
+class ConflictError(ServiceError):
+    pass
+
+
+class InvalidInputError(ServiceError):
+    pass
+
+
+@dataclass(frozen=True)
+class OrgSummary:
+    """An org row with the counts the CLI shows next to it."""
+
+    id: int
+    uid: str
+    name: str
+    stripe_customer_id: str | None
+    stripe_subscription_id: str | None
+    subscription_status: SubscriptionStatus
+    subscription_end: datetime | None
+    aws_account_id: str | None
+    azure_subscription_id: str | None
+    owner_email: str | None
+    members: int
+    created_at: datetime
+
+    @property
+    def billed_elsewhere(self) -> bool:
+        return bool(self.aws_account_id or self.azure_subscription_id)
+
+
+def normalize_email(email: str) -> str:
+    """Emails are unique per user; compare them case-insensitively."""
+    value = email.strip().lower()
+    if "@" not in value or value.startswith("@") or value.endswith("@"):
+        raise InvalidInputError(f"{email!r} is not an email address.")
+    return value
+
+
+def split_name(full_name: str | None) -> tuple[str, str]:
+    """`--name "Ada Lovelace"` becomes first and last name; one word is a first name."""
+    if not full_name or not full_name.strip():
+        return "", ""
+    first, _, last = full_name.strip().partition(" ")
+    return first, last.strip()
+
+
+def _get_or_create_user(session: Session, email: str, first_name: str, last_name: str) -> User:
+    user = session.scalar(select(User).where(User.email == email))
+    if user is None:
+        user = User(email=email, first_name=first_name, last_name=last_name)
+        session.add(user)
+        session.flush()
+        return user
+    # Fill in a name the user did not have yet; never overwrite one.
+    if first_name and not user.first_name:
+        user.first_name = first_name
+    if last_name and not user.last_name:
+        user.last_name = last_name
+    return user
+
+
+def create_org_with_owner(
+    session: Session,
+    *,
+    name: str,
+    owner_email: str,
+    owner_first_name: str = "",
+    owner_last_name: str = "",
+    aws_account_id: str | None = None,
+    azure_subscription_id: str | None = None,
+) -> Org:
+    """The org, its owner (an existing user is reused) and the owner membership, together."""
+    if not name.strip():
+        raise InvalidInputError("The org name must not be empty.")
+    email = normalize_email(owner_email)
+    owner = _get_or_create_user(session, email, owner_first_name, owner_last_name)
+    org = Org(
+        uid=str(uuid.uuid4()),
+        name=name.strip(),
+        aws_account_id=aws_account_id or None,
+        azure_subscription_id=azure_subscription_id or None,
+    )
+    session.add(org)
+    session.flush()
+    session.add(Membership(org_id=org.id, user_id=owner.id, role=OWNER_ROLE))
+    session.flush()
+    return org
+
+
+def get_org(session: Session, org_id: int) -> Org:
+    org = session.get(Org, org_id)
+    if org is None:
+        raise NotFoundError(f"Org {org_id} does not exist.")
+    return org
+
+
+def _summaries(session: Session, orgs: list[Org]) -> list[OrgSummary]:
+    if not orgs:
+        return []
+    ids = [o.id for o in orgs]
+    counts: dict[int, int] = {
+        org_id: count
+        for org_id, count in session.execute(
+            select(Membership.org_id, func.count())
+            .where(Membership.org_id.in_(ids))
+            .group_by(Membership.org_id)
+        )
+    }
+    owners: dict[int, str] = {
+        org_id: email
+        for org_id, email in session.execute(
+            select(Membership.org_id, User.email)
+            .join(User, User.id == Membership.user_id)
+            .where(Membership.org_id.in_(ids), Membership.role == OWNER_ROLE)
+        )
+    }
+    return [
+        OrgSummary(
+            id=o.id,
+            uid=o.uid,
+            name=o.name,
+            stripe_customer_id=o.stripe_customer_id,
+            stripe_subscription_id=o.stripe_subscription_id,
+            subscription_status=o.subscription_status,
+            subscription_end=o.subscription_end,
+            aws_account_id=o.aws_account_id,
+            azure_subscription_id=o.azure_subscription_id,
+            owner_email=owners.get(o.id),
+            members=counts.get(o.id, 0),
+            created_at=o.created_at,
+        )
+        for o in orgs
+    ]
+
+
+def org_summary(session: Session, org_id: int) -> OrgSummary:
+    return _summaries(session, [get_org(session, org_id)])[0]
+
+
+def list_orgs(session: Session) -> list[OrgSummary]:
+    orgs = list(session.scalars(select(Org).order_by(Org.id)))
+    return _summaries(session, orgs)
+
+
+def orgs_without_billing(session: Session) -> list[int]:
+    """Orgs the backfill must provision: no subscription and not billed by a marketplace."""
+    return list(
+        session.scalars(
+            select(Org.id)
+            .where(
+                Org.stripe_subscription_id.is_(None),
+                Org.aws_account_id.is_(None),
+                Org.azure_subscription_id.is_(None),
+            )
+            .order_by(Org.id)
+        )
+    )
+
+
+def find_user(session: Session, email: str) -> User:
+    address = normalize_email(email)
+    user = session.scalar(select(User).where(User.email == address))
+    if user is None:
+        raise NotFoundError(f"No user has the email {address}.")
+    return user
+
+
+def get_membership(session: Session, org_id: int, email: str) -> Membership:
+    """The user's membership in the org; the error says which of the two is missing."""
+    get_org(session, org_id)
+    user = find_user(session, email)
+    membership = session.scalar(
+        select(Membership).where(Membership.org_id == org_id, Membership.user_id == user.id)
+    )
+    if membership is None:
+        raise NotFoundError(f"{user.email} is not a member of org {org_id}.")
+    return membership
+
+
+def add_member(session: Session, org_id: int, email: str, full_name: str | None = None) -> User:
+    """Add a user (created if new) to the org as a plain member."""
+    get_org(session, org_id)
+    first, last = split_name(full_name)
+    user = _get_or_create_user(session, normalize_email(email), first, last)
+    existing = session.scalar(
+        select(Membership).where(Membership.org_id == org_id, Membership.user_id == user.id)
+    )
+    if existing is not None:
+        raise ConflictError(f"{user.email} is already a member of org {org_id}.")
+    session.add(Membership(org_id=org_id, user_id=user.id, role=MEMBER_ROLE))
+    try:
+        session.flush()
+    except IntegrityError as err:
+        raise ConflictError(f"{user.email} is already a member of org {org_id}.") from err
+    return user
+
+
+def remove_member(session: Session, org_id: int, email: str) -> User:
+    """Remove a member; the owner stays, because every org must keep one."""
+    membership = get_membership(session, org_id, email)
+    user = membership.user
+    if membership.role == OWNER_ROLE:
+        raise ConflictError(f"{user.email} owns org {org_id} and cannot be removed.")
+    session.delete(membership)
+    session.flush()
+    return user
+
+
+def record_requests(
+    session: Session, org_id: int, count: int, at: datetime | None = None
+) -> RequestLog:
+    if count < 1:
+        raise InvalidInputError(f"The request count must be at least 1, not {count}.")
+    get_org(session, org_id)
+    when = at or datetime.now(UTC)
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    row = RequestLog(org_id=org_id, count=count, occurred_at=when)
+    session.add(row)
+    session.flush()
+    return row
+
+
+def request_total(session: Session, org_id: int) -> int:
+    total = session.scalar(
+        select(func.coalesce(func.sum(RequestLog.count), 0)).where(RequestLog.org_id == org_id)
+    )
+    return int(total or 0)
+
+
+def find_org_by_name(session: Session, name: str) -> Org | None:
+    return session.scalar(select(Org).where(Org.name == name).order_by(Org.id).limit(1))
+
+
+@dataclass(frozen=True)
+class MemberView:
+    email: str
+    first_name: str
+    last_name: str
+    role: str
+    user_id: int
+
+
+def list_members(session: Session, org_id: int) -> list[MemberView]:
+    """Owner first, then members by email."""
+    get_org(session, org_id)
+    rows = session.execute(
+        select(User, Membership.role)
+        .join(Membership, Membership.user_id == User.id)
+        .where(Membership.org_id == org_id)
+        .order_by((Membership.role != OWNER_ROLE), User.email)
+    )
+    return [
+        MemberView(
+            email=user.email,
+            first_name=user.first_name,
+            last_name=user.last_name,
+            role=role,
+            user_id=user.id,
+        )
+        for user, role in rows
+    ]

@@ -1,0 +1,174 @@
+"""`billing members`, `billing requests record` and `billing token`, with their errors."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from billing.auth import decode_token
+from billing.db.models import RequestLog
+from tests.cli.conftest import JWT_SECRET, Invoke, assert_clean_error
+
+
+def _org(invoke: Invoke, name: str = "Acme", email: str = "ada@acme.test") -> int:
+    result = invoke("orgs", "create", "--name", name, "--owner-email", email, "--json")
+    assert result.exit_code == 0, result.output
+    org_id: int = json.loads(result.stdout)["org"]["id"]
+    return org_id
+
+
+# members ---------------------------------------------------------------------------
+
+
+def test_add_and_remove_a_member(invoke: Invoke) -> None:
+    org_id = _org(invoke)
+
+    added = invoke("members", "add", str(org_id), "--email", "Grace@Acme.test", "--name",
+                   "Grace Hopper")
+    removed = invoke("members", "remove", str(org_id), "--email", "grace@acme.test", "--json")
+
+    assert added.exit_code == 0, added.output
+    assert "grace@acme.test" in added.stdout and "2 members" in added.stdout
+    assert removed.exit_code == 0, removed.output
+    assert json.loads(removed.stdout) == {
+        "org_id": org_id, "email": "grace@acme.test", "removed": True, "members": 1,
+    }
+
+
+def test_a_user_can_belong_to_two_orgs(invoke: Invoke) -> None:
+    first, second = _org(invoke, "Acme"), _org(invoke, "Globex", "hank@globex.test")
+
+    assert invoke("members", "add", str(first), "--email", "pat@example.test").exit_code == 0
+    assert invoke("members", "add", str(second), "--email", "pat@example.test").exit_code == 0
+
+
+def test_adding_a_member_twice_is_refused(invoke: Invoke) -> None:
+    org_id = _org(invoke)
+    invoke("members", "add", str(org_id), "--email", "grace@acme.test")
+
+    result = invoke("members", "add", str(org_id), "--email", "grace@acme.test")
+
+    assert_clean_error(result, "already a member")
+
+
+def test_the_owner_cannot_be_removed(invoke: Invoke) -> None:
+    org_id = _org(invoke)
+
+    result = invoke("members", "remove", str(org_id), "--email", "ada@acme.test")
+
+    assert_clean_error(result, "owns org", "cannot be removed")
+
+
+def test_member_errors_name_what_is_missing(invoke: Invoke) -> None:
+    org_id = _org(invoke)
+    invoke("members", "add", str(org_id), "--email", "grace@acme.test")
+    other = _org(invoke, "Globex", "hank@globex.test")
+
+    assert_clean_error(
+        invoke("members", "add", "999999", "--email", "x@y.test"), "Org 999999 does not exist"
+    )
+    assert_clean_error(
+        invoke("members", "remove", "999999", "--email", "x@y.test"), "Org 999999 does not exist"
+    )
+    assert_clean_error(
+        invoke("members", "remove", str(org_id), "--email", "nobody@acme.test"),
+        "No user has the email nobody@acme.test",
+    )
+    assert_clean_error(
+        invoke("members", "remove", str(other), "--email", "grace@acme.test"),
+        f"grace@acme.test is not a member of org {other}",
+    )
+
+
+# requests --------------------------------------------------------------------------
+
+
+def test_record_requests_at_a_time(invoke: Invoke, session_factory: sessionmaker[Session]) -> None:
+    org_id = _org(invoke)
+
+    first = invoke("requests", "record", str(org_id), "--count", "5",
+                   "--at", "2025-03-01T10:00:00+02:00")
+    naive = invoke("requests", "record", str(org_id), "--count", "7",
+                   "--at", "2025-03-02T10:00:00", "--json")
+    now = invoke("requests", "record", str(org_id), "--count", "1")
+
+    assert first.exit_code == 0, first.output
+    assert json.loads(naive.stdout)["total"] == 12
+    assert now.exit_code == 0 and "13 in total" in now.stdout
+    with session_factory() as session:
+        times = list(session.scalars(select(RequestLog.occurred_at).order_by(RequestLog.id)))
+    assert times[0] == datetime(2025, 3, 1, 8, 0, tzinfo=UTC)
+    assert times[1] == datetime(2025, 3, 2, 10, 0, tzinfo=UTC)
+
+
+def test_record_requests_refuses_bad_input(invoke: Invoke) -> None:
+    org_id = _org(invoke)
+
+    assert_clean_error(
+        invoke("requests", "record", str(org_id), "--count", "0"), "at least 1"
+    )
+    assert_clean_error(
+        invoke("requests", "record", str(org_id), "--count", "-3"), "at least 1"
+    )
+    assert_clean_error(
+        invoke("requests", "record", str(org_id), "--count", "2", "--at", "yesterday"),
+        "not an ISO 8601 time",
+    )
+    assert_clean_error(
+        invoke("requests", "record", "999999", "--count", "2"), "Org 999999 does not exist"
+    )
+
+
+# token -----------------------------------------------------------------------------
+
+
+def test_token_for_a_member(invoke: Invoke) -> None:
+    org_id = _org(invoke)
+    invoke("members", "add", str(org_id), "--email", "grace@acme.test")
+
+    result = invoke("token", str(org_id), "--email", "grace@acme.test")
+
+    assert result.exit_code == 0, result.output
+    token = result.stdout.strip()
+    claims = decode_token(JWT_SECRET, token)
+    assert claims.org_id == org_id
+    assert claims.user_id > 0
+
+
+def test_token_refused_for_a_non_member(invoke: Invoke) -> None:
+    acme = _org(invoke)
+    _org(invoke, "Globex", "hank@globex.test")
+
+    result = invoke("token", str(acme), "--email", "hank@globex.test")
+
+    assert_clean_error(result, f"hank@globex.test is not a member of org {acme}")
+
+
+def test_token_needs_a_secret(invoke: Invoke) -> None:
+    org_id = _org(invoke)
+
+    result = invoke("token", str(org_id), "--email", "ada@acme.test",
+                    env={"AUTH_JWT_SECRET": None})
+
+    assert_clean_error(result, "AUTH_JWT_SECRET")
+
+
+def test_settings_come_from_the_dev_home(invoke: Invoke, cli_home: object) -> None:
+    """A second terminal with the same home needs no exports: `settings.env` is read."""
+    from pathlib import Path
+
+    from billing.cli.home import write_settings_file
+
+    assert isinstance(cli_home, Path)
+    write_settings_file(cli_home, {"AUTH_JWT_SECRET": "from-home"})
+    org_id = _org(invoke)
+
+    from_home = invoke("token", str(org_id), "--email", "ada@acme.test",
+                       env={"AUTH_JWT_SECRET": None})
+    env_wins = invoke("token", str(org_id), "--email", "ada@acme.test")
+
+    assert decode_token("from-home", from_home.stdout.strip()).org_id == org_id
+    assert decode_token(JWT_SECRET, env_wins.stdout.strip()).org_id == org_id
