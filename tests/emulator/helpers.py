@@ -85,7 +85,7 @@ def start_receiver() -> Receiver:
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     receiver = Receiver(server)
     holder["receiver"] = receiver
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     return receiver
 
 
