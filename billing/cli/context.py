@@ -131,11 +131,12 @@ class CliState:
         return await connect(self.settings)
 
     def stripe_client(self) -> stripe.StripeClient:
-        from activities.stripe_gateway import make_stripe_client
+        from billing.stripe_setup import sync_stripe_client
 
-        if not self.settings.stripe_secret_key:
+        settings = self.settings
+        if not settings.stripe_secret_key:
             fail("STRIPE_SECRET_KEY is not set; start `billing dev` or set it in the environment.")
-        return make_stripe_client(self.settings, max_network_retries=2)
+        return sync_stripe_client(settings.stripe_secret_key, settings.stripe_api_base)
 
 
 def build_settings(home: Path | None) -> Settings:

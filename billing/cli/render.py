@@ -76,9 +76,9 @@ def live_document(live: Live) -> dict[str, Any]:
 def orgs_table(rows: list[tuple[OrgSummary, Live]]) -> Table:
     table = Table(title="Orgs", title_justify="left")
     table.add_column("org", overflow="fold")
-    table.add_column("status")
+    table.add_column("status", no_wrap=True)
     table.add_column("subscription end")
-    table.add_column("customer", overflow="fold")
+    table.add_column("customer", no_wrap=True)
     table.add_column("last event", overflow="fold")
     table.add_column("last error", overflow="fold")
     for org, live in rows:

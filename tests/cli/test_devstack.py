@@ -1,0 +1,170 @@
+"""`billing dev` end to end: ready fast, data kept across restarts, nothing left behind.
+
+Starts the real stack (embedded Postgres, Temporal dev server, emulator, worker,
+API) as a subprocess on free ports; select with `-m devstack`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psutil  # type: ignore[import-untyped]
+import pytest
+
+pytestmark = [pytest.mark.devstack, pytest.mark.timeout(120)]
+
+BILLING = str(Path(sys.executable).parent / "billing")
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _clean_env(home: Path) -> dict[str, str]:
+    """No stack of the developer's: the dev command must choose everything itself."""
+    from billing.config import Settings
+
+    env = {k: v for k, v in os.environ.items() if k.lower() not in Settings.model_fields}
+    env["BILLING_HOME"] = str(home)
+    env["COLUMNS"] = "200"
+    return env
+
+
+class DevProcess:
+    def __init__(self, home: Path, ports: list[int], env: dict[str, str]) -> None:
+        api, temporal, ui, emulator = ports
+        self.api_url = f"http://127.0.0.1:{api}"
+        self.home = home
+        self.output = home.parent / f"dev-{time.monotonic_ns()}.log"
+        self.started = time.monotonic()
+        self.process = subprocess.Popen(
+            [BILLING, "dev", "--api-port", str(api), "--temporal-port", str(temporal),
+             "--ui-port", str(ui), "--emulator-port", str(emulator)],
+            env=env,
+            stdout=self.output.open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def wait_ready(self, timeout: float = 45) -> float:
+        deadline = self.started + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.output.read_text()
+            try:
+                if httpx.get(f"{self.api_url}/readyz", timeout=1).status_code == 200:
+                    text = self.output.read_text()
+                    if "Ready in" in text:
+                        return time.monotonic() - self.started
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"not ready in {timeout} s:\n{self.output.read_text()}")
+
+    def processes(self) -> list[psutil.Process]:
+        """Every process of the stack: the children, and Postgres (detached by pg_ctl)."""
+        found = psutil.Process(self.process.pid).children(recursive=True)
+        pid_file = self.home / "pgdata" / "postmaster.pid"
+        if pid_file.exists():
+            found.append(psutil.Process(int(pid_file.read_text().split()[0])))
+            found.extend(found[-1].children(recursive=True))
+        return found
+
+    def interrupt(self, timeout: float = 30) -> int:
+        self.process.send_signal(signal.SIGINT)
+        return self.process.wait(timeout)
+
+
+def _still_running(processes: list[psutil.Process], timeout: float = 5) -> list[str]:
+    """What is left after `timeout` (a zombie waiting to be reaped counts as gone)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = []
+        for process in processes:
+            try:
+                if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                    left.append(" ".join(process.cmdline()))
+            except psutil.NoSuchProcess:
+                pass
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)
+
+
+def _billing(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([BILLING, *args], env=env, capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def dev_home() -> Iterator[Path]:
+    """Outside pytest's temp root: concurrent pytest runs reset that root to 0700, and
+    the embedded Postgres runs as another user that must traverse the path."""
+    base = Path(tempfile.mkdtemp(prefix="billing-dev-test-"))
+    yield base / "home"
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def test_dev_starts_keeps_data_and_stops_every_child(dev_home: Path) -> None:
+    home = dev_home
+    ports = _free_ports(4)
+    env = _clean_env(home)
+
+    first = DevProcess(home, ports, env)
+    try:
+        elapsed = first.wait_ready()
+        children = first.processes()
+        created = _billing(env, "orgs", "create", "--name", "Acme", "--owner-email",
+                           "ada@acme.test", "--json")
+    finally:
+        code = first.interrupt()
+
+    print(f"billing dev ready after {elapsed:.1f} s")
+    assert code == 0, first.output.read_text()
+    assert created.returncode == 0, created.stderr
+    assert len(children) >= 5, [p.pid for p in children]
+    assert _still_running(children) == []
+    assert (home / "settings.env").is_file()
+
+    second = DevProcess(home, ports, env)
+    try:
+        second.wait_ready()
+        listed = _billing(env, "orgs", "list", "--json")
+        children = second.processes()
+    finally:
+        assert second.interrupt() == 0, second.output.read_text()
+    assert [o["name"] for o in json.loads(listed.stdout)] == ["Acme"]
+    assert _still_running(children) == []
+
+
+def test_a_busy_port_is_a_clear_error(tmp_path: Path) -> None:
+    ports = _free_ports(4)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", ports[3]))
+        busy.listen()
+        result = subprocess.run(
+            [BILLING, "dev", "--api-port", str(ports[0]), "--temporal-port", str(ports[1]),
+             "--ui-port", str(ports[2]), "--emulator-port", str(ports[3])],
+            env=_clean_env(tmp_path / "home"), capture_output=True, text=True, timeout=30,
+        )
+
+    assert result.returncode != 0
+    assert f"Port {ports[3]} (Stripe emulator" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "home" / "pgdata").exists()
