@@ -80,7 +80,7 @@ class DevProcess:
 
     def processes(self) -> list[psutil.Process]:
         """Every process of the stack: the children, and Postgres (detached by pg_ctl)."""
-        found = psutil.Process(self.process.pid).children(recursive=True)
+        found: list[psutil.Process] = psutil.Process(self.process.pid).children(recursive=True)
         pid_file = self.home / "pgdata" / "postmaster.pid"
         if pid_file.exists():
             found.append(psutil.Process(int(pid_file.read_text().split()[0])))

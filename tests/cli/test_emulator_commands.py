@@ -71,6 +71,8 @@ def test_card_sets_the_default_payment_method(
     assert_clean_error(no_customer, "has no Stripe customer yet")
     assert failing.exit_code == 0, failing.output
     assert working.exit_code == 0, working.output
+    assert after_failing.invoice_settings is not None
+    assert after_working.invoice_settings is not None
     failing_pm = after_failing.invoice_settings.default_payment_method
     working_pm = after_working.invoice_settings.default_payment_method
     assert failing_pm and working_pm and failing_pm != working_pm
