@@ -157,32 +157,34 @@ class EmulatorApp:
             params = coerce_struct(route.params, raw) if route.params is not None else raw
             key = request.headers.get("idempotency-key") if method == "POST" else None
             fingerprint = self._fingerprint(method, request.url.path, request.url.query, body)
-            if key:
-                replay = self._replay(api_key, key, fingerprint, headers)
-                if replay is not None:
-                    status = replay.status_code
-                    return replay
             ctx = Ctx(state, str(request.base_url).rstrip("/"), api_key, request_id)
-            try:
-                with state.api_request(request_id, key):
+            with state.api_request(request_id, key):
+                # One lock around lookup, work and record: a concurrent retry with the
+                # same key waits and then replays instead of running twice.
+                if key:
+                    replay = self._replay(api_key, key, fingerprint, headers)
+                    if replay is not None:
+                        status = replay.status_code
+                        return replay
+                try:
                     result = route.handler(ctx, params, path_params)
                     body_out = render(state, result, params.get("expand"))
                     if not (method == "POST" and route.template == "/v1/webhook_endpoints"):
                         strip_private(body_out)
-            except StripeError as exc:
-                if key and exc.status < 500:
-                    self._remember(
-                        api_key,
-                        key,
-                        fingerprint,
-                        exc.status,
-                        exc.body(request_id),
-                        request_id,
-                        exc.headers,
-                    )
-                raise
-            if key:
-                self._remember(api_key, key, fingerprint, 200, body_out, request_id, {})
+                except StripeError as exc:
+                    if key and exc.status < 500:
+                        self._remember(
+                            api_key,
+                            key,
+                            fingerprint,
+                            exc.status,
+                            exc.body(request_id),
+                            request_id,
+                            exc.headers,
+                        )
+                    raise
+                if key:
+                    self._remember(api_key, key, fingerprint, 200, body_out, request_id, {})
             status = 200
             return _json(body_out, 200, headers)
         except StripeError as exc:

@@ -39,9 +39,7 @@ def aggregate(state: State, meter: Obj, customer: str, start: int, end: int) -> 
     total = 0.0
     count = 0
     last: tuple[int, int, float] | None = None
-    for position, event in enumerate(state.meter_events):
-        if event["event_name"] != meter["event_name"]:
-            continue
+    for position, event in enumerate(state.meter_events_for(meter["event_name"], customer)):
         payload = event["payload"]
         if payload.get(customer_key) != customer or not start <= event["timestamp"] < end:
             continue
@@ -316,12 +314,22 @@ def _number(state: State, customer_id: str) -> str:
     return f"{customer.get('invoice_prefix') or 'EMU'}-{sequence:04d}"
 
 
-def finalize(state: State, invoice: Obj, at: int) -> None:
-    """Draft to open: freeze the lines, emit `invoice.finalized`, then collect."""
+def finalize(state: State, invoice: Obj, at: int, automatic: bool = True) -> None:
+    """Draft to open: freeze the lines, emit `invoice.finalized`, then collect.
+
+    While collection is paused with `keep_as_draft`, automatic finalization
+    leaves the invoice a draft that no longer advances by itself.
+    """
     sub = state.find(
         "subscription",
         (invoice["parent"] or {}).get("subscription_details", {}).get("subscription", ""),
     )
+    pause = (sub or {}).get("pause_collection")
+    if automatic and pause and pause.get("behavior") == "keep_as_draft":
+        invoice.update(auto_advance=False, automatically_finalizes_at=None)
+        _forget_invoice(state, invoice)
+        state.touch()
+        return
     if sub is not None:
         _refresh_metered_lines(state, invoice, sub)
     invoice.update(
@@ -335,7 +343,6 @@ def finalize(state: State, invoice: Obj, at: int) -> None:
     )
     invoice["status_transitions"]["finalized_at"] = at
     state.emit("invoice.finalized", invoice, at, from_api=False)
-    pause = (sub or {}).get("pause_collection")
     if pause:
         behaviour = pause.get("behavior")
         if behaviour == "void":

@@ -67,6 +67,7 @@ class EngineSettings:
     payment_retry_days: tuple[int, ...] = (3, 5, 7)
     dunning_final_status: str = "canceled"
     idempotency_ttl: int = 24 * 3600
+    enforce_advance_limit: bool = True
 
 
 @dataclass
@@ -92,12 +93,14 @@ class State:
     ) -> None:
         self.lock = threading.RLock()
         self.settings = settings or EngineSettings()
+        self._initial_settings = copy.deepcopy(self.settings)
         self.faults = FaultInjector()
         self.state_file = state_file
         self.persist_interval = persist_interval
         self.objects: dict[str, dict[str, Obj]] = {}
         self.meta: dict[str, dict[str, Any]] = {}
         self.meter_events: list[Obj] = []
+        self.meter_index: dict[tuple[str, str], list[Obj]] = {}
         self.meter_identifiers: dict[str, int] = {}
         self.idempotency: dict[str, Obj] = {}
         self.deliveries: dict[str, dict[str, Obj]] = {}
@@ -140,6 +143,20 @@ class State:
         if kind is None:
             return None
         return self.collection(kind).get(object_id)
+
+    def add_meter_event(self, event: Obj, customer_key: str) -> None:
+        self.meter_events.append(event)
+        self._index_meter_event(event, customer_key)
+        self.touch()
+
+    def _index_meter_event(self, event: Obj, customer_key: str) -> None:
+        customer = str(event["payload"].get(customer_key, ""))
+        self.meter_index.setdefault((event["event_name"], customer), []).append(event)
+        event.setdefault("_customer_key", customer_key)
+
+    def meter_events_for(self, event_name: str, customer: str) -> list[Obj]:
+        """Usage of one customer for one event name, in the order it arrived."""
+        return self.meter_index.get((event_name, customer), [])
 
     def meta_of(self, object_id: str) -> dict[str, Any]:
         return self.meta.setdefault(object_id, {})
@@ -236,11 +253,13 @@ class State:
             self.objects = {}
             self.meta = {}
             self.meter_events = []
+            self.meter_index = {}
             self.meter_identifiers = {}
             self.idempotency = {}
             self.deliveries = {}
             self.stats = Counter()
             self.request_stats = Counter()
+            self.settings = copy.deepcopy(self._initial_settings)
             self.faults.clear()
             self.touch()
         if self.on_reset is not None:
@@ -257,6 +276,9 @@ class State:
             for name in PERSISTED:
                 if name in data:
                     setattr(self, name, data[name])
+            self.meter_index = {}
+            for event in self.meter_events:
+                self._index_meter_event(event, event.get("_customer_key", "stripe_customer_id"))
 
     def flush(self) -> None:
         """Write the state file atomically (temp file + rename) if anything changed."""

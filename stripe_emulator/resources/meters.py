@@ -175,10 +175,9 @@ def create_meter_event(ctx: Ctx, p: Params, _: dict[str, str]) -> Obj:
         "timestamp": timestamp,
     }
     state.meter_identifiers[identifier] = now
-    state.meter_events.append(event)
+    state.add_meter_event(copy.deepcopy(event), customer_key)
     state.stats["meter_events_accepted"] += 1
-    state.touch()
-    return copy.deepcopy(event)
+    return event
 
 
 @router.add("GET", "/v1/billing/meters/{id}/event_summaries", bp.MeterListEventSummariesParams)

@@ -608,7 +608,7 @@ def finalize_invoice(ctx: Ctx, p: Params, path: dict[str, str]) -> Obj:
         invoice["auto_advance"] = False
         _finalize_without_payment(state, invoice, state.now_for(invoice["customer"]))
     else:
-        engine.finalize(state, invoice, state.now_for(invoice["customer"]))
+        engine.finalize(state, invoice, state.now_for(invoice["customer"]), automatic=False)
     return invoice
 
 

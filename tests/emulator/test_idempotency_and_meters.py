@@ -164,3 +164,17 @@ def test_event_summaries_aggregate_by_formula(client: stripe.StripeClient) -> No
         },
     )
     assert [s.aggregated_value for s in daily.data] == [0, 3, 4]
+
+
+def test_concurrent_requests_with_one_key_create_once(client: stripe.StripeClient) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def create(_: int) -> str:
+        return client.v1.customers.create(
+            params={"email": "race@x.io"}, options={"idempotency_key": "customer-create-race"}
+        ).id
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        ids = set(pool.map(create, range(16)))
+    assert len(ids) == 1
+    assert len(client.v1.customers.list().data) == 1

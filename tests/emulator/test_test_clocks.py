@@ -307,3 +307,42 @@ def test_events_come_in_chronological_order(client: stripe.StripeClient) -> None
     )
     retries = [e for e in events if e.type == "invoice.payment_failed"]
     assert [e.created - retries[0].created for e in retries] == [0, 3 * DAY, 8 * DAY]
+
+
+@pytest.mark.parametrize(("behavior", "status"), [("void", "void"), ("keep_as_draft", "draft")])
+def test_pause_collection_keeps_the_subscription_active(
+    client: stripe.StripeClient, behavior: str, status: str
+) -> None:
+    catalog = make_catalog(client)
+    clock, customer = on_clock(client, "pm_card_chargeCustomerFail")
+    sub = trial_sub(client, catalog, customer)
+    client.v1.subscriptions.update(
+        sub.id,
+        params={"pause_collection": {"behavior": behavior}},
+    )
+    advance(client, clock.id, T0 + 30 * DAY + 2 * HOUR)
+    sub = client.v1.subscriptions.retrieve(sub.id)
+    assert sub.status == "active"
+    invoice = client.v1.invoices.retrieve(str(sub.latest_invoice))
+    assert invoice.status == status and invoice.attempt_count == 0
+    assert events_of(client, "invoice.payment_failed") == []
+
+
+def test_unpaid_invoices_end_the_subscription_after_the_retries(
+    client: stripe.StripeClient,
+) -> None:
+    catalog = make_catalog(client)
+    clock, customer = on_clock(client, "pm_card_chargeCustomerFail")
+    sub = client.v1.subscriptions.create(
+        params={
+            "customer": customer.id,
+            "items": subscription_items(catalog),
+            "trial_end": T0 + DAY,
+        }
+    )
+    advance(client, clock.id, T0 + 20 * DAY)
+    ended = client.v1.subscriptions.retrieve(sub.id)
+    assert ended.status == "canceled"
+    assert ended.cancellation_details is not None
+    assert ended.cancellation_details.reason == "payment_failed"
+    assert len(events_of(client, "invoice.payment_failed")) == 4
