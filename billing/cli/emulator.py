@@ -34,6 +34,46 @@ def serve(
     serve_emulator(host, port, str(state_file) if state_file else None)
 
 
+@app.command("setup")
+def setup(
+    ctx: typer.Context,
+    webhook_url: Annotated[
+        str, typer.Option("--webhook-url", help="Where Stripe sends webhook events.")
+    ] = "http://127.0.0.1:8000/api/webhooks/stripe",
+    test_clock: Annotated[
+        bool, typer.Option("--test-clock", help="Also create a test clock for new customers.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+) -> None:
+    """Create the catalog and webhook endpoint at STRIPE_API_BASE; print the settings.
+
+    `billing dev` does this by itself; this is for stacks it does not run (the
+    compose `emulator` profile). Output lines can be appended to `.env`.
+    """
+    from billing.stripe_setup import ensure_catalog, ensure_test_clock, ensure_webhook_endpoint
+
+    state = state_of(ctx)
+    settings = state.settings
+    client = state.stripe_client()
+    catalog = ensure_catalog(
+        client, settings.stripe_users_dimension, settings.stripe_requests_dimension
+    )
+    endpoint = ensure_webhook_endpoint(client, webhook_url, settings.stripe_webhook_secret or None)
+    values = {
+        "STRIPE_WEBHOOK_SECRET": endpoint.secret,
+        "STRIPE_PRICE_ID": catalog.base_price_id,
+        "STRIPE_USERS_PRICE_ID": catalog.users_price_id,
+        "STRIPE_REQUESTS_PRICE_ID": catalog.requests_price_id,
+    }
+    if test_clock:
+        values["STRIPE_TEST_CLOCK"] = ensure_test_clock(client, settings.stripe_test_clock)
+    if as_json:
+        print_json(values)
+        return
+    for key, value in values.items():
+        typer.echo(f"{key}={value}")
+
+
 def _at(timestamp: int) -> str:
     return datetime.fromtimestamp(timestamp, tz=UTC).isoformat()
 

@@ -77,3 +77,19 @@ def test_card_sets_the_default_payment_method(
     working_pm = after_working.invoice_settings.default_payment_method
     assert failing_pm and working_pm and failing_pm != working_pm
     assert_clean_error(both, "exactly one")
+
+
+def test_setup_prints_settings_and_is_idempotent(
+    invoke: Invoke, emulator: EmulatorServer, stripe_client: stripe.StripeClient
+) -> None:
+    first = invoke("emulator", "setup", "--webhook-url", "http://api:8000/api/webhooks/stripe",
+                   "--json", env=_stripe_env(emulator))
+    values = json.loads(first.stdout)
+    again = invoke("emulator", "setup", "--webhook-url", "http://api:8000/api/webhooks/stripe",
+                   env=_stripe_env(emulator, STRIPE_WEBHOOK_SECRET=values["STRIPE_WEBHOOK_SECRET"]))
+
+    assert first.exit_code == 0, first.output
+    assert values["STRIPE_WEBHOOK_SECRET"].startswith("whsec_")
+    lines = dict(line.split("=", 1) for line in again.stdout.split())
+    assert lines == values
+    assert len(stripe_client.v1.webhook_endpoints.list().data) == 1
