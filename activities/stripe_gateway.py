@@ -154,7 +154,8 @@ class StripeGateway:
             customer = await self._client.v1.customers.retrieve_async(customer_id)
         except stripe.InvalidRequestError:
             return None
-        metadata = getattr(customer, "metadata", None) or {}
+        # StripeObject is not a dict in stripe>=15: read metadata from the plain dict.
+        metadata = customer.to_dict().get("metadata") or {}
         value = metadata.get("org_id")
         return str(value) if value else None
 
