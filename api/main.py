@@ -115,8 +115,7 @@ def create_app(
             engine = make_engine(resolved.database_url)
             factory = make_session_factory(engine)
         temporal = TemporalLink(resolved, metrics, temporal_client)
-        if temporal_client is None:
-            await temporal.connect()
+        await temporal.startup()
         app.state.services = ApiServices(
             settings=resolved,
             metrics=metrics,

@@ -58,7 +58,8 @@ class TemporalLink:
         self._lock = asyncio.Lock()
         self._last_attempt = 0.0
         self._last_error = "not connected yet"
-        self._available = client is not None
+        # Unknown until the startup check; until then a webhook checks health first.
+        self._available = False
 
     @property
     def available(self) -> bool:
@@ -71,12 +72,11 @@ class TemporalLink:
             self._last_error = reason
         self._metrics.set_temporal_available(available)
 
-    async def connect(self) -> None:
-        """Try once to connect (startup); failure is logged, not raised."""
-        try:
-            await self.client()
-        except TemporalUnavailableError as err:
-            log.warning("Temporal not reachable at startup; will retry on use: %s", err)
+    async def startup(self) -> None:
+        """Connect (unless given a client) and check the server once; failure is only logged."""
+        reason = await self.check()
+        if reason is not None:
+            log.warning("Temporal not reachable at startup; will retry on use: %s", reason)
 
     async def client(self) -> Client:
         """The client, connecting first if needed (at most every couple of seconds)."""

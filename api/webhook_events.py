@@ -30,7 +30,20 @@ class StripeEventCreate(BaseModel):
     data: dict[str, Any] = Field(
         json_schema_extra={
             "required": ["object"],
-            "properties": {"object": {"type": "object", "required": ["id"]}},
+            "properties": {
+                "object": {
+                    "type": "object",
+                    "required": ["id"],
+                    "properties": {
+                        "id": {
+                            "type": "string",
+                            "minLength": 1,
+                            "maxLength": 255,
+                            "pattern": _PRINTABLE,
+                        }
+                    },
+                }
+            },
         }
     )
 
