@@ -43,20 +43,12 @@ def get_services(request: Request) -> ApiServices:
 ServicesDep = Annotated[ApiServices, Depends(get_services)]
 
 
-def get_settings(services: ServicesDep) -> Settings:
+def get_api_settings(services: ServicesDep) -> Settings:
     return services.settings
-
-
-def get_metrics(services: ServicesDep) -> BillingMetrics:
-    return services.metrics
 
 
 def get_session_factory(services: ServicesDep) -> store.SessionFactory:
     return services.session_factory
-
-
-def get_temporal(services: ServicesDep) -> TemporalLink:
-    return services.temporal
 
 
 def get_stripe(services: ServicesDep) -> StripeGateway:
@@ -67,10 +59,8 @@ def get_stripe(services: ServicesDep) -> StripeGateway:
     return services.stripe
 
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-MetricsDep = Annotated[BillingMetrics, Depends(get_metrics)]
+SettingsDep = Annotated[Settings, Depends(get_api_settings)]
 SessionFactoryDep = Annotated[store.SessionFactory, Depends(get_session_factory)]
-TemporalDep = Annotated[TemporalLink, Depends(get_temporal)]
 StripeDep = Annotated[StripeGateway, Depends(get_stripe)]
 
 bearer_scheme = HTTPBearer(

@@ -96,7 +96,8 @@ class TemporalLink:
                     CONNECT_TIMEOUT_SECONDS,
                 )
             except (RuntimeError, OSError, TimeoutError) as err:
-                reason = f"cannot connect to {address}: {type(err).__name__}"
+                detail = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+                reason = f"cannot connect to {address}: {detail}"
                 self.mark(False, reason)
                 raise TemporalUnavailableError(reason) from err
             log.info("Connected to Temporal", extra={"temporal_address": address})

@@ -10,7 +10,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from api import store
-from api.deps import ApiServices, MemberDep, ServicesDep, get_stripe
+from api.deps import ApiServices, MemberDep, ServicesDep, StripeDep
 from api.errors import problem, responses
 from api.temporal import workflow_state
 from billing.logging import bind_log_context
@@ -52,10 +52,11 @@ def _stripe_failed(err: stripe.StripeError) -> HTTPException:
     responses=responses(401, 403, 404, 500, 502, 503),
     summary="Create a Stripe billing portal session",
 )
-async def create_portal_session(claims: MemberDep, services: ServicesDep) -> PortalSessionPublic:
+async def create_portal_session(
+    claims: MemberDep, gateway: StripeDep, services: ServicesDep
+) -> PortalSessionPublic:
     """A billing portal link for the org named in the caller's token."""
     bind_log_context(org_id=claims.org_id)
-    gateway = get_stripe(services)
     customer_id = await _customer_id(services, claims.org_id)
     if customer_id is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=CUSTOMER_NOT_FOUND)

@@ -21,12 +21,11 @@ from temporalio.service import RPCError
 
 from activities.stripe_gateway import StripeGateway, verify_webhook_signature
 from api import store
-from api.deps import ApiServices, ServicesDep
+from api.deps import ApiServices, ServicesDep, get_stripe
 from api.errors import (
     database_unavailable,
     problem,
     responses,
-    stripe_not_configured,
     temporal_unavailable,
 )
 from api.temporal import TemporalUnavailableError, is_unreachable
@@ -174,10 +173,11 @@ async def receive_stripe_event(
     """Verify a Stripe event and hand it to its org's workflow; 2xx only once accepted."""
     metrics = services.metrics
     settings = services.settings
-    missing = settings.missing_stripe_settings()
-    if missing or services.stripe is None:
+    try:
+        gateway = get_stripe(services)
+    except HTTPException:
         metrics.webhook_events.labels(type=UNVERIFIED_EVENT_TYPE, outcome="not_configured").inc()
-        raise stripe_not_configured(missing or ["STRIPE_SECRET_KEY"])
+        raise
     try:
         body = await _read_body(request)
         event = _verify(body, stripe_signature, settings.stripe_webhook_secret)
@@ -188,7 +188,7 @@ async def receive_stripe_event(
 
     with log_context(event_id=event.id, event_type=event.type):
         try:
-            receipt = await _handle(event, services.stripe, services)
+            receipt = await _handle(event, gateway, services)
         except HTTPException as err:
             outcome = "unavailable" if err.status_code == 503 else "failed"
             metrics.webhook_events.labels(type=event.type, outcome=outcome).inc()

@@ -398,6 +398,17 @@ async def test_database_down_is_503(
     assert not await workflow_exists(temporal_dev_env.client, org_id)
 
 
+async def test_stripe_down_while_routing_by_customer_is_503(api: Api) -> None:
+    event = stripe_event(UPDATED, subscription_object(customer="cus_only_stripe_knows"))
+    api.emulator.set_faults(error_rate_500=1.0)
+
+    response = await post_event(api.http, event)
+
+    assert response.status_code == 503
+    assert response.json()["detail"]["title"] == "Stripe unavailable"
+    assert event_rows(api.session_factory) == []
+
+
 @pytest.mark.parametrize(
     ("unset", "named"),
     [
