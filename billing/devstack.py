@@ -271,7 +271,10 @@ class DevStack:
         _migrate(database_url)
 
         self._wait_for(f"Temporal at {temporal_address}", lambda: _temporal_up(temporal_address))
-        self._wait_for(f"the Stripe emulator at {emulator_url}", lambda: _http_up(emulator_url))
+        self._wait_for(
+            f"the Stripe emulator at {emulator_url}",
+            lambda: _http_ok(f"{emulator_url}/_emulator/health"),
+        )
         self.values = self._stripe_setup(emulator_url, previous)
         self.values.update(
             {
@@ -560,14 +563,6 @@ def _temporal_up(address: str) -> bool:
         return True
 
     return asyncio.run(probe())
-
-
-def _http_up(url: str) -> bool:
-    try:
-        httpx.get(url, timeout=0.5)
-    except httpx.HTTPError:
-        return False
-    return True
 
 
 def _http_ok(url: str) -> bool:

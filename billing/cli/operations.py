@@ -59,9 +59,10 @@ async def _provision(state: CliState, org_id: int, timeout: float) -> OrgBilling
                 return live.state
             last_problem = live.problem
             await asyncio.sleep(0.5)
-    why = f": {last_problem}" if last_problem else ""
-    hint = " Is `billing worker` running?" if last_problem in (None, WORKER_SILENT) else ""
-    fail(f"Org {org_id} was still provisioning after {timeout:.0f} s{why}.{hint}")
+    if last_problem in (None, WORKER_SILENT):
+        fail(f"Org {org_id} was still provisioning after {timeout:.0f} s; "
+             "is `billing worker` running?")
+    fail(f"Org {org_id} was still provisioning after {timeout:.0f} s ({last_problem}).")
 
 
 def provision(

@@ -95,6 +95,6 @@ def assert_clean_error(result: Result, *fragments: str) -> None:
     assert message.startswith("Error: "), message
     assert "Traceback" not in result.output
     assert len(message.splitlines()) == 1, message
-    assert message.endswith("."), message
+    assert message.endswith((".", "?")), message
     for fragment in fragments:
         assert fragment in message, message
