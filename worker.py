@@ -55,10 +55,14 @@ def build_workers(
     session_factory: sessionmaker[Session],
     stripe_client: stripe.StripeClient,
     executor: ThreadPoolExecutor,
+    *,
+    stripe_activities: StripeActivities | None = None,
 ) -> list[Worker]:
     """Both workers, wired to the given dependencies (tests pass their own)."""
     db = DbActivities(session_factory, settings)
-    stripe_activities = StripeActivities(StripeGateway(stripe_client, settings), settings)
+    stripe_activities = stripe_activities or StripeActivities(
+        StripeGateway(stripe_client, settings), settings
+    )
     starter = OrgStarterActivities(client, settings.temporal_task_queue)
     main = Worker(
         client,

@@ -76,10 +76,14 @@ def engine(database_url: str) -> Iterator[Engine]:
 
 @pytest.fixture
 def session_factory(engine: Engine) -> Iterator[sessionmaker[Session]]:
-    """A session factory over an emptied database."""
+    """A session factory over an emptied database.
+
+    Ids keep counting across tests: workflow ids (`org-billing-{id}`) on the
+    session-wide Temporal servers must never collide between tests.
+    """
     tables = ", ".join(t.name for t in Base.metadata.sorted_tables)
     with engine.begin() as conn:
-        conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+        conn.execute(text(f"TRUNCATE {tables} CASCADE"))
     yield make_session_factory(engine)
 
 
@@ -145,3 +149,16 @@ def stripe_client(emulator: EmulatorServer) -> stripe.StripeClient:
 def task_queue() -> str:
     """Each test gets its own task queue, so workers of other tests never pick its tasks."""
     return f"billing-test-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def catalog(stripe_client: stripe.StripeClient) -> dict[str, str]:
+    """Meters, product and prices in the emulator, as settings fields."""
+    from billing.stripe_setup import ensure_catalog
+
+    ids = ensure_catalog(stripe_client, "additional_users", "additional_requests")
+    return {
+        "stripe_price_id": ids.base_price_id,
+        "stripe_users_price_id": ids.users_price_id,
+        "stripe_requests_price_id": ids.requests_price_id,
+    }

@@ -1,0 +1,136 @@
+"""Building blocks for tests that run the real worker against the real services."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from sqlalchemy.orm import Session, sessionmaker
+from temporalio.client import Client
+
+from activities.stripe_activities import StripeActivities
+from activities.stripe_gateway import make_stripe_client
+from billing.config import Settings
+from billing.db.models import Membership, Org, User
+from billing.domain import BillingStatus, OrgBillingState
+from billing.orchestration import query_state
+from worker import build_workers
+
+T = TypeVar("T")
+
+
+def make_settings(
+    *,
+    database_url: str,
+    emulator_url: str,
+    task_queue: str,
+    catalog: dict[str, str],
+    **overrides: object,
+) -> Settings:
+    """Settings for one test: explicit values, so the developer's environment never leaks in."""
+    values: dict[str, object] = {
+        "database_url": database_url,
+        "temporal_task_queue": task_queue,
+        "stripe_secret_key": "sk_test_billing",
+        "stripe_webhook_secret": "whsec_test",
+        "stripe_api_base": emulator_url,
+        "auth_jwt_secret": "test-secret",
+        "stripe_activities_per_second": 500.0,
+        **catalog,
+        **overrides,
+    }
+    return Settings.model_validate(values)
+
+
+@contextlib.asynccontextmanager
+async def running_worker(
+    client: Client,
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    *,
+    stripe_activities: StripeActivities | None = None,
+) -> AsyncIterator[None]:
+    """The production worker wiring (`worker.build_workers`), in this process."""
+    with ThreadPoolExecutor(max_workers=8) as executor:
+        workers = build_workers(
+            client,
+            settings,
+            session_factory,
+            make_stripe_client(settings),
+            executor,
+            stripe_activities=stripe_activities,
+        )
+        async with contextlib.AsyncExitStack() as stack:
+            for w in workers:
+                await stack.enter_async_context(w)
+            yield
+
+
+def create_org(
+    session_factory: sessionmaker[Session],
+    *,
+    name: str = "Acme",
+    owner_email: str | None = None,
+    first_name: str = "Ada",
+    last_name: str = "Lovelace",
+    aws_account_id: str | None = None,
+    azure_subscription_id: str | None = None,
+) -> int:
+    """An org with its owner, as the host application would create it."""
+    email = owner_email or f"owner-{uuid.uuid4().hex[:8]}@example.com"
+    with session_factory.begin() as session:
+        org = Org(
+            name=name, aws_account_id=aws_account_id, azure_subscription_id=azure_subscription_id
+        )
+        user = User(email=email, first_name=first_name, last_name=last_name)
+        session.add_all([org, user])
+        session.flush()
+        session.add(Membership(org_id=org.id, user_id=user.id, role="owner"))
+        return org.id
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[T]],
+    ok: Callable[[T], bool],
+    *,
+    timeout: float = 30.0,
+    interval: float = 0.2,
+) -> T:
+    """Poll until `ok(probe())`; fail with the last value seen."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    last: object = None
+    while True:
+        try:
+            value = await probe()
+            if ok(value):
+                return value
+            last = value
+        except Exception as err:  # the thing polled may not exist yet
+            last = err
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s; last seen: {last!r}")
+        await asyncio.sleep(interval)
+
+
+async def wait_for_status(
+    client: Client, org_id: int, statuses: set[BillingStatus], timeout: float = 30.0
+) -> OrgBillingState:
+    return await eventually(
+        lambda: query_state(client, org_id), lambda s: s.status in statuses, timeout=timeout
+    )
+
+
+async def capture_history(client: Client, workflow_id: str, name: str) -> None:
+    """Save a run's history for the replay test when BILLING_CAPTURE_HISTORIES=1."""
+    import os
+    from pathlib import Path
+
+    if os.environ.get("BILLING_CAPTURE_HISTORIES") != "1":
+        return
+    history = await client.get_workflow_handle(workflow_id).fetch_history()
+    target = Path(__file__).resolve().parent.parent / "histories" / f"{name}.json"
+    target.write_text(history.to_json())
