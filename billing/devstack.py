@@ -27,7 +27,7 @@ import time
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any
@@ -220,6 +220,7 @@ class DevStack:
         self.values: dict[str, str] = {}
         self.started_at = time.monotonic()
         self.ready_after: float | None = None
+        self.clock_time = int(time.time())
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -430,6 +431,7 @@ class DevStack:
             client, webhook_url, previous.get("STRIPE_WEBHOOK_SECRET")
         )
         clock = ensure_test_clock(client, previous.get("STRIPE_TEST_CLOCK"))
+        self.clock_time = client.v1.test_helpers.test_clocks.retrieve(clock).frozen_time
         return {
             "STRIPE_API_BASE": emulator_url,
             "STRIPE_SECRET_KEY": key,
@@ -499,13 +501,19 @@ class DevStack:
                     "requests record 1 --count 100",
                     "usage report 1",
                     "token 1 --email ada@acme.test",
-                    "emulator advance --to 2030-01-01T00:00:00Z",
+                    f"emulator advance --to {_a_month_after(self.clock_time)}",
                 )
             ),
         )
         out.print(table)
         if self.ready_after is not None:
             out.print(f"Ready in {self.ready_after:.1f} s. Press Ctrl-C to stop.")
+
+
+def _a_month_after(timestamp: int) -> str:
+    """An example target for the test clock: one billing period past where it is."""
+    later = datetime.fromtimestamp(timestamp, tz=UTC) + timedelta(days=31)
+    return later.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _home_flag(home: Path) -> str:

@@ -1,0 +1,44 @@
+"""`billing migrate`, `billing api` and `billing worker`: what they say before they run."""
+
+from __future__ import annotations
+
+from tests.cli.conftest import Invoke, assert_clean_error
+
+
+def test_migrate_is_idempotent(invoke: Invoke) -> None:
+    result = invoke("migrate")
+
+    assert result.exit_code == 0, result.output
+    assert "up to date" in result.stdout
+
+
+def test_migrate_names_an_unreachable_database(invoke: Invoke) -> None:
+    result = invoke(
+        "migrate",
+        env={"DATABASE_URL": "postgresql+psycopg://nobody@127.0.0.1:1/x?connect_timeout=2"},
+    )
+
+    assert_clean_error(result, "not reachable")
+    assert "nobody@127.0.0.1:1" in result.stderr
+
+
+def test_api_and_worker_name_the_missing_stripe_settings(invoke: Invoke) -> None:
+    for command in ("api", "worker"):
+        result = invoke(command, env={"STRIPE_WEBHOOK_SECRET": "whsec_x"})
+
+        assert_clean_error(result, "STRIPE_SECRET_KEY")
+        assert "STRIPE_WEBHOOK_SECRET" not in result.stderr
+
+
+def test_an_invalid_setting_is_named(invoke: Invoke) -> None:
+    result = invoke("orgs", "list", env={"STRIPE_TRIAL_DAYS": "many"})
+
+    assert_clean_error(result, "STRIPE_TRIAL_DAYS is invalid")
+
+
+def test_no_command_shows_help(invoke: Invoke) -> None:
+    result = invoke()
+
+    assert "Usage" in result.output
+    for command in ("dev", "orgs", "provision", "usage", "emulator", "token", "members"):
+        assert command in result.output
