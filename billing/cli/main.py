@@ -165,6 +165,6 @@ def dev(
         ),
         demo=demo,
     )
-    code = run_dev(options)
+    code = run_dev(options, state_of(ctx).settings)
     if code:
         raise typer.Exit(code)
