@@ -11,6 +11,7 @@ from billing import services
 from billing.cli.context import (
     CliState,
     TemporalUnavailableError,
+    fail,
     out,
     print_json,
     run,
@@ -27,6 +28,7 @@ from billing.cli.render import (
     state_fields,
 )
 from billing.constants import org_workflow_id
+from billing.domain import BillingStatus
 from billing.orchestration import ensure_org_workflow
 
 app = typer.Typer(help="Create, list and inspect orgs.", no_args_is_help=True)
@@ -131,6 +133,9 @@ def list_orgs(
     as_json: JsonOption = False,
 ) -> None:
     """Every org, with its live workflow state where available (else its DB row)."""
+    known = [member.value for member in BillingStatus]
+    if status is not None and status not in known:
+        fail(f"{status!r} is not a billing status; use one of {', '.join(known)}.")
     state = state_of(ctx)
     with state.session() as session:
         orgs = services.list_orgs(session)

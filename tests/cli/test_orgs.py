@@ -118,6 +118,10 @@ def test_list_filters_by_status(invoke: Invoke) -> None:
     assert "No orgs with status past_due." in empty.stdout
 
 
+def test_list_refuses_an_unknown_status(invoke: Invoke) -> None:
+    assert_clean_error(invoke("orgs", "list", "--status", "late"), "not a billing status")
+
+
 def test_list_with_no_orgs(invoke: Invoke) -> None:
     result = invoke("orgs", "list", "--json")
 
