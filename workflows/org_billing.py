@@ -72,6 +72,7 @@ USAGE_STATUSES = frozenset(
     }
 )
 KEPT_USAGE_PERIODS = 12
+TRIAL_WILL_END = "customer.subscription.trial_will_end"
 
 
 class ProvisioningFailed(Exception):
@@ -176,10 +177,12 @@ class OrgBillingWorkflow:
                 )
 
     def _should_continue_as_new(self) -> bool:
+        return self._period_rolled or self._history_too_long()
+
+    def _history_too_long(self) -> bool:
         info = workflow.info()
         return (
-            self._period_rolled
-            or info.is_continue_as_new_suggested()
+            info.is_continue_as_new_suggested()
             or info.get_current_history_length() >= self._tuning.max_history_events
         )
 
@@ -256,7 +259,8 @@ class OrgBillingWorkflow:
     # Events and re-sync ---------------------------------------------------------
 
     async def _drain_events(self) -> None:
-        while self._pending:
+        # Stop early when the history is long: the rest is carried into the next run.
+        while self._pending and not self._history_too_long():
             event = self._pending.popleft()
             if event.event_id in self._state.seen_event_ids:
                 continue
@@ -287,6 +291,9 @@ class OrgBillingWorkflow:
                 "stale event skipped",
                 extra={"org_id": self._state.org_id, "event_id": event.event_id},
             )
+            # A late notice still counts: the newer state it lost to has the trial end.
+            if event.type == TRIAL_WILL_END and sub_id == self._state.stripe_subscription_id:
+                self._note_trial_will_end(self._state.trial_end)
             return
         fetch = FetchSubscriptionInput(
             subscription_id=sub_id,
@@ -299,17 +306,18 @@ class OrgBillingWorkflow:
             return
         await self._apply(snapshot, adopt=True)
         self._state.watermarks[key] = max(event.created, self._state.watermarks.get(key, 0))
-        if (
-            event.type == "customer.subscription.trial_will_end"
-            and snapshot.trial_end is not None
-            and self._state.trial_will_end_noted_for != snapshot.trial_end
-        ):
-            # Once per trial end, however often Stripe redelivers: the hook for a notice.
-            self._state.trial_will_end_noted_for = snapshot.trial_end
-            workflow.logger.info(
-                "trial ends soon",
-                extra={"org_id": self._state.org_id, "trial_end": snapshot.trial_end.isoformat()},
-            )
+        if event.type == TRIAL_WILL_END:
+            self._note_trial_will_end(snapshot.trial_end)
+
+    def _note_trial_will_end(self, trial_end: datetime | None) -> None:
+        """Once per trial end, however often Stripe redelivers: the hook for a notice."""
+        if trial_end is None or self._state.trial_will_end_noted_for == trial_end:
+            return
+        self._state.trial_will_end_noted_for = trial_end
+        workflow.logger.info(
+            "trial ends soon",
+            extra={"org_id": self._state.org_id, "trial_end": trial_end.isoformat()},
+        )
 
     async def _resync(self) -> list[FieldDifference]:
         """Daily (and on demand): heal whatever a lost webhook left behind."""

@@ -9,7 +9,6 @@ import pytest
 import stripe
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
-from stripe_emulator.server import EmulatorServer
 from temporalio import activity
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
@@ -29,7 +28,9 @@ from billing.domain import (
 )
 from billing.orchestration import ensure_org_workflow, query_state
 from billing.runtime import BILLING_STATUS_KEY, ORG_ID_KEY, STRIPE_CUSTOMER_ID_KEY
+from stripe_emulator.server import EmulatorServer
 from tests.factories.stack import (
+    capture_history,
     create_org,
     eventually,
     make_settings,
@@ -107,6 +108,7 @@ async def test_new_org_gets_one_customer_and_one_trialing_subscription(
     assert int(row.subscription_end.timestamp()) == sub.trial_end
     assert state.stripe_subscription_id == sub.id
 
+    await capture_history(client, org_workflow_id(org_id), "provisioned_trialing")
     description = await client.get_workflow_handle(org_workflow_id(org_id)).describe()
     attrs = description.typed_search_attributes
     assert attrs.get(ORG_ID_KEY) == str(org_id)
@@ -270,13 +272,14 @@ async def test_backfill_provisions_each_org_once_and_a_second_run_changes_nothin
     ]
 
     async def run_backfill(client: Client) -> BackfillResult:
-        return await client.execute_workflow(
+        result: BackfillResult = await client.execute_workflow(
             PROVISION_MISSING_WORKFLOW,
             BackfillInput(page_size=50),
             id=f"backfill-{settings.temporal_task_queue}",
             task_queue=settings.temporal_task_queue,
             result_type=BackfillResult,
         )
+        return result
 
     async with running_worker(client, settings, session_factory):
         first = await run_backfill(client)
@@ -295,12 +298,13 @@ async def test_backfill_provisions_each_org_once_and_a_second_run_changes_nothin
         await eventually(count, lambda n: n == 200, timeout=180, interval=1)
         second = await run_backfill(client)
         assert second.started == 0
+        await capture_history(client, f"backfill-{settings.temporal_task_queue}", "backfill")
         state = await query_state(client, billed[0])
         assert state.status == BillingStatus.TRIALING
 
     customers = list(stripe_client.v1.customers.list({"limit": 100}).auto_paging_iter())
     assert len(customers) == 200
-    assert sorted(int(c.metadata["org_id"]) for c in customers) == sorted(billed)
+    assert sorted(int(c.to_dict()["metadata"]["org_id"]) for c in customers) == sorted(billed)
     subs = list(
         stripe_client.v1.subscriptions.list({"status": "all", "limit": 100}).auto_paging_iter()
     )
