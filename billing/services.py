@@ -189,6 +189,13 @@ def orgs_without_billing(session: Session) -> list[int]:
     )
 
 
+def existing_org_ids(session: Session, org_ids: list[int]) -> list[int]:
+    """The ids among `org_ids` that have a row (workflows can outlive their org)."""
+    if not org_ids:
+        return []
+    return list(session.scalars(select(Org.id).where(Org.id.in_(org_ids)).order_by(Org.id)))
+
+
 def find_user(session: Session, email: str) -> User:
     address = normalize_email(email)
     user = session.scalar(select(User).where(User.email == address))

@@ -9,12 +9,17 @@ from typing import Annotated, Any
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.client import (
+    Client,
+    WorkflowUpdateFailedError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
+)
 from temporalio.service import RPCError, RPCStatusCode
 
 from billing import services
 from billing.auth import AuthNotConfiguredError, mint_token
 from billing.cli.context import (
+    CliError,
     CliState,
     err,
     fail,
@@ -37,6 +42,8 @@ from billing.orchestration import ensure_org_workflow
 OrgArgument = Annotated[int, typer.Argument(help="The org's id.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
 UPDATE_TIMEOUT = 60.0
+RECONCILE_TIMEOUT = 30.0
+RECONCILE_CONCURRENCY = 8
 
 
 def _org_must_exist(state: CliState, org_id: int) -> None:
@@ -136,18 +143,23 @@ def backfill(ctx: typer.Context, as_json: JsonOption = False) -> None:
 # updates: usage report and reconcile -------------------------------------------------
 
 
-async def _update(client: Client, org_id: int, name: str, result_type: type[Any]) -> Any:
+async def _update(
+    client: Client,
+    org_id: int,
+    name: str,
+    result_type: type[Any],
+    timeout: float = UPDATE_TIMEOUT,
+) -> Any:
     """Run one Update on the org's workflow, bounded, with errors turned into sentences."""
     handle = client.get_workflow_handle(org_workflow_id(org_id))
+    silent = (
+        f"Org {org_id}'s workflow did not answer within {timeout:.0f} s; "
+        "is `billing worker` running?"
+    )
     try:
-        return await asyncio.wait_for(
-            handle.execute_update(name, result_type=result_type), UPDATE_TIMEOUT
-        )
-    except TimeoutError:
-        fail(
-            f"Org {org_id}'s workflow did not answer within {UPDATE_TIMEOUT:.0f} s; "
-            "is `billing worker` running?"
-        )
+        return await asyncio.wait_for(handle.execute_update(name, result_type=result_type), timeout)
+    except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError):
+        fail(silent)
     except RPCError as error:
         if error.status == RPCStatusCode.NOT_FOUND:
             fail(
@@ -201,6 +213,9 @@ def reconcile(
     org_id: Annotated[
         int | None, typer.Argument(help="One org's id; all orgs with a workflow when omitted.")
     ] = None,
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="Seconds to wait for each org's answer.", min=1)
+    ] = RECONCILE_TIMEOUT,
     as_json: JsonOption = False,
 ) -> None:
     """Re-sync from Stripe and show what differed."""
@@ -208,24 +223,56 @@ def reconcile(
     if org_id is not None:
         _org_must_exist(state, org_id)
 
-    async def go() -> list[ReconcileResult]:
-        client = await state.temporal()
-        ids = [org_id] if org_id is not None else await running_org_ids(client)
-        results: list[ReconcileResult] = []
-        for one in ids:
-            results.append(await _update(client, one, RECONCILE_UPDATE, ReconcileResult))
-        return results
+    async def one_org(client: Client, one: int) -> ReconcileResult:
+        result: ReconcileResult = await _update(
+            client, one, RECONCILE_UPDATE, ReconcileResult, timeout
+        )
+        return result
 
-    results = run(go())
+    async def every_org(client: Client) -> tuple[list[ReconcileResult], list[tuple[int, str]]]:
+        running = await running_org_ids(client)
+        with state.session() as session:
+            ids = services.existing_org_ids(session, running)
+        gate = asyncio.Semaphore(RECONCILE_CONCURRENCY)
+        results: list[ReconcileResult] = []
+        failures: list[tuple[int, str]] = []
+
+        async def one(org: int) -> None:
+            async with gate:
+                try:
+                    results.append(
+                        await _update(client, org, RECONCILE_UPDATE, ReconcileResult, timeout)
+                    )
+                except CliError as error:
+                    failures.append((org, str(error)))
+
+        with err.status(f"Reconciling {len(ids)} orgs…", spinner="dots"):
+            await asyncio.gather(*(one(org) for org in ids))
+        return sorted(results, key=lambda r: r.org_id), sorted(failures)
+
+    async def go() -> tuple[list[ReconcileResult], list[tuple[int, str]]]:
+        client = await state.temporal()
+        if org_id is not None:
+            return [await one_org(client, org_id)], []
+        return await every_org(client)
+
+    results, failures = run(go())
     if as_json:
         print_json([r.model_dump(mode="json") for r in results])
-        return
-    if not results:
+    elif results:
+        out.print(reconcile_table(results))
+        changed = sum(1 for r in results if r.differences)
+        out.print(f"{changed} of {len(results)} orgs differed from Stripe.")
+    elif not failures:
         out.print("No org has a running billing workflow.")
-        return
-    out.print(reconcile_table(results))
-    changed = sum(1 for r in results if r.differences)
-    out.print(f"{changed} of {len(results)} orgs differed from Stripe.")
+    if failures:
+        first_org, first_problem = failures[0]
+        for failed_org, problem in failures[1:]:
+            err.print(f"org {failed_org}: {problem}", markup=False)
+        fail(
+            f"{len(failures)} orgs could not be reconciled; org {first_org}: "
+            f"{first_problem.rstrip('.?')}."
+        )
 
 
 # token -----------------------------------------------------------------------------

@@ -89,7 +89,7 @@ def invoke(
 
 
 def assert_clean_error(result: Result, *fragments: str) -> None:
-    """An expected error: non-zero exit, one sentence on stderr, no traceback, no stdout."""
+    """An expected error: non-zero exit, one sentence on stderr, no traceback."""
     assert result.exit_code != 0, result.stdout
     message = result.stderr.strip()
     assert message.startswith("Error: "), message

@@ -117,7 +117,7 @@ async def test_backfill_starts_orgs_created_while_temporal_was_down(
 
 
 async def test_workflow_commands_explain_what_is_missing(
-    invoke: Invoke, stack_env: dict[str, str | None]
+    invoke: Invoke, stack_env: dict[str, str | None], temporal_dev_env: WorkflowEnvironment
 ) -> None:
     created = await cli(invoke, {**stack_env, "TEMPORAL_ADDRESS": f"127.0.0.1:{closed_port()}"},
                         "orgs", "create", "--name", "Acme", "--owner-email", "ada@acme.test",
@@ -134,3 +134,28 @@ async def test_workflow_commands_explain_what_is_missing(
     assert_clean_error(unknown, "Org 999999999 does not exist")
     assert_clean_error(offline, "Temporal is not reachable")
     assert_clean_error(no_worker, "still provisioning", "billing worker")
+    await temporal_dev_env.client.get_workflow_handle(f"org-billing-{org_id}").terminate()
+
+
+async def test_reconcile_all_reports_orgs_whose_worker_is_gone(
+    invoke: Invoke,
+    stack_env: dict[str, str | None],
+    settings: Settings,
+    temporal_dev_env: WorkflowEnvironment,
+    session_factory: sessionmaker[Session],
+) -> None:
+    orphan_queue = {**stack_env, "TEMPORAL_TASK_QUEUE": f"{settings.temporal_task_queue}-gone"}
+    orphan = await cli(invoke, orphan_queue, "orgs", "create", "--name", "Orphan",
+                       "--owner-email", "o@orphan.test", "--json")
+    orphan_id = json.loads(orphan.stdout)["org"]["id"]
+    async with running_worker(temporal_dev_env.client, settings, session_factory):
+        served = await cli(invoke, stack_env, "orgs", "create", "--name", "Acme",
+                           "--owner-email", "ada@acme.test", "--json")
+        served_id = json.loads(served.stdout)["org"]["id"]
+        await cli(invoke, stack_env, "provision", str(served_id))
+        result = await cli(invoke, stack_env, "reconcile", "--timeout", "2", "--json")
+
+    assert [r["org_id"] for r in json.loads(result.stdout)] == [served_id]
+    assert_clean_error(result, "1 orgs could not be reconciled", f"org {orphan_id}",
+                       "did not answer")
+    await temporal_dev_env.client.get_workflow_handle(f"org-billing-{orphan_id}").terminate()
