@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -177,10 +178,15 @@ class EmulatorServer:
         """Serve in the calling thread until interrupted (Ctrl-C)."""
         sock = self._bind()
         config = uvicorn.Config(
-            self.app, log_level=self.config.log_level, lifespan="off", access_log=False
+            self.app,
+            log_level=self.config.log_level,
+            lifespan="off",
+            access_log=False,
+            timeout_graceful_shutdown=2,
         )
         self._server = uvicorn.Server(config)
         self._start_background()
+        print(f"Stripe emulator listening on {self.url}", file=sys.stderr, flush=True)
         try:
             self._server.run(sockets=[sock])
         finally:

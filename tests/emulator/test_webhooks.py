@@ -160,3 +160,16 @@ def test_events_api(client: stripe.StripeClient) -> None:
     assert client.v1.events.retrieve(created.id).data.object["id"] == customer.id
     with pytest.raises(stripe.InvalidRequestError):
         client.v1.events.retrieve("evt_missing")
+
+
+def test_dropped_deliveries_stay_pending(
+    client: stripe.StripeClient, receiver: Receiver, emulator: EmulatorServer
+) -> None:
+    endpoint_for(client, receiver)
+    emulator.set_faults(webhook_drop_rate=1.0)
+    client.v1.customers.create(params={"name": "lost"})
+    assert emulator.wait_for_webhooks()
+    assert receiver.bodies() == []
+    assert httpx.get(f"{emulator.url}/_emulator/stats").json()["webhooks"]["dropped"] == 1
+    [event] = client.v1.events.list().data
+    assert event.pending_webhooks == 1
