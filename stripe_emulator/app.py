@@ -172,7 +172,10 @@ class EmulatorApp:
                     if not (method == "POST" and route.template == "/v1/webhook_endpoints"):
                         strip_private(body_out)
                 except StripeError as exc:
-                    if key and exc.status < 500:
+                    # Stripe keeps the result once an endpoint ran, but not for requests
+                    # that failed validation: an invalid_request_error (bad or unknown ids
+                    # included) leaves the key free for a corrected retry.
+                    if key and exc.status < 500 and exc.type != "invalid_request_error":
                         self._remember(
                             api_key,
                             key,

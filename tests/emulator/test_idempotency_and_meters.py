@@ -59,6 +59,21 @@ def test_keys_are_scoped_per_api_key(emulator: EmulatorServer) -> None:
     assert a.id != b.id
 
 
+def test_validation_errors_leave_the_key_free(client: stripe.StripeClient) -> None:
+    customer = client.v1.customers.create(params={"email": "v@x.io"})
+    with pytest.raises(stripe.InvalidRequestError):
+        client.v1.subscriptions.create(
+            params={"customer": customer.id, "items": [{"price": "price_missing"}]},
+            options={"idempotency_key": "subscription-create-v"},
+        )
+    catalog = make_catalog(client)
+    sub = client.v1.subscriptions.create(
+        params={"customer": customer.id, "items": [{"price": catalog.base.id}]},
+        options={"idempotency_key": "subscription-create-v"},
+    )
+    assert sub.id.startswith("sub_")
+
+
 def test_errors_are_replayed_too(client: stripe.StripeClient) -> None:
     customer = client.v1.customers.create(params={"email": "e@x.io"})
     for _ in range(2):
