@@ -182,7 +182,8 @@ class DbActivities:
                     .with_for_update()
                 )
             )
-            counted = [r for r in rows if r.status in ("pending", "sent")]
+            # Skipped rows count as reported too: what Stripe refused is never re-sent.
+            counted = rows
             next_seq = {
                 dim: max([r.seq for r in rows if r.dimension == dim], default=0) + 1
                 for dim in (s.stripe_users_dimension, s.stripe_requests_dimension)

@@ -52,6 +52,7 @@ with workflow.unsafe.imports_passed_through():
         UsagePeriodReport,
         UsageReportResult,
     )
+    from billing.periods import periods_between
     from billing.runtime import BILLING_STATUS_KEY, ORG_ID_KEY, STRIPE_CUSTOMER_ID_KEY
 
 DB_TIMEOUT = timedelta(seconds=30)
@@ -132,11 +133,11 @@ class OrgBillingWorkflow:
                     skipped_reason=f"nothing to report: billing status is {self._state.status}",
                 )
             start, end = self._current_period()
-            report = await self._report_period(start, end, workflow.now())
+            report, sent = await self._report_period(start, end, workflow.now())
         return UsageReportResult(
             org_id=self._state.org_id,
             periods=[report],
-            meter_events_sent=report.meter_events_sent,
+            meter_events_sent=sent,
             skipped_reason=report.skipped_reason,
         )
 
@@ -366,7 +367,13 @@ class OrgBillingWorkflow:
             and snapshot.current_period_start > old_start
             and state.subscription_status in USAGE_STATUSES
         ):
-            self._to_finalize.append((old_start, state.current_period_end))
+            # The period that ended, and any a worker outage skipped over entirely.
+            old_end = state.current_period_end
+            self._to_finalize.append((old_start, old_end))
+            anchor_day = max(old_end.day, snapshot.current_period_start.day)
+            self._to_finalize.extend(
+                periods_between(old_end, snapshot.current_period_start, anchor_day)
+            )
         state.stripe_subscription_id = snapshot.id
         state.stripe_customer_id = snapshot.customer_id
         state.subscription_status = snapshot.status
@@ -447,7 +454,8 @@ class OrgBillingWorkflow:
 
     async def _report_period(
         self, start: datetime, end: datetime, report_time: datetime
-    ) -> UsagePeriodReport:
+    ) -> tuple[UsagePeriodReport, int]:
+        """Send what the period still owes Stripe; returns its report and how many were sent."""
         customer_id = self._state.stripe_customer_id
         assert customer_id is not None
         plan = await self._db(
@@ -484,7 +492,7 @@ class OrgBillingWorkflow:
                 "meter_events": len(sent),
             },
         )
-        return entry.model_copy()
+        return entry.model_copy(), len(sent)
 
     # Plumbing -------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -21,6 +21,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from temporalio.client import Client
 
+from activities.stripe_activities import StripeActivities
 from api.main import create_app
 from billing.config import Settings
 from billing.constants import HANDLED_EVENT_TYPES
@@ -37,6 +38,31 @@ def free_port() -> int:
         return port
 
 
+class WorkerControl:
+    """The worker of a live stack, which a test may stop (an outage) and start again."""
+
+    def __init__(
+        self,
+        client: Client,
+        settings: Settings,
+        session_factory: sessionmaker[Session],
+        stripe_activities: StripeActivities | None,
+    ) -> None:
+        self._args = (client, settings, session_factory)
+        self._stripe_activities = stripe_activities
+        self._running: contextlib.AbstractAsyncContextManager[None] | None = None
+
+    async def start(self) -> None:
+        assert self._running is None
+        self._running = running_worker(*self._args, stripe_activities=self._stripe_activities)
+        await self._running.__aenter__()
+
+    async def stop(self) -> None:
+        if self._running is not None:
+            running, self._running = self._running, None
+            await running.__aexit__(None, None, None)
+
+
 @dataclass
 class LiveStack:
     settings: Settings
@@ -46,6 +72,7 @@ class LiveStack:
     session_factory: sessionmaker[Session]
     clock_id: str
     api_url: str
+    worker: WorkerControl
 
     def clock_time(self) -> int:
         clock = self.stripe.v1.test_helpers.test_clocks.retrieve(self.clock_id)
@@ -114,8 +141,11 @@ async def live_stack(
     database_url: str,
     task_queue: str,
     catalog: dict[str, str],
+    *,
+    stripe_activities: Callable[[Settings], StripeActivities] | None = None,
     **overrides: object,
 ) -> AsyncIterator[LiveStack]:
+    """`stripe_activities` builds the worker's Stripe activities from the stack's settings."""
     port = free_port()
     api_url = f"http://127.0.0.1:{port}"
     clock = stripe_client.v1.test_helpers.test_clocks.create(
@@ -138,6 +168,12 @@ async def live_stack(
         **overrides,
     )
     app = create_app(settings, temporal_client=client, session_factory=session_factory)
+    worker = WorkerControl(
+        client,
+        settings,
+        session_factory,
+        stripe_activities(settings) if stripe_activities else None,
+    )
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
     )
@@ -146,17 +182,26 @@ async def live_stack(
         if serving.done():
             serving.result()
         await asyncio.sleep(0.02)
+    # The test's own Stripe calls retry, so injected faults only hit the product.
+    base = emulator.url.rstrip("/")
+    patient = stripe.StripeClient(
+        "sk_test_emulator",
+        base_addresses={"api": base, "files": base, "connect": base, "meter_events": base},
+        max_network_retries=20,
+    )
     try:
-        async with running_worker(client, settings, session_factory):
-            yield LiveStack(
-                settings=settings,
-                client=client,
-                stripe=stripe_client,
-                emulator=emulator,
-                session_factory=session_factory,
-                clock_id=clock.id,
-                api_url=api_url,
-            )
+        await worker.start()
+        yield LiveStack(
+            settings=settings,
+            client=client,
+            stripe=patient,
+            emulator=emulator,
+            session_factory=session_factory,
+            clock_id=clock.id,
+            api_url=api_url,
+            worker=worker,
+        )
     finally:
+        await worker.stop()
         server.should_exit = True
         await serving

@@ -14,8 +14,8 @@ from temporalio.client import Client
 
 from activities.stripe_activities import StripeActivities
 from activities.stripe_gateway import make_stripe_client
+from billing import services
 from billing.config import Settings
-from billing.db.models import Membership, Org, User
 from billing.domain import BillingStatus, OrgBillingState
 from billing.orchestration import query_state
 from worker import build_workers
@@ -80,16 +80,17 @@ def create_org(
     aws_account_id: str | None = None,
     azure_subscription_id: str | None = None,
 ) -> int:
-    """An org with its owner, as the host application would create it."""
-    email = owner_email or f"owner-{uuid.uuid4().hex[:8]}@example.com"
+    """An org with its owner, the way `billing orgs create` makes it."""
     with session_factory.begin() as session:
-        org = Org(
-            name=name, aws_account_id=aws_account_id, azure_subscription_id=azure_subscription_id
+        org = services.create_org_with_owner(
+            session,
+            name=name,
+            owner_email=owner_email or f"owner-{uuid.uuid4().hex[:8]}@example.com",
+            owner_first_name=first_name,
+            owner_last_name=last_name,
+            aws_account_id=aws_account_id,
+            azure_subscription_id=azure_subscription_id,
         )
-        user = User(email=email, first_name=first_name, last_name=last_name)
-        session.add_all([org, user])
-        session.flush()
-        session.add(Membership(org_id=org.id, user_id=user.id, role="owner"))
         return org.id
 
 
