@@ -346,15 +346,15 @@ def finalize(state: State, invoice: Obj, at: int, automatic: bool = True) -> Non
     if pause:
         behaviour = pause.get("behavior")
         if behaviour == "void":
-            _close(state, invoice, "void", at)
+            close_invoice(state, invoice, "void", at)
         elif behaviour == "mark_uncollectible":
-            _close(state, invoice, "uncollectible", at)
+            close_invoice(state, invoice, "uncollectible", at)
         return
     if invoice["collection_method"] == "charge_automatically":
         pay(state, invoice, at, from_api=False)
 
 
-def _close(state: State, invoice: Obj, status: str, at: int) -> None:
+def close_invoice(state: State, invoice: Obj, status: str, at: int) -> None:
     previous = {"status": invoice["status"]}
     invoice["status"] = status
     key = "voided_at" if status == "void" else "marked_uncollectible_at"
@@ -442,40 +442,27 @@ def _unpaid_invoices(state: State, sub: Obj) -> list[Obj]:
     ]
 
 
-def bill(
-    state: State,
-    sub: Obj,
-    reason: str,
-    at: int,
-    period: tuple[int, int],
-    metered_period: tuple[int, int] | None,
-    trial: bool = False,
-    finalize_now: bool = False,
-) -> Obj:
-    """Create the invoice of a period: licensed items for `period`, usage for `metered_period`."""
-    invoice = new_invoice(state, sub, reason, at, metered_period or (at, at))
-    lines = invoice["lines"]["data"]
+def first_invoice(state: State, sub: Obj, at: int, period: tuple[int, int], trial: bool) -> Obj:
+    """The `subscription_create` invoice: licensed items for the first period (zero in a trial)."""
+    invoice = new_invoice(state, sub, "subscription_create", at, (at, at))
     for item in sub["items"]["data"]:
-        if _is_metered(item):
-            if metered_period is not None and not trial:
-                line = _line(state, invoice, sub, item, 0.0, metered_period)
-                state.meta_of(line["id"])["metered"] = True
-                lines.append(line)
-        else:
-            lines.append(
-                _line(state, invoice, sub, item, float(item.get("quantity") or 1), period, trial)
+        if not _is_metered(item):
+            quantity = float(item.get("quantity") or 1)
+            invoice["lines"]["data"].append(
+                _line(state, invoice, sub, item, quantity, period, trial)
             )
     _totals(invoice)
     state.put(invoice)
     sub["latest_invoice"] = invoice["id"]
     state.emit("invoice.created", invoice, at, from_api=False)
-    delay = state.settings.invoice_finalization_delay
-    if finalize_now or delay <= 0:
-        finalize(state, invoice, at)
-    else:
-        invoice["automatically_finalizes_at"] = at + delay
-        state.meta_of(sub["id"]).setdefault("pending_invoices", []).append(invoice["id"])
     return invoice
+
+
+def finalize_without_payment(state: State, invoice: Obj, at: int) -> None:
+    """Open the invoice but leave collection to someone else (send_invoice, default_incomplete)."""
+    invoice.update(status="open", number=_number(state, invoice["customer"]), effective_at=at)
+    invoice["status_transitions"]["finalized_at"] = at
+    state.emit("invoice.finalized", invoice, at, from_api=False)
 
 
 # -- subscription changes ------------------------------------------------------------------
@@ -702,7 +689,7 @@ def execute(state: State, sub: Obj, action: Action) -> None:
         set_fields(state, sub, {"pause_collection": None}, at, from_api=False)
     elif kind == "expire":
         for invoice in _unpaid_invoices(state, sub):
-            _close(state, invoice, "void", at)
+            close_invoice(state, invoice, "void", at)
         previous = {"status": sub["status"]}
         sub.update(status="incomplete_expired", ended_at=at)
         state.emit("customer.subscription.deleted", sub, at, previous=previous, from_api=False)

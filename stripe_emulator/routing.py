@@ -83,6 +83,20 @@ def _expand_path(state: State, obj: Any, parts: list[str], full: str) -> None:
         for element in obj.get("data", []):
             _expand_path(state, element, rest, full)
         return
+    if key not in obj and obj.get("object") == "customer" and key == "subscriptions":
+        subs = [
+            copy.deepcopy(sub)
+            for sub in newest_first(state.collection("subscription").values())
+            if sub["customer"] == obj["id"]
+            and sub["status"] not in ("canceled", "incomplete_expired")
+        ]
+        obj[key] = {
+            "object": "list",
+            "data": subs,
+            "has_more": False,
+            "total_count": len(subs),
+            "url": f"/v1/customers/{obj['id']}/subscriptions",
+        }
     if key not in obj:
         raise StripeError(f"This property cannot be expanded ({full}).", param="expand")
     value = obj[key]

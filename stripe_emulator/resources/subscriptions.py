@@ -308,39 +308,13 @@ def create_subscription(ctx: Ctx, p: Params, _: dict[str, str]) -> Obj:
         sub["status"] = "active" if ok else "incomplete"
     state.put(sub)
     state.emit("customer.subscription.created", sub, now)
-    reason = "subscription_create"
-    invoice = engine.new_invoice(state, sub, reason, now, (now, now))
-    sub["latest_invoice"] = invoice["id"]
-    for item in items:
-        if item["price"]["recurring"]["usage_type"] != "metered":
-            invoice["lines"]["data"].append(
-                engine._line(
-                    state,
-                    invoice,
-                    sub,
-                    item,
-                    float(item.get("quantity") or 1),
-                    (now, end),
-                    trial=trial_end is not None,
-                )
-            )
-    engine._totals(invoice)
-    state.put(invoice)
-    state.emit("invoice.created", invoice, now, from_api=False)
+    invoice = engine.first_invoice(state, sub, now, (now, end), trial=trial_end is not None)
     if collect:
         engine.finalize(state, invoice, now)
-    elif sub["collection_method"] == "send_invoice" or behaviour == "default_incomplete":
-        _finalize_without_payment(state, invoice, now)
+    else:
+        engine.finalize_without_payment(state, invoice, now)
     engine.settle(state, sub)
     return sub
-
-
-def _finalize_without_payment(state: State, invoice: Obj, at: int) -> None:
-    invoice.update(
-        status="open", number=engine._number(state, invoice["customer"]), effective_at=at
-    )
-    invoice["status_transitions"]["finalized_at"] = at
-    state.emit("invoice.finalized", invoice, at, from_api=False)
 
 
 @router.add("GET", "/v1/subscriptions/{id}", sp.SubscriptionRetrieveParams)
@@ -606,7 +580,7 @@ def finalize_invoice(ctx: Ctx, p: Params, path: dict[str, str]) -> Obj:
         raise StripeError("This invoice is already finalized.", param="invoice")
     if p.get("auto_advance") is False:
         invoice["auto_advance"] = False
-        _finalize_without_payment(state, invoice, state.now_for(invoice["customer"]))
+        engine.finalize_without_payment(state, invoice, state.now_for(invoice["customer"]))
     else:
         engine.finalize(state, invoice, state.now_for(invoice["customer"]), automatic=False)
     return invoice
@@ -618,7 +592,7 @@ def pay_invoice(ctx: Ctx, p: Params, path: dict[str, str]) -> Obj:
     invoice = state.get("invoice", path["id"])
     now = state.now_for(invoice["customer"])
     if invoice["status"] == "draft":
-        _finalize_without_payment(state, invoice, now)
+        engine.finalize_without_payment(state, invoice, now)
     if invoice["status"] == "paid":
         raise StripeError("Invoice is already paid", param="invoice")
     if invoice["status"] != "open":
@@ -653,5 +627,5 @@ def void_invoice(ctx: Ctx, p: Params, path: dict[str, str]) -> Obj:
     invoice = state.get("invoice", path["id"])
     if invoice["status"] != "open":
         raise StripeError(f"You can only void open invoices, not {invoice['status']} ones.")
-    engine._close(state, invoice, "void", state.now_for(invoice["customer"]))
+    engine.close_invoice(state, invoice, "void", state.now_for(invoice["customer"]))
     return invoice

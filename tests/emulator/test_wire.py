@@ -118,6 +118,9 @@ def test_expand_latest_invoice_customer_and_list_data(client: stripe.StripeClien
         sub.id, params={"expand": ["items.data.price.product"]}
     )
     assert isinstance(nested["items"].data[0].price.product, stripe.Product)
+    with_subs = client.v1.customers.retrieve(customer.id, params={"expand": ["subscriptions"]})
+    assert with_subs.subscriptions is not None
+    assert [s.id for s in with_subs.subscriptions.data] == [sub.id]
     with pytest.raises(stripe.InvalidRequestError, match="cannot be expanded"):
         client.v1.subscriptions.retrieve(sub.id, params={"expand": ["nonsense"]})
 
