@@ -96,3 +96,26 @@ def test_portal_configuration_and_session(
         params={"customer": customer.id, "configuration": configuration.id}
     )
     assert other.return_url == "https://app.example.com/settings"
+
+
+def test_undelivered_webhooks_are_sent_after_a_restart(tmp_path: Path) -> None:
+    from tests.emulator.helpers import start_receiver
+
+    receiver = start_receiver()
+    receiver.statuses.append(500)
+    state_file = str(tmp_path / "emulator.json")
+    config = EmulatorConfig(port=0, state_file=state_file, webhook_retry_delays=(60,))
+    with EmulatorServer(config) as first:
+        client = make_client(first.url)
+        endpoint = client.v1.webhook_endpoints.create(
+            params={"url": receiver.url, "enabled_events": ["customer.created"]}
+        )
+        customer = client.v1.customers.create(params={"name": "late"})
+        receiver.wait_for(lambda _: receiver.statuses == [])
+    assert receiver.deliveries == []
+    with EmulatorServer(EmulatorConfig(port=0, state_file=state_file)) as second:
+        assert second.wait_for_webhooks()
+    assert endpoint.secret is not None
+    [event] = receiver.events(endpoint.secret)
+    assert event.data.object["id"] == customer.id
+    receiver.server.shutdown()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import stripe
 
+from stripe_emulator.server import EmulatorServer
 from tests.emulator.helpers import Catalog, make_catalog, subscription_items
 
 
@@ -184,3 +185,28 @@ def test_invoices_list_and_lines(client: stripe.StripeClient, catalog: Catalog) 
     assert lines.data[0].parent is not None
     assert lines.data[0].parent.subscription_item_details is not None
     assert lines.data[0].parent.subscription_item_details.subscription == sub.id
+
+
+def test_wall_time_subscriptions_move_on_their_own(
+    client: stripe.StripeClient, catalog: Catalog, emulator: EmulatorServer
+) -> None:
+    import time
+
+    import httpx
+
+    customer = customer_with(client, "pm_card_visa")
+    sub = client.v1.subscriptions.create(
+        params={
+            "customer": customer.id,
+            "items": subscription_items(catalog),
+            "trial_end": int(time.time()) + 1,
+        }
+    )
+    assert sub.status == "trialing"
+    time.sleep(1.2)
+    httpx.post(f"{emulator.url}/_emulator/tick").raise_for_status()
+    sub = client.v1.subscriptions.retrieve(sub.id)
+    assert sub.status == "active"
+    invoice = client.v1.invoices.retrieve(str(sub.latest_invoice))
+    assert sub.trial_end is not None and invoice.status == "draft"
+    assert invoice.automatically_finalizes_at == sub.trial_end + 3600
