@@ -141,9 +141,17 @@ def test_trial_without_payment_method(
         trial_settings={"end_behavior": {"missing_payment_method": "pause"}},
     )
     plain = trial_sub(client, catalog, customer)
+    dropped = trial_sub(
+        client,
+        catalog,
+        customer,
+        trial_settings={"end_behavior": {"missing_payment_method": "cancel"}},
+    )
     advance(client, clock.id, T0 + 30 * DAY + 2 * HOUR)
     assert client.v1.subscriptions.retrieve(paused.id).status == "paused"
     assert client.v1.subscriptions.retrieve(plain.id).status == "past_due"
+    ended = client.v1.subscriptions.retrieve(dropped.id)
+    assert ended.status == "canceled" and ended.ended_at == T0 + 30 * DAY
     assert [e.data.object["id"] for e in events_of(client, "customer.subscription.paused")] == [
         paused.id
     ]
@@ -346,3 +354,20 @@ def test_unpaid_invoices_end_the_subscription_after_the_retries(
     assert ended.cancellation_details is not None
     assert ended.cancellation_details.reason == "payment_failed"
     assert len(events_of(client, "invoice.payment_failed")) == 4
+
+
+def test_cancel_at_ends_mid_period(client: stripe.StripeClient) -> None:
+    catalog = make_catalog(client)
+    clock, customer = on_clock(client, "pm_card_visa")
+    sub = client.v1.subscriptions.create(
+        params={
+            "customer": customer.id,
+            "items": subscription_items(catalog),
+            "cancel_at": T0 + 10 * DAY,
+        }
+    )
+    assert sub.cancel_at == T0 + 10 * DAY and not sub.cancel_at_period_end
+    advance(client, clock.id, T0 + 11 * DAY)
+    ended = client.v1.subscriptions.retrieve(sub.id)
+    assert ended.status == "canceled" and ended.ended_at == T0 + 10 * DAY
+    assert ended.canceled_at == T0
