@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import copy
 import heapq
+import logging
 from collections.abc import Iterable
 from typing import Any
 
 from stripe_emulator.errors import StripeError
 from stripe_emulator.state import Obj, State, new_id
 from stripe_emulator.timeutil import DAY, add_interval, next_period_end
+
+log = logging.getLogger(__name__)
 
 TRIAL_WILL_END_NOTICE = 3 * DAY
 INCOMPLETE_EXPIRY = 23 * 3600
@@ -308,7 +311,9 @@ def _refresh_metered_lines(state: State, invoice: Obj, sub: Obj) -> None:
 
 
 def _number(state: State, customer_id: str) -> str:
-    customer = state.get("customer", customer_id)
+    customer = state.find("customer", customer_id)
+    if customer is None:
+        return f"EMU-{new_id('x', 8)[2:]}"
     sequence = customer.get("next_invoice_sequence") or 1
     customer["next_invoice_sequence"] = sequence + 1
     return f"{customer.get('invoice_prefix') or 'EMU'}-{sequence:04d}"
@@ -642,6 +647,8 @@ def actions(state: State, sub: Obj) -> list[Action]:
     out: list[Action] = []
     status = sub["status"]
     meta = state.meta_of(sub["id"])
+    if meta.get("engine_error"):
+        return out
     cancel_at = sub.get("cancel_at")
     if status == "trialing" and sub.get("trial_end"):
         trial_end = int(sub["trial_end"])
@@ -726,7 +733,12 @@ def run(state: State, subs: Iterable[Obj], until: int, on_time: Any = None) -> i
             continue
         if on_time is not None:
             on_time(at)
-        execute(state, sub, (at, priority, kind, target))
+        try:
+            execute(state, sub, (at, priority, kind, target))
+        except Exception as exc:
+            # A broken subscription must not stop time for every other one.
+            log.exception("billing transition %s of %s failed", kind, sub_id)
+            state.meta_of(sub_id)["engine_error"] = f"{kind}: {exc}"
         done += 1
         if done > 100000:
             raise StripeError("Too many billing transitions in one step", type="api_error")
