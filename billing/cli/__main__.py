@@ -1,3 +1,3 @@
-from billing.cli.main import app
+from billing.cli.main import main
 
-app()
+main()

@@ -9,7 +9,10 @@ one place that decides which stack a command talks to.
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import signal
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -168,3 +171,28 @@ def dev(
     code = run_dev(options, state_of(ctx).settings)
     if code:
         raise typer.Exit(code)
+
+
+def main() -> None:
+    """Console entry point: run the app, then leave without interpreter teardown.
+
+    The Temporal client's native threads can abort a normal interpreter shutdown
+    ("PyGILState_Release ... finalizing", temporalio/sdk-python#300) and turn a
+    successful command into exit code -6; every command has finished its work
+    and closed what it opened by the time it returns here.
+    """
+    code: int = 0
+    try:
+        app()
+    except SystemExit as done:
+        if isinstance(done.code, int):
+            code = done.code
+        elif done.code is not None:
+            print(done.code, file=sys.stderr)
+            code = 1
+    except KeyboardInterrupt:
+        code = 130
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
