@@ -19,7 +19,7 @@ from stripe.params import (
     SubscriptionCreateParamsItem,
 )
 from stripe.params.billing import MeterEventCreateParams
-from stripe.params.billing_portal import SessionCreateParams
+from stripe.params.billing_portal import ConfigurationCreateParams, SessionCreateParams
 
 from billing.config import Settings
 from billing.domain import (
@@ -109,6 +109,7 @@ class StripeGateway:
     def __init__(self, client: stripe.StripeClient, settings: Settings) -> None:
         self._client = client
         self._settings = settings
+        self._portal_configuration_id: str | None = None
 
     # Customers -----------------------------------------------------------------
 
@@ -246,8 +247,53 @@ class StripeGateway:
 
     async def create_portal_link(self, customer_id: str, *, return_url: str) -> str:
         params: SessionCreateParams = {"customer": customer_id, "return_url": return_url}
+        configuration = await self.portal_configuration()
+        if configuration:
+            params["configuration"] = configuration
         session = await self._client.v1.billing_portal.sessions.create_async(params)
         return session.url
+
+    async def portal_configuration(self) -> str | None:
+        """The portal configuration sessions use; None means the account's default.
+
+        With `STRIPE_ALLOW_PROMOTION_CODES`, the portal is the one place our flows
+        let a customer enter a promotion code (subscription update, code only), so
+        we keep our own configuration with that feature on, found by metadata.
+        """
+        if not self._settings.stripe_allow_promotion_codes:
+            return None
+        if self._portal_configuration_id:
+            return self._portal_configuration_id
+        source = self._settings.billing_source
+        found = await self._client.v1.billing_portal.configurations.list_async(
+            {"active": True, "limit": 100}
+        )
+        for config in found.data:
+            metadata = config.to_dict().get("metadata") or {}
+            if metadata.get("managed_by") == source and metadata.get("promotion_codes") == "on":
+                self._portal_configuration_id = config.id
+                return config.id
+        price = await self._client.v1.prices.retrieve_async(self._settings.stripe_price_id)
+        product = price.product if isinstance(price.product, str) else price.product.id
+        params: ConfigurationCreateParams = {
+            "features": {
+                "customer_update": {"enabled": True, "allowed_updates": ["email", "address"]},
+                "invoice_history": {"enabled": True},
+                "payment_method_update": {"enabled": True},
+                "subscription_cancel": {"enabled": True, "mode": "at_period_end"},
+                "subscription_update": {
+                    "enabled": True,
+                    "default_allowed_updates": ["promotion_code"],
+                    "products": [{"product": product, "prices": [self._settings.stripe_price_id]}],
+                },
+            },
+            "metadata": {"managed_by": source, "promotion_codes": "on"},
+        }
+        config = await self._client.v1.billing_portal.configurations.create_async(
+            params, {"idempotency_key": f"portal-configuration-{source}-promotion-codes"}
+        )
+        self._portal_configuration_id = config.id
+        return config.id
 
     def verify_webhook_signature(self, payload: bytes, sig_header: str) -> dict[str, Any]:
         """Raises `stripe.SignatureVerificationError` for a bad or stale signature."""
