@@ -43,6 +43,7 @@ from billing.constants import (
 )
 from billing.db.session import make_engine, make_session_factory
 from billing.domain import BackfillInput
+from billing.orchestration import tuning_of
 from billing.runtime import connect_temporal
 from workflows import ALL_WORKFLOWS
 
@@ -63,7 +64,7 @@ def build_workers(
     stripe_activities = stripe_activities or StripeActivities(
         StripeGateway(stripe_client, settings), settings
     )
-    starter = OrgStarterActivities(client, settings.temporal_task_queue)
+    starter = OrgStarterActivities(client, settings.temporal_task_queue, tuning_of(settings))
     main = Worker(
         client,
         task_queue=settings.temporal_task_queue,

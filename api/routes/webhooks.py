@@ -41,7 +41,7 @@ from api.webhook_events import (
 from billing.constants import HANDLED_EVENT_TYPES, org_workflow_id
 from billing.logging import bind_log_context, log_context
 from billing.metrics import UNVERIFIED_EVENT_TYPE, BillingMetrics
-from billing.orchestration import signal_stripe_event
+from billing.orchestration import signal_stripe_event, tuning_of
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +234,11 @@ async def _signal(event: StripeEventCreate, org_id: int, services: ApiServices) 
         client = await link.ready_client()
         await asyncio.wait_for(
             signal_stripe_event(
-                client, services.settings.temporal_task_queue, org_id, signal_of(event)
+                client,
+                services.settings.temporal_task_queue,
+                org_id,
+                signal_of(event),
+                tuning=tuning_of(services.settings),
             ),
             SIGNAL_TIMEOUT_SECONDS,
         )

@@ -37,7 +37,7 @@ from billing.constants import (
     org_workflow_id,
 )
 from billing.domain import BillingStatus, OrgBillingState, ReconcileResult, UsageReportResult
-from billing.orchestration import ensure_org_workflow
+from billing.orchestration import ensure_org_workflow, tuning_of
 
 OrgArgument = Annotated[int, typer.Argument(help="The org's id.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
@@ -56,7 +56,9 @@ def _org_must_exist(state: CliState, org_id: int) -> None:
 
 async def _provision(state: CliState, org_id: int, timeout: float) -> OrgBillingState:
     client = await state.temporal()
-    await ensure_org_workflow(client, state.settings.temporal_task_queue, org_id)
+    await ensure_org_workflow(
+        client, state.settings.temporal_task_queue, org_id, tuning=tuning_of(state.settings)
+    )
     deadline = time.monotonic() + timeout
     last_problem: str | None = None
     with err.status(f"Provisioning org {org_id}…", spinner="dots"):
@@ -67,8 +69,10 @@ async def _provision(state: CliState, org_id: int, timeout: float) -> OrgBilling
             last_problem = live.problem
             await asyncio.sleep(0.5)
     if last_problem in (None, WORKER_SILENT):
-        fail(f"Org {org_id} was still provisioning after {timeout:.0f} s; "
-             "is `billing worker` running?")
+        fail(
+            f"Org {org_id} was still provisioning after {timeout:.0f} s; "
+            "is `billing worker` running?"
+        )
     fail(f"Org {org_id} was still provisioning after {timeout:.0f} s ({last_problem}).")
 
 
@@ -109,7 +113,7 @@ async def _backfill(state: CliState, org_ids: list[int]) -> list[tuple[int, str 
         task = progress.add_task("Starting org workflows", total=len(org_ids))
         for org_id in org_ids:
             try:
-                await ensure_org_workflow(client, queue, org_id)
+                await ensure_org_workflow(client, queue, org_id, tuning=tuning_of(state.settings))
                 outcomes.append((org_id, None))
             except RPCError as error:
                 outcomes.append((org_id, error.message or str(error)))

@@ -29,7 +29,7 @@ from billing.cli.render import (
 )
 from billing.constants import org_workflow_id
 from billing.domain import BillingStatus
-from billing.orchestration import ensure_org_workflow
+from billing.orchestration import ensure_org_workflow, tuning_of
 
 app = typer.Typer(help="Create, list and inspect orgs.", no_args_is_help=True)
 
@@ -41,7 +41,9 @@ async def start_org_workflow(state: CliState, org_id: int) -> str | None:
     settings = state.settings
     try:
         client = await state.temporal()
-        await ensure_org_workflow(client, settings.temporal_task_queue, org_id)
+        await ensure_org_workflow(
+            client, settings.temporal_task_queue, org_id, tuning=tuning_of(settings)
+        )
     except TemporalUnavailableError as error:
         return str(error)
     except RPCError as error:
@@ -182,8 +184,12 @@ def show(
             {
                 "org": {**org_document(summary), "requests_recorded": requests},
                 "members": [
-                    {"email": m.email, "first_name": m.first_name, "last_name": m.last_name,
-                     "role": m.role}
+                    {
+                        "email": m.email,
+                        "first_name": m.first_name,
+                        "last_name": m.last_name,
+                        "role": m.role,
+                    }
                     for m in members
                 ],
                 "workflow": {"id": org_workflow_id(org_id), **live_document(live)},
@@ -193,11 +199,7 @@ def show(
     row = org_document(summary)
     row["requests_recorded"] = requests
     out.print(key_value_table(f"Org {org_id} (database)", row))
-    out.print(
-        key_value_table(
-            "Members", {m.email: m.role for m in members}
-        )
-    )
+    out.print(key_value_table("Members", {m.email: m.role for m in members}))
     if live.state is not None:
         out.print(key_value_table(f"Workflow {org_workflow_id(org_id)}", state_fields(live.state)))
     else:
