@@ -56,8 +56,18 @@ class DevProcess:
         self.output = home.parent / f"dev-{time.monotonic_ns()}.log"
         self.started = time.monotonic()
         self.process = subprocess.Popen(
-            [BILLING, "dev", "--api-port", str(api), "--temporal-port", str(temporal),
-             "--ui-port", str(ui), "--emulator-port", str(emulator)],
+            [
+                BILLING,
+                "dev",
+                "--api-port",
+                str(api),
+                "--temporal-port",
+                str(temporal),
+                "--ui-port",
+                str(ui),
+                "--emulator-port",
+                str(emulator),
+            ],
             env=env,
             stdout=self.output.open("wb"),
             stderr=subprocess.STDOUT,
@@ -130,8 +140,9 @@ def test_dev_starts_keeps_data_and_stops_every_child(dev_home: Path) -> None:
     try:
         elapsed = first.wait_ready()
         children = first.processes()
-        created = _billing(env, "orgs", "create", "--name", "Acme", "--owner-email",
-                           "ada@acme.test", "--json")
+        created = _billing(
+            env, "orgs", "create", "--name", "Acme", "--owner-email", "ada@acme.test", "--json"
+        )
     finally:
         code = first.interrupt()
 
@@ -159,12 +170,82 @@ def test_a_busy_port_is_a_clear_error(tmp_path: Path) -> None:
         busy.bind(("127.0.0.1", ports[3]))
         busy.listen()
         result = subprocess.run(
-            [BILLING, "dev", "--api-port", str(ports[0]), "--temporal-port", str(ports[1]),
-             "--ui-port", str(ports[2]), "--emulator-port", str(ports[3])],
-            env=_clean_env(tmp_path / "home"), capture_output=True, text=True, timeout=30,
+            [
+                BILLING,
+                "dev",
+                "--api-port",
+                str(ports[0]),
+                "--temporal-port",
+                str(ports[1]),
+                "--ui-port",
+                str(ports[2]),
+                "--emulator-port",
+                str(ports[3]),
+            ],
+            env=_clean_env(tmp_path / "home"),
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
 
     assert result.returncode != 0
     assert f"Port {ports[3]} (Stripe emulator" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "home" / "pgdata").exists()
+
+
+def _show(env: dict[str, str], org_id: int) -> dict[str, object]:
+    shown = _billing(env, "orgs", "show", str(org_id), "--json")
+    assert shown.returncode == 0, shown.stderr
+    document: dict[str, object] = json.loads(shown.stdout)
+    return document
+
+
+def _wait_for_status(
+    env: dict[str, str], org_id: int, status: str, timeout: float = 45
+) -> dict[str, object]:
+    """Until `orgs show --json` reports `status`, both in the row and the workflow."""
+    deadline = time.monotonic() + timeout
+    last: dict[str, object] = {}
+    while time.monotonic() < deadline:
+        last = _show(env, org_id)
+        org = last["org"]
+        workflow = last["workflow"]
+        assert isinstance(org, dict) and isinstance(workflow, dict)
+        state = workflow.get("state") or {}
+        if org["subscription_status"] == status and state.get("status") == status:
+            return last
+        time.sleep(0.5)
+    raise AssertionError(f"org {org_id} never reached {status}: {last}")
+
+
+def test_a_failing_card_takes_a_new_org_from_trialing_to_past_due(dev_home: Path) -> None:
+    env = _clean_env(dev_home)
+    dev = DevProcess(dev_home, _free_ports(4), env)
+    try:
+        dev.wait_ready()
+        children = dev.processes()
+        created = _billing(
+            env, "orgs", "create", "--name", "Globex", "--owner-email", "hank@globex.test", "--json"
+        )
+        assert created.returncode == 0, created.stderr
+        org_id = int(json.loads(created.stdout)["org"]["id"])
+
+        shown = _wait_for_status(env, org_id, "trialing")
+        workflow = shown["workflow"]
+        assert isinstance(workflow, dict)
+        trial_end = str(workflow["state"]["trial_end"])
+        carded = _billing(env, "emulator", "card", str(org_id), "--failing")
+        assert carded.returncode == 0, carded.stderr
+
+        # Past the trial end and the invoice's finalization hour: the payment fails.
+        from datetime import datetime, timedelta
+
+        target = datetime.fromisoformat(trial_end.replace("Z", "+00:00")) + timedelta(hours=2)
+        advanced = _billing(env, "emulator", "advance", "--to", target.isoformat())
+        assert advanced.returncode == 0, advanced.stderr
+        _wait_for_status(env, org_id, "past_due")
+    finally:
+        code = dev.interrupt()
+    assert code == 0, dev.output.read_text()
+    assert _still_running(children) == []
