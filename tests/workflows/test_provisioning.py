@@ -311,3 +311,36 @@ async def test_backfill_provisions_each_org_once_and_a_second_run_changes_nothin
     assert len(subs) == 200
     for org_id in marketplace:
         assert customers_of(stripe_client, org_id) == []
+
+
+async def test_the_backfill_schedule_is_created_once_and_provisions_missing_orgs(
+    temporal_dev_env: WorkflowEnvironment,
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    stripe_client: stripe.StripeClient,
+) -> None:
+    from temporalio.client import ScheduleActionStartWorkflow
+
+    from billing.constants import BACKFILL_SCHEDULE_ID
+    from worker import ensure_backfill_schedule
+
+    client = temporal_dev_env.client
+    org_id = create_org(session_factory)
+    await ensure_backfill_schedule(client, settings)
+    slower = settings.model_copy(update={"backfill_interval_seconds": 600})
+    await ensure_backfill_schedule(client, slower)  # a restart with a new interval
+
+    handle = client.get_schedule_handle(BACKFILL_SCHEDULE_ID)
+    description = await handle.describe()
+    action = description.schedule.action
+    assert isinstance(action, ScheduleActionStartWorkflow)
+    assert action.workflow == PROVISION_MISSING_WORKFLOW
+    assert action.task_queue == settings.temporal_task_queue
+    assert [i.every.total_seconds() for i in description.schedule.spec.intervals] == [600]
+
+    async with running_worker(client, settings, session_factory):
+        await handle.trigger()
+        await wait_for_status(client, org_id, {BillingStatus.TRIALING})
+    [customer] = customers_of(stripe_client, org_id)
+    assert len(subscriptions_of(stripe_client, customer.id)) == 1
+    await handle.delete()
