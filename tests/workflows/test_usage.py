@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import ClassVar
 
 import pytest
-import pytest_asyncio
-import stripe
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from temporalio import activity
-from temporalio.testing import WorkflowEnvironment
 
 from activities.db_activities import DbActivities
 from activities.models import MeterEventToSend, PlanUsageInput
@@ -24,8 +20,7 @@ from billing.constants import REPORT_USAGE_UPDATE, org_workflow_id
 from billing.db.models import UsageLedger
 from billing.domain import BillingStatus, OrgBillingState, UsageReportResult
 from billing.orchestration import ensure_org_workflow, query_state
-from stripe_emulator.server import EmulatorServer
-from tests.factories.live import LiveStack, live_stack
+from tests.factories.live import LiveStack
 from tests.factories.stack import create_org, eventually, wait_for_status
 
 pytestmark = pytest.mark.asyncio
@@ -47,35 +42,9 @@ class CrashAfterSend(StripeActivities):
         return outcome
 
 
-@pytest_asyncio.fixture
-async def stack(
-    request: pytest.FixtureRequest,
-    temporal_dev_env: WorkflowEnvironment,
-    emulator: EmulatorServer,
-    stripe_client: stripe.StripeClient,
-    session_factory: sessionmaker[Session],
-    database_url: str,
-    task_queue: str,
-    catalog: dict[str, str],
-) -> AsyncIterator[LiveStack]:
-    crashing: Callable[[Settings], StripeActivities] | None = None
-    if request.node.get_closest_marker("crash_after_send"):
-        CrashAfterSend.crashed.clear()
-
-        def crashing(settings: Settings) -> StripeActivities:
-            return CrashAfterSend(StripeGateway(make_stripe_client(settings), settings), settings)
-
-    async with live_stack(
-        temporal_dev_env.client,
-        emulator,
-        stripe_client,
-        session_factory,
-        database_url,
-        task_queue,
-        catalog,
-        stripe_activities=crashing,
-    ) as live:
-        yield live
+def crashing_after_send(settings: Settings) -> StripeActivities:
+    CrashAfterSend.crashed.clear()
+    return CrashAfterSend(StripeGateway(make_stripe_client(settings), settings), settings)
 
 
 def at(ts: int) -> datetime:
@@ -258,7 +227,7 @@ async def test_later_requests_are_sent_as_a_delta_and_nothing_twice(stack: LiveS
     assert invoice_quantities(stack, sub_id, start) == {USERS: 1, REQUESTS: 15}
 
 
-@pytest.mark.crash_after_send
+@pytest.mark.stripe_activities.with_args(crashing_after_send)
 async def test_a_crash_between_send_and_ledger_does_not_double_count(stack: LiveStack) -> None:
     state = await active(stack)
     org_id, sub_id = state.org_id, state.stripe_subscription_id

@@ -6,17 +6,13 @@ from __future__ import annotations
 import json
 import random
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 import pytest
-import pytest_asyncio
 import stripe
-from sqlalchemy.orm import Session, sessionmaker
 from temporalio.api.enums.v1 import EventType
-from temporalio.testing import WorkflowEnvironment
 
 from activities.stripe_gateway import subscription_end_of
 from billing.constants import (
@@ -32,34 +28,11 @@ from billing.domain import (
     ReconcileResult,
 )
 from billing.orchestration import ensure_org_workflow, query_state
-from stripe_emulator.server import EmulatorServer
-from tests.factories.live import LiveStack, live_stack
+from tests.factories.live import LiveStack
 from tests.factories.stack import capture_history, create_org, eventually, wait_for_status
 from tests.factories.stripe_events import sign_stripe_payload
 
 pytestmark = pytest.mark.asyncio
-
-
-@pytest_asyncio.fixture
-async def stack(
-    temporal_dev_env: WorkflowEnvironment,
-    emulator: EmulatorServer,
-    stripe_client: stripe.StripeClient,
-    session_factory: sessionmaker[Session],
-    database_url: str,
-    task_queue: str,
-    catalog: dict[str, str],
-) -> AsyncIterator[LiveStack]:
-    async with live_stack(
-        temporal_dev_env.client,
-        emulator,
-        stripe_client,
-        session_factory,
-        database_url,
-        task_queue,
-        catalog,
-    ) as live:
-        yield live
 
 
 async def provisioned_org(stack: LiveStack, **kwargs: Any) -> OrgBillingState:
