@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
@@ -34,7 +35,7 @@ from activities.db_activities import DbActivities
 from activities.stripe_activities import StripeActivities
 from activities.stripe_gateway import StripeGateway, make_stripe_client
 from activities.temporal_activities import OrgStarterActivities
-from billing.config import Settings, get_settings
+from billing.config import Settings, StripeNotConfiguredError, get_settings
 from billing.constants import (
     BACKFILL_SCHEDULE_ID,
     BACKFILL_WORKFLOW_ID,
@@ -153,6 +154,11 @@ def main() -> None:
 
     configure_logging("INFO")
     settings = get_settings()
+    try:
+        settings.require_stripe()
+    except StripeNotConfiguredError as err:
+        print(f"Error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
 
     async def _run() -> None:
         stop = asyncio.Event()

@@ -42,3 +42,25 @@ def test_no_command_shows_help(invoke: Invoke) -> None:
     assert "Usage" in result.output
     for command in ("dev", "orgs", "provision", "usage", "emulator", "token", "members"):
         assert command in result.output
+
+
+def test_python_worker_py_names_the_missing_stripe_settings(tmp_path: object) -> None:
+    """`python worker.py` is the other way to start a worker: same one-line error."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STRIPE_")}
+    done = subprocess.run(
+        [sys.executable, str(root / "worker.py")],
+        env=env,
+        cwd=str(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert "STRIPE_SECRET_KEY" in done.stderr
+    assert "Traceback" not in done.stderr
