@@ -1,0 +1,336 @@
+"""The invariants, each a count that must be 0, and the figures of the run.
+
+Stripe's side is read from the emulator over its API (customers,
+subscriptions, invoices), its counters and its state file (every meter event
+it accepted, with its identifier); the product's side from Postgres and from
+the workflows' `state` query.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import stripe
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+from temporalio.client import Client, WorkflowExecution, WorkflowExecutionStatus
+
+from billing.constants import ORG_BILLING_WORKFLOW, org_workflow_id
+from billing.db.models import Org, RequestLog, UsageLedger
+from billing.domain import BillingStatus
+
+from .scenario import OrgPlan, Scenario
+
+USERS = "additional_users"
+REQUESTS = "additional_requests"
+EXAMPLES = 5
+
+
+@dataclass
+class Invariant:
+    """A count that must be 0, with a few examples when it is not."""
+
+    name: str
+    count: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def add(self, example: str) -> None:
+        self.count += 1
+        if len(self.examples) < EXAMPLES:
+            self.examples.append(example)
+
+
+def _ts(value: Any) -> int | None:
+    return int(value) if value is not None else None
+
+
+def _when(value: datetime | None) -> int | None:
+    return int(value.timestamp()) if value is not None else None
+
+
+def stripe_subscription_end(sub: dict[str, Any]) -> int | None:
+    """design.md's rule, written out here again: the product's code is not its own check."""
+    if sub.get("cancel_at"):
+        return int(sub["cancel_at"])
+    if sub["status"] in ("canceled", "incomplete_expired"):
+        return _ts(sub.get("ended_at") or sub.get("canceled_at"))
+    if sub["status"] == "trialing":
+        return _ts(sub.get("trial_end"))
+    items = sub["items"]["data"]
+    return min(int(i["current_period_end"]) for i in items) if items else None
+
+
+@dataclass
+class StripeWorld:
+    customers: list[dict[str, Any]]
+    subscriptions: list[dict[str, Any]]
+    invoices: list[dict[str, Any]]
+
+
+def read_stripe(client: stripe.StripeClient) -> StripeWorld:
+    def every(listing: Any) -> list[dict[str, Any]]:
+        return [obj.to_dict() for obj in listing.auto_paging_iter()]
+
+    v1 = client.v1
+    return StripeWorld(
+        customers=every(v1.customers.list({"limit": 100})),
+        subscriptions=every(v1.subscriptions.list({"status": "all", "limit": 100})),
+        invoices=every(v1.invoices.list({"limit": 100})),
+    )
+
+
+class Checker:
+    """Counts every invariant over one run's orgs."""
+
+    def __init__(
+        self,
+        *,
+        scenario: Scenario,
+        client: Client,
+        stripe_client: stripe.StripeClient,
+        session_factory: sessionmaker[Session],
+        prices: dict[str, str],
+        state_file: Path,
+        emulator_stats: dict[str, Any],
+        periods_billed: int,
+    ) -> None:
+        self.scenario = scenario
+        self.client = client
+        self.stripe = stripe_client
+        self.sessions = session_factory
+        self.prices = prices
+        self.state_file = state_file
+        self.stats = emulator_stats
+        self.periods_billed = periods_billed
+        self.orgs: dict[int, OrgPlan] = {p.org_id: p for p in scenario.orgs}
+        self.executions: list[WorkflowExecution] = []
+        self.notes: dict[str, Any] = {}
+
+    async def run(self) -> list[Invariant]:
+        world = await asyncio.to_thread(read_stripe, self.stripe)
+        customer_org = {
+            c["id"]: int(c["metadata"]["org_id"])
+            for c in world.customers
+            if (c.get("metadata") or {}).get("org_id", "").isdigit()
+        }
+        return [
+            self.customers(world),
+            self.subscriptions(world, customer_org),
+            await asyncio.to_thread(self.rows, world, customer_org),
+            await asyncio.to_thread(self.invoices, world, customer_org),
+            await asyncio.to_thread(self.meter_events),
+            self.webhooks(),
+            await self.workflows(),
+        ]
+
+    # -- Stripe objects ------------------------------------------------------------------
+
+    def customers(self, world: StripeWorld) -> Invariant:
+        found = Counter(
+            int(org) for c in world.customers if (org := (c.get("metadata") or {}).get("org_id"))
+        )
+        check = Invariant("orgs with != 1 customer (AWS/Azure: != 0)")
+        for org_id, plan in self.orgs.items():
+            expected = 1 if plan.billed else 0
+            if found[org_id] != expected:
+                check.add(f"org {org_id} ({plan.kind}) has {found[org_id]} customers")
+        return check
+
+    def subscriptions(self, world: StripeWorld, customer_org: dict[str, int]) -> Invariant:
+        found = Counter(customer_org.get(s["customer"]) for s in world.subscriptions)
+        check = Invariant("orgs with != 1 subscription (AWS/Azure: != 0)")
+        for org_id, plan in self.orgs.items():
+            expected = 1 if plan.billed else 0
+            if found[org_id] != expected:
+                check.add(f"org {org_id} ({plan.kind}) has {found[org_id]} subscriptions")
+        return check
+
+    def rows(self, world: StripeWorld, customer_org: dict[str, int]) -> Invariant:
+        subs = {customer_org.get(s["customer"]): s for s in world.subscriptions}
+        customers = {org: cid for cid, org in customer_org.items()}
+        check = Invariant("org rows whose status or subscription_end differ from Stripe")
+        with self.sessions() as session:
+            rows = {o.id: o for o in session.scalars(select(Org).where(Org.id.in_(self.orgs)))}
+        for org_id, plan in self.orgs.items():
+            row = rows[org_id]
+            if not plan.billed:
+                if row.stripe_customer_id or row.stripe_subscription_id:
+                    check.add(f"org {org_id} ({plan.kind}) has Stripe ids in its row")
+                continue
+            sub = subs.get(org_id)
+            if sub is None:
+                check.add(f"org {org_id} has no subscription to compare with")
+                continue
+            wanted = {
+                "stripe_customer_id": customers.get(org_id),
+                "stripe_subscription_id": sub["id"],
+                "subscription_status": sub["status"],
+                "subscription_end": stripe_subscription_end(sub),
+            }
+            have = {
+                "stripe_customer_id": row.stripe_customer_id,
+                "stripe_subscription_id": row.stripe_subscription_id,
+                "subscription_status": str(row.subscription_status.value),
+                "subscription_end": _when(row.subscription_end),
+            }
+            differ = [k for k in wanted if wanted[k] != have[k]]
+            if differ:
+                check.add(
+                    f"org {org_id}: "
+                    + ", ".join(f"{k} row={have[k]} stripe={wanted[k]}" for k in differ)
+                )
+        return check
+
+    # -- usage ---------------------------------------------------------------------------
+
+    def invoices(self, world: StripeWorld, customer_org: dict[str, int]) -> Invariant:
+        """Each finalized invoice's metered lines against what the database says was used."""
+        check = Invariant("invoices whose metered quantities differ from the database")
+        metered = {self.prices["users"]: USERS, self.prices["requests"]: REQUESTS}
+        with self.sessions() as session:
+            last_users: dict[tuple[int, int], int] = {}
+            for row_org, row_start, value in session.execute(
+                select(UsageLedger.org_id, UsageLedger.period_start, UsageLedger.value)
+                .where(UsageLedger.dimension == USERS, UsageLedger.status == "sent")
+                .order_by(UsageLedger.seq)
+            ).tuples():
+                last_users[(row_org, int(row_start.timestamp()))] = int(value)
+            request_rows = [
+                (row_org, int(occurred.timestamp()), int(count))
+                for row_org, occurred, count in session.execute(
+                    select(RequestLog.org_id, RequestLog.occurred_at, RequestLog.count)
+                ).tuples()
+            ]
+        billed_periods: Counter[int] = Counter()
+        checked = 0
+        for invoice in world.invoices:
+            if invoice["status"] == "draft":
+                continue
+            invoice_org = customer_org.get(invoice["customer"])
+            lines = [
+                line
+                for line in invoice["lines"]["data"]
+                if line["pricing"]["price_details"]["price"] in metered
+            ]
+            if invoice_org is None or not lines:
+                continue
+            org_id = invoice_org
+            billed_periods[org_id] += 1
+            for line in lines:
+                dimension = metered[line["pricing"]["price_details"]["price"]]
+                start, end = int(line["period"]["start"]), int(line["period"]["end"])
+                if dimension == USERS:
+                    expected: int | None = last_users.get((org_id, start))
+                else:
+                    expected = sum(
+                        count
+                        for row_org, when, count in request_rows
+                        if row_org == org_id and start <= when < end
+                    )
+                checked += 1
+                if expected != int(line["quantity"]):
+                    check.add(
+                        f"invoice {invoice['id']} (org {org_id}) {dimension} "
+                        f"{line['quantity']} != database {expected}"
+                    )
+        self.notes["metered invoice lines checked"] = checked
+        for org_id, plan in self.orgs.items():
+            expected_invoices = self.periods_billed if plan.billed and not plan.failing_card else 0
+            if billed_periods[org_id] != expected_invoices:
+                check.add(
+                    f"org {org_id} has {billed_periods[org_id]} usage invoices, "
+                    f"expected {expected_invoices}"
+                )
+        return check
+
+    def meter_events(self) -> Invariant:
+        """Accepted by Stripe once per ledger row, and no identifier accepted twice."""
+        check = Invariant("meter events sent twice (or sent and not in the ledger as sent)")
+        data = json.loads(self.state_file.read_text())
+        identifiers = Counter(str(e.get("identifier")) for e in data.get("meter_events", []))
+        for identifier, times in identifiers.items():
+            if times > 1:
+                check.add(f"identifier {identifier} accepted {times} times")
+        with self.sessions() as session:
+            by_status = dict(
+                session.execute(
+                    select(UsageLedger.status, func.count()).group_by(UsageLedger.status)
+                )
+                .tuples()
+                .all()
+            )
+            sent = set(
+                session.scalars(select(UsageLedger.identifier).where(UsageLedger.status == "sent"))
+            )
+        for identifier in sorted(set(identifiers) - sent)[:EXAMPLES]:
+            check.add(f"identifier {identifier} accepted by Stripe but not sent in the ledger")
+        check.count += max(0, len(set(identifiers) - sent) - EXAMPLES)
+        for identifier in sorted(sent - set(identifiers))[:EXAMPLES]:
+            check.add(f"ledger row {identifier} is sent but Stripe never accepted it")
+        check.count += max(0, len(sent - set(identifiers)) - EXAMPLES)
+        meters = self.stats.get("meter_events", {})
+        self.notes["meter events accepted"] = meters.get("accepted", 0)
+        self.notes["meter event retries answered 'duplicate'"] = meters.get("duplicate", 0)
+        self.notes["ledger rows by status"] = by_status
+        if by_status.get("pending"):
+            check.add(f"{by_status['pending']} ledger rows still pending")
+        return check
+
+    # -- webhooks and workflows ------------------------------------------------------------
+
+    def webhooks(self) -> Invariant:
+        hooks = self.stats.get("webhooks", {})
+        check = Invariant("webhooks Stripe gave up on")
+        given_up = int(hooks.get("given_up", 0)) + int(hooks.get("dropped", 0))
+        if given_up:
+            check.add(f"{given_up} deliveries given up or dropped")
+            check.count = given_up
+        self.notes["webhook deliveries"] = {
+            k: hooks.get(k, 0) for k in ("attempted", "succeeded", "failed", "duplicated")
+        }
+        return check
+
+    async def workflows(self) -> Invariant:
+        """Every org's workflow runs, answers its query, and shows no unexplained trouble."""
+        check = Invariant("workflows failed, or stuck without an operator-visible reason")
+        self.executions = [
+            e async for e in self.client.list_workflows(f"WorkflowType = '{ORG_BILLING_WORKFLOW}'")
+        ]
+        latest: dict[str, WorkflowExecution] = {}
+        for run in self.executions:
+            known = latest.get(run.id)
+            if known is None or run.start_time > known.start_time:
+                latest[run.id] = run
+        states = await self.scenario.states(sorted(self.orgs))
+        for org_id in sorted(self.orgs):
+            execution = latest.get(org_workflow_id(org_id))
+            if execution is None:
+                check.add(f"org {org_id} has no workflow")
+                continue
+            if execution.status != WorkflowExecutionStatus.RUNNING:
+                status = execution.status.name if execution.status else "unknown"
+                check.add(f"org {org_id}: latest run is {status}")
+                continue
+            state = states.get(org_id)
+            if state is None:
+                check.add(f"org {org_id}: workflow does not answer its state query")
+            elif state.last_error:
+                check.add(f"org {org_id}: last_error {state.last_error!r}")
+            elif state.status in (BillingStatus.PROVISIONING, BillingStatus.PROVISIONING_FAILED):
+                check.add(f"org {org_id}: still {state.status.value}")
+        statuses = Counter(e.status.name if e.status else "unknown" for e in self.executions)
+        self.notes["OrgBilling runs by status"] = dict(statuses)
+        return check
+
+    def largest_history(self) -> int:
+        return max((e.history_length for e in self.executions), default=0)
+
+
+def now_utc() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

