@@ -162,16 +162,30 @@ def ensure_catalog(
     prices = _prices_by_lookup_key(client, [BASE_LOOKUP_KEY, USERS_LOOKUP_KEY, REQUESTS_LOOKUP_KEY])
     product_id = ensure_product(client, prices)
     base = ensure_price(
-        client, prices, product_id=product_id, lookup_key=BASE_LOOKUP_KEY,
-        nickname="Base (monthly)", unit_amount=BASE_AMOUNT, meter_id=None,
+        client,
+        prices,
+        product_id=product_id,
+        lookup_key=BASE_LOOKUP_KEY,
+        nickname="Base (monthly)",
+        unit_amount=BASE_AMOUNT,
+        meter_id=None,
     )
     users = ensure_price(
-        client, prices, product_id=product_id, lookup_key=USERS_LOOKUP_KEY,
-        nickname="Users (monthly, metered)", unit_amount=USER_AMOUNT, meter_id=users_meter,
+        client,
+        prices,
+        product_id=product_id,
+        lookup_key=USERS_LOOKUP_KEY,
+        nickname="Users (monthly, metered)",
+        unit_amount=USER_AMOUNT,
+        meter_id=users_meter,
     )
     requests = ensure_price(
-        client, prices, product_id=product_id, lookup_key=REQUESTS_LOOKUP_KEY,
-        nickname="Requests (monthly, metered)", unit_amount=REQUEST_AMOUNT,
+        client,
+        prices,
+        product_id=product_id,
+        lookup_key=REQUESTS_LOOKUP_KEY,
+        nickname="Requests (monthly, metered)",
+        unit_amount=REQUEST_AMOUNT,
         meter_id=requests_meter,
     )
     return CatalogIds(

@@ -94,9 +94,7 @@ def advance(
     clocks = client.v1.test_helpers.test_clocks
     clock = clocks.retrieve(clock_id)
     if target < clock.frozen_time:
-        fail(
-            f"The test clock is at {_at(clock.frozen_time)} and cannot go back to {_at(target)}."
-        )
+        fail(f"The test clock is at {_at(clock.frozen_time)} and cannot go back to {_at(target)}.")
     if target > clock.frozen_time:
         clocks.advance(clock_id, {"frozen_time": target})
         deadline = time.monotonic() + ADVANCE_TIMEOUT

@@ -163,9 +163,7 @@ def dev(
 
     options = DevOptions(
         home=(home or state_of(ctx).home).resolve(),
-        ports=DevPorts(
-            api=api_port, temporal=temporal_port, ui=ui_port, emulator=emulator_port
-        ),
+        ports=DevPorts(api=api_port, temporal=temporal_port, ui=ui_port, emulator=emulator_port),
         demo=demo,
     )
     code = run_dev(options, state_of(ctx).settings)

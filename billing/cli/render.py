@@ -162,7 +162,10 @@ def reconcile_table(results: list[ReconcileResult]) -> Table:
             table.add_row(str(result.org_id), result.status.value, "(in sync)", "", "")
         for diff in result.differences:
             table.add_row(
-                str(result.org_id), result.status.value, diff.field, diff.before or "-",
+                str(result.org_id),
+                result.status.value,
+                diff.field,
+                diff.before or "-",
                 diff.after or "-",
             )
     return table
