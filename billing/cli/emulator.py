@@ -2,22 +2,39 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
+import stripe
 import typer
 
 from billing import services
-from billing.cli.context import err, fail, out, print_json, state_of
+from billing.cli.context import (
+    CliState,
+    TemporalUnavailableError,
+    err,
+    fail,
+    out,
+    print_json,
+    run,
+    state_of,
+)
+from billing.cli.live import live_states
 from billing.cli.request_log import parse_time
+from billing.domain import OrgBillingState
 
 app = typer.Typer(help="The Stripe emulator (development only).", no_args_is_help=True)
 
 FAILING_CARD = "pm_card_chargeCustomerFail"
 WORKING_CARD = "pm_card_visa"
 ADVANCE_TIMEOUT = 120.0
+# Where a stepped advance stops after a period end: inside the finalization hour.
+REPORT_STOP = 300
+REPORT_WAIT = 60.0
+BILLED_STATUSES = frozenset({"trialing", "active", "past_due", "unpaid"})
 
 
 @app.command("serve")
@@ -84,34 +101,107 @@ def advance(
     to: Annotated[str, typer.Option("--to", help="The new time (ISO 8601, naive = UTC).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
 ) -> None:
-    """Advance the test clock new customers are attached to, and wait until it settles."""
+    """Advance the test clock new customers are attached to, period end by period end.
+
+    Real Stripe time passes slowly enough for the worker to report a period's
+    usage in the hour between the period end and the invoice's finalization. A
+    test clock jumps; so the clock stops just past each period end on the way,
+    waits until the orgs' workflows have made their final usage report for the
+    period, and only then moves on.
+    """
     state = state_of(ctx)
     target = int(parse_time(to).timestamp())
     clock_id = state.settings.stripe_test_clock
     if not clock_id:
         fail("No test clock is configured (STRIPE_TEST_CLOCK); start `billing dev` first.")
     client = state.stripe_client()
-    clocks = client.v1.test_helpers.test_clocks
-    clock = clocks.retrieve(clock_id)
+    clock = client.v1.test_helpers.test_clocks.retrieve(clock_id)
     if target < clock.frozen_time:
         fail(f"The test clock is at {_at(clock.frozen_time)} and cannot go back to {_at(target)}.")
-    if target > clock.frozen_time:
-        clocks.advance(clock_id, {"frozen_time": target})
-        deadline = time.monotonic() + ADVANCE_TIMEOUT
-        with err.status(f"Advancing test clock {clock_id} to {_at(target)}…", spinner="dots"):
-            while True:
-                clock = clocks.retrieve(clock_id)
-                if clock.status == "ready":
-                    break
-                if clock.status == "internal_failure":
-                    fail(f"The emulator failed to advance test clock {clock_id}.")
-                if time.monotonic() > deadline:
-                    fail(f"Test clock {clock_id} still advances after {ADVANCE_TIMEOUT:.0f} s.")
-                time.sleep(0.2)
+    frozen = int(clock.frozen_time)
+    while frozen < target:
+        ending = _next_period_end(client, clock_id, frozen)
+        if ending is None or ending[0] + REPORT_STOP >= target:
+            frozen = _advance_clock(client, clock_id, target)
+            break
+        boundary, org_ids = ending
+        frozen = _advance_clock(client, clock_id, boundary + REPORT_STOP)
+        late = run(_await_final_reports(state, org_ids, boundary))
+        for org_id in late:
+            err.print(
+                f"Org {org_id}: no final usage report for the period ending {_at(boundary)} "
+                f"within {REPORT_WAIT:.0f} s (is the worker running?)."
+            )
     if as_json:
-        print_json({"id": clock.id, "frozen_time": _at(clock.frozen_time), "status": clock.status})
+        print_json({"id": clock_id, "frozen_time": _at(frozen), "status": "ready"})
         return
-    out.print(f"Test clock {clock.id} is at {_at(clock.frozen_time)}.")
+    out.print(f"Test clock {clock_id} is at {_at(frozen)}.")
+
+
+def _advance_clock(client: stripe.StripeClient, clock_id: str, to: int) -> int:
+    clocks = client.v1.test_helpers.test_clocks
+    clocks.advance(clock_id, {"frozen_time": to})
+    deadline = time.monotonic() + ADVANCE_TIMEOUT
+    with err.status(f"Advancing test clock {clock_id} to {_at(to)}…", spinner="dots"):
+        while True:
+            clock = clocks.retrieve(clock_id)
+            if clock.status == "ready":
+                return int(clock.frozen_time)
+            if clock.status == "internal_failure":
+                fail(f"The emulator failed to advance test clock {clock_id}.")
+            if time.monotonic() > deadline:
+                fail(f"Test clock {clock_id} still advances after {ADVANCE_TIMEOUT:.0f} s.")
+            time.sleep(0.2)
+
+
+def _next_period_end(
+    client: stripe.StripeClient, clock_id: str, after: int
+) -> tuple[int, list[int]] | None:
+    """The first period (or trial) end after `after` on the clock, and the orgs it ends for."""
+    ends: dict[int, list[int]] = {}
+    customers = client.v1.customers.list({"test_clock": clock_id, "limit": 100})
+    for customer in customers.auto_paging_iter():
+        subs = client.v1.subscriptions.list({"customer": customer.id, "limit": 100})
+        for sub in subs.auto_paging_iter():
+            data = sub.to_dict()
+            if data["status"] not in BILLED_STATUSES:
+                continue
+            items = data["items"]["data"]
+            end = data.get("trial_end") if data["status"] == "trialing" else None
+            end = end or (items[0]["current_period_end"] if items else None)
+            org_id = (data.get("metadata") or {}).get("org_id")
+            if end and end > after and org_id and str(org_id).isdigit():
+                ends.setdefault(int(end), []).append(int(org_id))
+    if not ends:
+        return None
+    first = min(ends)
+    return first, ends[first]
+
+
+async def _await_final_reports(state: CliState, org_ids: list[int], boundary: int) -> list[int]:
+    """The orgs whose workflow has not reported the period ending at `boundary` in time."""
+    try:
+        client = await state.temporal()
+    except TemporalUnavailableError:
+        return org_ids
+    ended = datetime.fromtimestamp(boundary, tz=UTC)
+    pending = set(org_ids)
+    deadline = time.monotonic() + REPORT_WAIT
+    with err.status(f"Waiting for the usage reports of {len(pending)} org(s)…", spinner="dots"):
+        while pending and time.monotonic() < deadline:
+            for org_id, live in (await live_states(client, sorted(pending))).items():
+                if live.state is not None and _final_report_done(live.state, ended):
+                    pending.discard(org_id)
+            if pending:
+                await asyncio.sleep(0.5)
+    return sorted(pending)
+
+
+def _final_report_done(billing: OrgBillingState, ended: datetime) -> bool:
+    if billing.current_period_start is None or billing.current_period_start < ended:
+        return False  # the renewal has not reached the workflow yet
+    report = next((u for u in billing.usage if u.period_end == ended), None)
+    return report is not None and report.last_reported_at is not None
 
 
 @app.command("card")

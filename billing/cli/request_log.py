@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from billing import services
-from billing.cli.context import fail, out, print_json, state_of
+from billing.cli.context import CliState, fail, out, print_json, state_of
 
 app = typer.Typer(help="Record requests an org made.", no_args_is_help=True)
 
@@ -24,21 +24,40 @@ def parse_time(value: str) -> datetime:
     return parsed
 
 
+def _now(state: CliState) -> datetime:
+    """Now, as Stripe sees it: on the emulator's test clock, the clock's time.
+
+    Otherwise requests recorded after `billing emulator advance` would land in a
+    period that ended (in Stripe's eyes) long ago.
+    """
+    clock_id = state.settings.stripe_test_clock
+    if not clock_id:
+        return datetime.now(UTC)
+    clock = state.stripe_client().v1.test_helpers.test_clocks.retrieve(clock_id)
+    return datetime.fromtimestamp(clock.frozen_time, tz=UTC)
+
+
 @app.command("record")
 def record(
     ctx: typer.Context,
     org_id: Annotated[int, typer.Argument(help="The org's id.")],
     count: Annotated[int, typer.Option("--count", help="How many requests (at least 1).")],
     at: Annotated[
-        str | None, typer.Option("--at", help="When they happened (ISO 8601; default now).")
+        str | None,
+        typer.Option(
+            "--at",
+            help="When they happened (ISO 8601; default now: the test clock's time "
+            "when STRIPE_TEST_CLOCK is set).",
+        ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
 ) -> None:
     """Add N requests to the org's request log."""
     if count < 1:
         fail(f"--count must be at least 1, not {count}.")
-    when = parse_time(at) if at else datetime.now(UTC)
-    with state_of(ctx).session() as session:
+    state = state_of(ctx)
+    when = parse_time(at) if at else _now(state)
+    with state.session() as session:
         row = services.record_requests(session, org_id, count, when)
         total = services.request_total(session, org_id)
     if as_json:

@@ -249,3 +249,75 @@ def test_a_failing_card_takes_a_new_org_from_trialing_to_past_due(dev_home: Path
         code = dev.interrupt()
     assert code == 0, dev.output.read_text()
     assert _still_running(children) == []
+
+
+def _dev_settings(home: Path) -> dict[str, str]:
+    lines = (home / "settings.env").read_text().splitlines()
+    pairs = (line.split("=", 1) for line in lines if "=" in line and not line.startswith("#"))
+    return {key.strip(): value.strip().strip("'\"") for key, value in pairs}
+
+
+def test_one_advance_across_a_period_end_bills_the_usage_of_that_period(dev_home: Path) -> None:
+    """The walkthrough: requests recorded now are billed after one `emulator advance`."""
+    from datetime import datetime, timedelta
+
+    from stripe_emulator.client import make_client
+
+    env = _clean_env(dev_home)
+    dev = DevProcess(dev_home, _free_ports(4), env)
+    try:
+        dev.wait_ready()
+        created = _billing(
+            env,
+            "orgs",
+            "create",
+            "--name",
+            "Initech",
+            "--owner-email",
+            "bill@initech.test",
+            "--json",
+        )
+        assert created.returncode == 0, created.stderr
+        org_id = int(json.loads(created.stdout)["org"]["id"])
+        shown = _wait_for_status(env, org_id, "trialing")
+        workflow = shown["workflow"]
+        assert isinstance(workflow, dict)
+        trial_end = datetime.fromisoformat(
+            str(workflow["state"]["trial_end"]).replace("Z", "+00:00")
+        )
+        assert _billing(env, "emulator", "card", str(org_id), "--working").returncode == 0
+        ended = _billing(
+            env, "emulator", "advance", "--to", (trial_end + timedelta(hours=2)).isoformat()
+        )
+        assert ended.returncode == 0, ended.stderr
+        _wait_for_status(env, org_id, "active")
+
+        assert (
+            _billing(env, "members", "add", str(org_id), "--email", "peter@initech.test").returncode
+            == 0
+        )
+        recorded = _billing(env, "requests", "record", str(org_id), "--count", "7")
+        assert recorded.returncode == 0, recorded.stderr
+        period_end = trial_end + timedelta(days=31)  # the first paid month ends within it
+        moved = _billing(
+            env, "emulator", "advance", "--to", (period_end + timedelta(hours=2)).isoformat()
+        )
+        assert moved.returncode == 0, moved.stderr
+        assert "no final usage report" not in moved.stderr
+
+        settings = _dev_settings(dev_home)
+        stripe_client = make_client(settings["STRIPE_API_BASE"], settings["STRIPE_SECRET_KEY"])
+        row = json.loads(_billing(env, "orgs", "show", str(org_id), "--json").stdout)["org"]
+        quantities = {}
+        for invoice in stripe_client.v1.invoices.list({"customer": row["stripe_customer_id"]}).data:
+            data = invoice.to_dict()
+            for line in data["lines"]["data"]:
+                price = line["pricing"]["price_details"]["price"]
+                if data["status"] != "draft" and line["period"]["start"] == int(
+                    trial_end.timestamp()
+                ):
+                    quantities[price] = line["quantity"]
+        assert quantities[settings["STRIPE_USERS_PRICE_ID"]] == 2
+        assert quantities[settings["STRIPE_REQUESTS_PRICE_ID"]] == 7
+    finally:
+        assert dev.interrupt() == 0, dev.output.read_text()
