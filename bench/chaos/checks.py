@@ -24,6 +24,7 @@ from temporalio.client import Client, WorkflowExecution, WorkflowExecutionStatus
 from billing.constants import ORG_BILLING_WORKFLOW, org_workflow_id
 from billing.db.models import Org, RequestLog, UsageLedger
 from billing.domain import BillingStatus
+from billing.runtime import BILLING_STATUS_KEY
 
 from .scenario import OrgPlan, Scenario
 
@@ -277,6 +278,7 @@ class Checker:
         meters = self.stats.get("meter_events", {})
         self.notes["meter events accepted"] = meters.get("accepted", 0)
         self.notes["meter event retries answered 'duplicate'"] = meters.get("duplicate", 0)
+        self.notes["Stripe idempotent replays"] = self.stats.get("idempotent_replays", 0)
         self.notes["ledger rows by status"] = by_status
         if by_status.get("pending"):
             check.add(f"{by_status['pending']} ledger rows still pending")
@@ -324,6 +326,11 @@ class Checker:
                 check.add(f"org {org_id}: last_error {state.last_error!r}")
             elif state.status in (BillingStatus.PROVISIONING, BillingStatus.PROVISIONING_FAILED):
                 check.add(f"org {org_id}: still {state.status.value}")
+            elif (shown := execution.typed_search_attributes.get(BILLING_STATUS_KEY)) != (
+                state.status.value
+            ):
+                # Operators find orgs by this attribute (e.g. BillingStatus='past_due').
+                check.add(f"org {org_id}: BillingStatus {shown!r} but state {state.status.value}")
         statuses = Counter(e.status.name if e.status else "unknown" for e in self.executions)
         self.notes["OrgBilling runs by status"] = dict(statuses)
         return check

@@ -156,10 +156,10 @@ class FaultInjector:
         self.stack.ensure_running()
 
     def after_advance(self) -> None:
-        """A clock advance starts a burst of activities: a good moment to kill a worker."""
+        """A clock advance starts a wave of webhooks and activities: kill a worker inside it."""
         if self.rng.random() < self.plan.kill_after_advance:
             with self._lock:
-                self._aimed_kill = time.monotonic() + self.rng.uniform(0.1, 1.5)
+                self._aimed_kill = time.monotonic() + self.rng.uniform(0.5, 8.0)
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -226,9 +226,14 @@ class FaultInjector:
         text = self.stack.api_metrics()
         if text is not None:
             self.latency.add_scrape(text)
+        graceful = self.rng.random() < 0.5
         with self.stack.lock:
-            self.stack.api.stop()
-        self._note("restart_api", "SIGTERM the API and start it again")
+            if graceful:
+                self.stack.api.stop()
+            else:
+                self.stack.api.kill()
+        how = "SIGTERM" if graceful else "SIGKILL"
+        self._note("restart_api", f"{how} the API and start it again")
         self.stack.start_api()
 
     def _temporal_outage(self) -> None:

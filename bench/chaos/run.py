@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.runtime import LoggingConfig, Runtime, TelemetryConfig, TelemetryFilter
 
 from billing.db.session import make_engine, make_session_factory
-from billing.runtime import connect_temporal
 
 from .checks import Checker
 from .faults import PLANS, EmulatorControl, FaultInjector
@@ -44,11 +45,23 @@ class ChaosOptions:
     capture_histories: Path | None = None
 
 
+def _quiet_runtime() -> Runtime:
+    """The harness's own client keeps quiet while Temporal is down on purpose."""
+    quiet = LoggingConfig(filter=TelemetryFilter(core_level="ERROR", other_level="ERROR"))
+    return Runtime(telemetry=TelemetryConfig(logging=quiet))
+
+
 async def _connect(address: str, timeout: float = 60) -> Client:
     deadline = time.monotonic() + timeout
+    runtime = _quiet_runtime()
     while True:
         try:
-            return await connect_temporal(address, "default")
+            return await Client.connect(
+                address,
+                namespace="default",
+                data_converter=pydantic_data_converter,
+                runtime=runtime,
+            )
         except Exception:
             if time.monotonic() > deadline:
                 raise

@@ -1,0 +1,65 @@
+"""A short chaos month must leave every invariant at 0.
+
+Runs `bench/chaos_month.py` as its own process, exactly as an operator would:
+20 orgs (some AWS/Azure, some with failing cards) billed through the trial and
+two months on a test clock, while the light fault plan kills workers, restarts
+the API, stops the Temporal dev server and degrades the Stripe emulator.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "bench" / "chaos_month.py"
+ORGS = 20
+DEADLINE_SECONDS = 150
+TIMEOUT_SECONDS = 300
+
+
+@pytest.mark.chaos
+@pytest.mark.timeout(TIMEOUT_SECONDS + 30)
+def test_a_short_chaos_month_loses_nothing_and_doubles_nothing(tmp_path: Path) -> None:
+    report_path = tmp_path / "report.json"
+    options = {
+        "--orgs": ORGS,
+        "--seed": 7,
+        "--faults": "light",
+        "--deadline": DEADLINE_SECONDS,
+        "--step-timeout": 90,
+        "--workdir": tmp_path / "run",
+        "--json": report_path,
+    }
+    argv = [sys.executable, str(SCRIPT)]
+    for flag, value in options.items():
+        argv += [flag, str(value)]
+    run = subprocess.run(
+        argv,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_SECONDS,
+    )
+    tail = "\n".join((run.stdout + run.stderr).splitlines()[-60:])
+    assert report_path.exists(), f"the chaos month wrote no report:\n{tail}"
+    report = json.loads(report_path.read_text())
+
+    failing = {i["name"]: i for i in report["invariants"] if i["count"] != 0}
+    assert not failing, f"invariants not at 0: {failing}\n{tail}"
+    assert len(report["invariants"]) == 7
+    assert report["error"] is None, f"{report['error']}\n{tail}"
+    assert report["notes"]["billing periods invoiced"] == 2, tail
+    # The faults really happened: each kind at least once.
+    assert set(report["fault_counts"]) >= {
+        "kill_worker",
+        "restart_api",
+        "temporal_outage",
+        "stripe_errors",
+        "webhook_chaos",
+    }, report["fault_counts"]
+    assert run.returncode == 0, tail
