@@ -131,21 +131,30 @@ async def _resolve_org(
 ) -> tuple[int | None, str]:
     """The org the event belongs to, and how that was decided (or why not)."""
     obj = event.object
+    customer_id = customer_id_of(obj)
+    # The customer id the database holds is authoritative: metadata typed in the
+    # dashboard can name another org, and must not move a customer between orgs.
+    known = (
+        await run_in_threadpool(store.org_id_for_customer, factory, customer_id)
+        if customer_id
+        else None
+    )
     hint = metadata_org_id(obj)
     if hint is not None:
         raw, where = hint
         org_id = parse_org_id(raw)
+        if known is not None and org_id != known:
+            log.warning("%s.org_id %r disagrees with the customer's org %s", where, raw[:40], known)
+            return known, f"org from the customer id in the database (not {where})"
         if org_id is None:
             return None, f"{where}.org_id {raw[:40]!r} is not an org id"
         if not await run_in_threadpool(store.org_exists, factory, org_id):
             return None, f"org {org_id} from {where} does not exist"
         return org_id, f"org from {where}"
-    customer_id = customer_id_of(obj)
     if customer_id is None:
         return None, "event names no org and no customer"
-    org_id = await run_in_threadpool(store.org_id_for_customer, factory, customer_id)
-    if org_id is not None:
-        return org_id, "org from the customer id in the database"
+    if known is not None:
+        return known, "org from the customer id in the database"
     async with metrics.stripe_call("customer_org_id"):
         raw_org = await gateway.customer_org_id(customer_id)
     if raw_org is None:

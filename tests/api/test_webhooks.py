@@ -242,6 +242,19 @@ async def test_event_routed_by_customer_id_in_database(api: Api) -> None:
     assert [s.event_id for s in await signalled_events(api.temporal, org.id)] == [event["id"]]
 
 
+async def test_the_database_customer_wins_over_metadata_naming_another_org(api: Api) -> None:
+    owner = make_org(api.session_factory, stripe_customer_id="cus_owned_by_a")
+    other = make_org(api.session_factory)
+    # E.g. a subscription made in the dashboard with a mistyped org_id.
+    event = stripe_event(UPDATED, subscription_object(org_id=other.id, customer="cus_owned_by_a"))
+
+    response = await post_event(api.http, event)
+
+    assert (response.status_code, response.json()["org_id"]) == (200, owner.id)
+    assert [s.event_id for s in await signalled_events(api.temporal, owner.id)] == [event["id"]]
+    assert not await workflow_exists(api.temporal, other.id)
+
+
 async def test_event_routed_by_customer_metadata_in_stripe(api: Api) -> None:
     org = make_org(api.session_factory)
     customer = api.stripe.v1.customers.create({"metadata": {"org_id": str(org.id)}})
