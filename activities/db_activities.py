@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import ParamSpec, TypeVar
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
@@ -24,6 +28,8 @@ from billing.db.models import Membership, Org, RequestLog, UsageLedger, User
 from billing.domain import FieldDifference, OrgProfile
 
 log = logging.getLogger(__name__)
+P = ParamSpec("P")
+R = TypeVar("R")
 
 # Stripe accepts meter events up to 35 days old; keep a margin for the send itself.
 METER_EVENT_MAX_AGE = timedelta(days=35) - timedelta(minutes=10)
@@ -44,6 +50,22 @@ def period_key(period_start: datetime) -> int:
 def meter_identifier(org_id: int, dimension: str, period_start: datetime, seq: int) -> str:
     """Deterministic, so a retried send is recognised by Stripe as the same event."""
     return f"{org_id}:{dimension}:{period_key(period_start)}:{seq}"
+
+
+def conflicts_are_final(fn: Callable[P, R]) -> Callable[P, R]:
+    """A unique-constraint conflict (a Stripe id already on another org) is no outage:
+    retrying cannot fix it, so it is raised non-retryable for the workflow to show."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except IntegrityError as err:
+            raise ApplicationError(
+                f"conflicting billing data: {err.orig}", type="Conflict", non_retryable=True
+            ) from err
+
+    return wrapper
 
 
 class DbActivities:
@@ -85,6 +107,7 @@ class DbActivities:
             )
 
     @activity.defn(name="db_save_customer")
+    @conflicts_are_final
     def save_customer(self, data: SaveCustomerInput) -> None:
         """Recorded as soon as it exists, so webhooks can route by customer id."""
         with self._sessions.begin() as session:
@@ -96,6 +119,7 @@ class DbActivities:
             org.stripe_customer_id = data.customer_id
 
     @activity.defn(name="db_save_subscription")
+    @conflicts_are_final
     def save_subscription(self, data: SaveSubscriptionInput) -> list[FieldDifference]:
         """Bring the org row in line with Stripe; return what differed."""
         sub = data.subscription

@@ -44,6 +44,13 @@ def stripe_errors_classified(fn: Callable[P, Awaitable[R]]) -> Callable[P, Await
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return await fn(*args, **kwargs)
+        except (KeyError, ValueError) as err:
+            # An answer we cannot read (e.g. a status this code does not know).
+            raise ApplicationError(
+                f"unexpected Stripe answer: {type(err).__name__}: {err}",
+                type="StripeUnexpectedAnswer",
+                non_retryable=True,
+            ) from err
         except NON_RETRYABLE_STRIPE_ERRORS as err:
             if getattr(err, "http_status", None) == 409:
                 raise  # lock_timeout: another request holds the object; retry

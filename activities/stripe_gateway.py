@@ -88,6 +88,7 @@ def snapshot_of(sub: Mapping[str, Any]) -> SubscriptionSnapshot:
         cancel_at=_ts(sub.get("cancel_at")),
         pause_collection=bool(sub.get("pause_collection")),
         org_id=metadata.get("org_id"),
+        billing_cycle_anchor=_ts(sub.get("billing_cycle_anchor")),
     )
 
 

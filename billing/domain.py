@@ -82,6 +82,13 @@ class SubscriptionSnapshot(BaseModel):
     cancel_at: datetime | None = None
     pause_collection: bool = False
     org_id: str | None = None
+    # The day of month periods renew on (clamped in short months).
+    billing_cycle_anchor: datetime | None = None
+
+
+class BillingPeriod(BaseModel):
+    start: datetime
+    end: datetime
 
 
 class UsagePeriodReport(BaseModel):
@@ -119,6 +126,10 @@ class OrgBillingState(BaseModel):
     trial_will_end_noted_for: datetime | None = None
     last_synced_at: datetime | None = None
     usage: list[UsagePeriodReport] = Field(default_factory=list)
+    # Ended periods whose final usage report is still owed (kept until it is made).
+    to_finalize: list[BillingPeriod] = Field(default_factory=list)
+    # After a usage report Stripe refused, nothing is retried before this time.
+    usage_retry_after: datetime | None = None
 
 
 class OrgBillingTuning(BaseModel):
@@ -141,6 +152,7 @@ class OrgBillingInput(BaseModel):
     state: OrgBillingState | None = None
     pending_events: list[StripeEventSignal] = Field(default_factory=list)
     retry_requested: bool = False
+    resync_requested: bool = False
     tuning: OrgBillingTuning = Field(default_factory=OrgBillingTuning)
 
 

@@ -42,6 +42,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from billing.domain import (
         LIVE_SUBSCRIPTION_STATUSES,
+        BillingPeriod,
         BillingStatus,
         FieldDifference,
         OrgBillingInput,
@@ -75,10 +76,8 @@ USAGE_STATUSES = frozenset(
 )
 KEPT_USAGE_PERIODS = 12
 TRIAL_WILL_END = "customer.subscription.trial_will_end"
-
-
-class ProvisioningFailed(Exception):
-    pass
+# Patch ids (workflow.patched): runs recorded before a change keep replaying.
+NOT_BILLED_RECHECK = "not-billed-recheck"
 
 
 @workflow.defn(name=ORG_BILLING_WORKFLOW)
@@ -90,12 +89,9 @@ class OrgBillingWorkflow:
         self._state = input.state or OrgBillingState(org_id=input.org_id)
         self._pending: deque[StripeEventSignal] = deque(input.pending_events)
         self._retry_requested = input.retry_requested
-        self._resync_requested = False
+        self._resync_requested = input.resync_requested
         self._lock = asyncio.Lock()
-        # Periods that ended (seen through a renewal) and still need their final report.
-        self._to_finalize: list[tuple[datetime, datetime]] = []
         self._period_rolled = False
-        self._quiet_until: datetime | None = None
         self._last_attributes: dict[str, str] = {}
 
     # Handlers: record only, the run loop acts. --------------------------------
@@ -151,39 +147,51 @@ class OrgBillingWorkflow:
         if self._state.status in (BillingStatus.PROVISIONING, BillingStatus.PROVISIONING_FAILED):
             await self._provision_until_done()
         while True:
-            timeout = self._next_wake()
+            if self._should_continue_as_new():
+                await self._continue_as_new()
             with contextlib.suppress(TimeoutError):
-                await workflow.wait_condition(
-                    lambda: bool(self._pending) or self._resync_requested or self._retry_requested,
-                    timeout=timeout,
-                )
+                await workflow.wait_condition(self._has_work, timeout=self._next_wake())
+            if self._retry_requested and self._state.status in (
+                BillingStatus.NOT_BILLED,
+                BillingStatus.PROVISIONING_FAILED,
+            ):
+                await self._provision_until_done()
+            self._retry_requested = False
             async with self._lock:
                 await self._drain_events()
-                if self._retry_requested:
-                    self._retry_requested = False
-                    if self._state.status == BillingStatus.NOT_BILLED:
-                        await self._provision_once()
                 if self._resync_requested or self._resync_due():
                     self._resync_requested = False
                     await self._kept_alive("re-sync", self._resync())
-                await self._kept_alive("usage report", self._usage_due_work())
-            if self._should_continue_as_new():
-                await workflow.wait_condition(workflow.all_handlers_finished)
-                workflow.continue_as_new(
-                    OrgBillingInput(
-                        org_id=self._state.org_id,
-                        state=self._state,
-                        pending_events=list(self._pending),
-                        retry_requested=self._retry_requested,
-                        tuning=self._tuning,
-                    )
-                )
+                await self._kept_alive("usage report", self._usage_due_work(), usage=True)
 
-    async def _kept_alive(self, step: str, work: Awaitable[object]) -> None:
+    def _has_work(self) -> bool:
+        """What wakes the loop before its timer (signals, and periods an update found)."""
+        return (
+            (bool(self._pending) and not self._history_too_long())
+            or self._resync_requested
+            or self._retry_requested
+            or (bool(self._state.to_finalize) and not self._usage_quiet())
+        )
+
+    async def _continue_as_new(self) -> None:
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        workflow.continue_as_new(
+            OrgBillingInput(
+                org_id=self._state.org_id,
+                state=self._state,
+                pending_events=list(self._pending),
+                retry_requested=self._retry_requested,
+                resync_requested=self._resync_requested,
+                tuning=self._tuning,
+            )
+        )
+
+    async def _kept_alive(self, step: str, work: Awaitable[object], *, usage: bool = False) -> bool:
         """An error retrying cannot fix is shown in the state, never fails the workflow.
 
         The org stays with its one writer; the next wake (or an operator's
-        reconcile) tries again.
+        reconcile) tries again. A refused usage report pauses usage work for
+        `failed_retry_seconds`, so nothing spins. Returns whether `work` succeeded.
         """
         try:
             await work
@@ -192,12 +200,15 @@ class OrgBillingWorkflow:
             if not (isinstance(cause, ApplicationError) and cause.non_retryable):
                 raise
             self._state.last_error = f"{step}: {cause.message}"
-            self._quiet_until = workflow.now() + timedelta(
-                seconds=self._tuning.failed_retry_seconds
-            )
+            if usage:
+                self._state.usage_retry_after = workflow.now() + timedelta(
+                    seconds=self._tuning.failed_retry_seconds
+                )
             workflow.logger.error(
                 f"{step} failed", extra={"org_id": self._state.org_id, "error": cause.message}
             )
+            return False
+        return True
 
     def _should_continue_as_new(self) -> bool:
         return self._period_rolled or self._history_too_long()
@@ -218,11 +229,16 @@ class OrgBillingWorkflow:
                 done = await self._provision_once()
             if done:
                 return
+            if self._history_too_long():
+                await self._continue_as_new()
             # Wait for an operator (signal), a fixed configuration (periodic retry),
             # or an event that links a subscription made elsewhere.
             with contextlib.suppress(TimeoutError):
                 await workflow.wait_condition(
-                    lambda: self._retry_requested or bool(self._pending),
+                    lambda: (
+                        self._retry_requested
+                        or (bool(self._pending) and not self._history_too_long())
+                    ),
                     timeout=timedelta(seconds=self._tuning.failed_retry_seconds),
                 )
             if self._pending and not self._retry_requested:
@@ -251,11 +267,15 @@ class OrgBillingWorkflow:
             self._upsert_attributes()
             snapshot: SubscriptionSnapshot | None = None
             if org.stripe_subscription_id:
+                # Billed before (a fresh run after a reset): follow Stripe, and never
+                # subscribe an org that canceled again on our own.
                 snapshot = await self._stripe(
                     StripeActivities.fetch_subscription,
-                    FetchSubscriptionInput(subscription_id=org.stripe_subscription_id),
+                    FetchSubscriptionInput(
+                        subscription_id=org.stripe_subscription_id, customer_id=customer_id
+                    ),
                 )
-            if snapshot is None or snapshot.status not in LIVE_SUBSCRIPTION_STATUSES:
+            if snapshot is None:
                 snapshot = await self._stripe(
                     StripeActivities.ensure_subscription,
                     EnsureSubscriptionInput(customer_id=customer_id, org=org),
@@ -346,6 +366,11 @@ class OrgBillingWorkflow:
         """Daily (and on demand): heal whatever a lost webhook left behind."""
         self._state.last_synced_at = workflow.now()
         if self._state.status == BillingStatus.NOT_BILLED:
+            if workflow.patched(NOT_BILLED_RECHECK):
+                # Marketplace billing removed from the org: bill it through Stripe.
+                org = await self._db(DbActivities.load_org, self._state.org_id)
+                if not org.billed_elsewhere:
+                    self._retry_requested = True
             return []
         if not (self._state.stripe_subscription_id or self._state.stripe_customer_id):
             return []
@@ -368,6 +393,14 @@ class OrgBillingWorkflow:
     async def _apply(self, snapshot: SubscriptionSnapshot, *, adopt: bool) -> list[FieldDifference]:
         """Write a fresh Stripe read to the org row and the state."""
         state = self._state
+        if state.stripe_customer_id and snapshot.customer_id != state.stripe_customer_id:
+            # Never another org's subscription, whatever an event's metadata said.
+            state.last_error = (
+                f"subscription {snapshot.id} belongs to customer {snapshot.customer_id}, "
+                f"not to this org's {state.stripe_customer_id}; ignored"
+            )
+            workflow.logger.warning(state.last_error, extra={"org_id": state.org_id})
+            return []
         if state.stripe_subscription_id and snapshot.id != state.stripe_subscription_id:
             current_live = state.subscription_status in LIVE_SUBSCRIPTION_STATUSES
             if current_live or snapshot.status not in LIVE_SUBSCRIPTION_STATUSES or not adopt:
@@ -380,22 +413,8 @@ class OrgBillingWorkflow:
             DbActivities.save_subscription,
             SaveSubscriptionInput(org_id=state.org_id, subscription=snapshot),
         )
-        old_start = state.current_period_start
-        if (
-            old_start is not None
-            and state.current_period_end is not None
-            and snapshot.id == state.stripe_subscription_id
-            and snapshot.current_period_start is not None
-            and snapshot.current_period_start > old_start
-            and state.subscription_status in USAGE_STATUSES
-        ):
-            # The period that ended, and any a worker outage skipped over entirely.
-            old_end = state.current_period_end
-            self._to_finalize.append((old_start, old_end))
-            anchor_day = max(old_end.day, snapshot.current_period_start.day)
-            self._to_finalize.extend(
-                periods_between(old_end, snapshot.current_period_start, anchor_day)
-            )
+        if snapshot.id == state.stripe_subscription_id:
+            self._queue_ended_periods(snapshot)
         state.stripe_subscription_id = snapshot.id
         state.stripe_customer_id = snapshot.customer_id
         state.subscription_status = snapshot.status
@@ -406,6 +425,32 @@ class OrgBillingWorkflow:
         state.pause_collection = snapshot.pause_collection
         self._set_status(BillingStatus.of(snapshot.status))
         return diffs
+
+    def _queue_ended_periods(self, snapshot: SubscriptionSnapshot) -> None:
+        """Periods this fresh read shows to be over are owed a final usage report."""
+        state = self._state
+        old_start, old_end = state.current_period_start, state.current_period_end
+        if old_start is None or old_end is None or state.subscription_status not in USAGE_STATUSES:
+            return
+        new_start = snapshot.current_period_start
+        if new_start is not None and new_start > old_start:
+            # Renewed. A trial ended early (or a reset anchor) cuts the old period short;
+            # periods a worker outage skipped over entirely come after it.
+            self._queue_final_report(old_start, min(old_end, new_start))
+            if new_start > old_end:
+                anchor = snapshot.billing_cycle_anchor
+                anchor_day = anchor.day if anchor else max(old_end.day, new_start.day)
+                for start, end in periods_between(old_end, new_start, anchor_day):
+                    self._queue_final_report(start, end)
+        elif snapshot.status not in USAGE_STATUSES:
+            # Canceled (or paused) without a renewal: Stripe bills usage up to the end.
+            ended = min(old_end, snapshot.subscription_end or old_end)
+            if ended > old_start:
+                self._queue_final_report(old_start, ended)
+
+    def _queue_final_report(self, start: datetime, end: datetime) -> None:
+        if all(p.start != start for p in self._state.to_finalize):
+            self._state.to_finalize.append(BillingPeriod(start=start, end=end))
 
     # Usage ----------------------------------------------------------------------
 
@@ -428,24 +473,25 @@ class OrgBillingWorkflow:
 
     async def _usage_due_work(self) -> None:
         now = workflow.now()
-        if self._billable() and not self._quiet(now):
+        if self._usage_quiet():
+            return
+        if self._billable():
             start, end = self._current_period()
             lead = timedelta(seconds=self._tuning.usage_lead_seconds)
             grace = timedelta(seconds=self._tuning.usage_grace_seconds)
             if now >= end + grace:
                 # Stripe has renewed by now: the re-read shows the new period and
                 # queues this one's final report below.
-                await self._kept_alive("re-sync", self._resync())
-                if self._state.current_period_start == start and not self._to_finalize:
-                    self._quiet_until = now + timedelta(minutes=10)  # not renewed yet
+                await self._resync()
+                if self._state.current_period_start == start and not self._state.to_finalize:
+                    self._state.usage_retry_after = now + timedelta(minutes=10)  # not yet
             elif now >= end - lead and self._needs_pre_end_report(start, end):
-                await self._kept_alive("usage report", self._report_period(start, end, now))
-        # Periods that a renewal showed to be over: their final report, then a new run.
-        while self._to_finalize:
-            start, end = self._to_finalize.pop(0)
-            await self._kept_alive(
-                "usage report", self._report_period(start, end, max(workflow.now(), end))
-            )
+                await self._report_period(start, end, now)
+        # Ended periods, oldest first; one kept (and retried later) if Stripe refuses it.
+        while self._state.to_finalize:
+            period = self._state.to_finalize[0]
+            await self._report_period(period.start, period.end, max(workflow.now(), period.end))
+            self._state.to_finalize.pop(0)
             self._period_rolled = True
 
     def _needs_pre_end_report(self, start: datetime, end: datetime) -> bool:
@@ -455,8 +501,9 @@ class OrgBillingWorkflow:
             entry is None or entry.last_reported_at is None or entry.last_reported_at < end - lead
         )
 
-    def _quiet(self, now: datetime) -> bool:
-        return self._quiet_until is not None and now < self._quiet_until
+    def _usage_quiet(self) -> bool:
+        retry_after = self._state.usage_retry_after
+        return retry_after is not None and workflow.now() < retry_after
 
     def _next_wake(self) -> timedelta:
         now = workflow.now()
@@ -474,9 +521,15 @@ class OrgBillingWorkflow:
             elif self._needs_pre_end_report(start, end):
                 candidates.append(now)
             candidates.append(end + grace)
-        if self._quiet_until is not None:
-            # After a failure retrying cannot fix, nothing runs before the quiet time.
-            candidates = [max(c, self._quiet_until) for c in candidates]
+        if self._state.to_finalize:
+            candidates.append(now)
+        retry_after = self._state.usage_retry_after
+        if retry_after is not None and retry_after > now:
+            # After a usage report Stripe refused, usage waits; the daily re-sync does not.
+            resync_at = candidates[0] if self._state.last_synced_at is not None else None
+            candidates = [max(c, retry_after) for c in candidates]
+            if resync_at is not None:
+                candidates.append(resync_at)
         if not candidates:
             return timedelta(seconds=self._tuning.resync_interval_seconds)
         return max(min(candidates) - now, timedelta(seconds=1))
@@ -498,11 +551,15 @@ class OrgBillingWorkflow:
             ),
         )
         sent: list[str] = []
-        for event in plan.events:
-            await self._stripe(StripeActivities.send_meter_event, event)
-            sent.append(event.identifier)
-        if sent:
-            await self._db(DbActivities.mark_usage_sent, MarkSentInput(identifiers=sent))
+        try:
+            for event in plan.events:
+                await self._stripe(StripeActivities.send_meter_event, event)
+                sent.append(event.identifier)
+        finally:
+            # What went through is recorded even when a later event fails, so it is
+            # never sent again after Stripe's identifier dedupe window has passed.
+            if sent:
+                await self._db(DbActivities.mark_usage_sent, MarkSentInput(identifiers=sent))
         entry = self._usage_entry(start)
         if entry is None:
             entry = UsagePeriodReport(period_start=start, period_end=end)

@@ -338,3 +338,56 @@ async def test_a_period_older_than_stripe_accepts_is_skipped_with_its_reason(
     assert again.events == []
     with session_factory() as session:
         assert len(session.scalars(select(UsageLedger)).all()) == 2
+
+
+async def test_a_trial_ended_early_is_reported_up_to_its_real_end(stack: LiveStack) -> None:
+    state = await provisioned(stack)
+    org_id, sub_id = state.org_id, state.stripe_subscription_id
+    assert sub_id and state.stripe_customer_id
+    trial_start, trial_end = period_of(stack, sub_id)
+    record(stack, org_id, 6, stack.clock_time())
+    await stack.advance(trial_start + 5 * 86400)
+
+    stack.stripe.v1.subscriptions.update(sub_id, {"trial_end": "now"})
+    ended_at, _ = period_of(stack, sub_id)
+    assert ended_at < trial_end
+
+    async def trial_rows() -> list[UsageLedger]:
+        return ledger(stack, org_id, trial_start)
+
+    rows = await eventually(
+        trial_rows, lambda rs: len(rs) == 2 and all(r.status == "sent" for r in rs)
+    )
+    # The report covers the trial as it really was, and its events sit inside it.
+    assert {r.period_end for r in rows} == {at(ended_at)}
+    assert all(r.event_timestamp < at(ended_at) for r in rows)
+    assert meter_total(stack, state.stripe_customer_id, REQUESTS, trial_start, ended_at) == 6
+    latest = await query_state(stack.client, org_id)
+    assert latest.last_error is None
+
+
+async def test_usage_up_to_a_cancellation_at_period_end_is_reported(stack: LiveStack) -> None:
+    state = await active(stack)
+    org_id, sub_id = state.org_id, state.stripe_subscription_id
+    assert sub_id and state.stripe_customer_id
+    start, end = period_of(stack, sub_id)
+    record(stack, org_id, 4, start + 86400)
+    stack.stripe.v1.subscriptions.update(sub_id, {"cancel_at_period_end": True})
+    await stack.settled(org_id)
+    record(stack, org_id, 3, end - 600)  # in the last hour: after any pre-end report
+
+    await stack.advance(end + 60)
+
+    async def rows() -> list[UsageLedger]:
+        return ledger(stack, org_id, start)
+
+    await eventually(
+        rows,
+        lambda rs: (
+            sum(r.value for r in rs if r.dimension == REQUESTS) == 7
+            and all(r.status == "sent" for r in rs)
+        ),
+    )
+    assert meter_total(stack, state.stripe_customer_id, REQUESTS, start, end) == 7
+    final = await wait_for_status(stack.client, org_id, {BillingStatus.CANCELED})
+    assert final.to_finalize == []

@@ -355,3 +355,24 @@ async def test_history_stays_bounded_and_dedupe_survives_continue_as_new(
     histories = await _histories(stack, org_id)
     assert len(histories) >= 2
     assert max(len(h.events) for h in histories) < 200
+
+
+async def test_a_fresh_run_for_a_canceled_org_does_not_subscribe_it_again(
+    stack: LiveStack,
+) -> None:
+    state = await provisioned_org(stack)
+    assert state.stripe_subscription_id and state.stripe_customer_id
+    stack.stripe.v1.subscriptions.cancel(state.stripe_subscription_id)
+    await row_matches_stripe(stack, state.org_id, "canceled")
+    await stack.settled(state.org_id)
+    # An operator terminates the workflow; the next nudge starts a fresh run.
+    await stack.client.get_workflow_handle(org_workflow_id(state.org_id)).terminate("test")
+
+    await ensure_org_workflow(stack.client, stack.settings.temporal_task_queue, state.org_id)
+
+    fresh = await wait_for_status(stack.client, state.org_id, {BillingStatus.CANCELED})
+    assert fresh.stripe_subscription_id == state.stripe_subscription_id
+    subs = stack.stripe.v1.subscriptions.list(
+        {"customer": state.stripe_customer_id, "status": "all"}
+    ).data
+    assert [s.id for s in subs] == [state.stripe_subscription_id]
