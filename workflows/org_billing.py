@@ -229,23 +229,38 @@ class OrgBillingWorkflow:
                 done = await self._provision_once()
             if done:
                 return
+            if await self._wait_for_provisioning_retry():
+                return
+
+    async def _wait_for_provisioning_retry(self) -> bool:
+        """Wait for an operator (signal) or a fixed configuration (periodic retry).
+
+        Events are applied meanwhile, one of them may link a subscription made
+        elsewhere (then True: provisioned). They never trigger an attempt.
+        """
+        retry_at = workflow.now() + timedelta(seconds=self._tuning.failed_retry_seconds)
+        while True:
             if self._history_too_long():
                 await self._continue_as_new()
-            # Wait for an operator (signal), a fixed configuration (periodic retry),
-            # or an event that links a subscription made elsewhere.
-            with contextlib.suppress(TimeoutError):
+            remaining = retry_at - workflow.now()
+            if remaining <= timedelta(0):
+                return False
+            try:
                 await workflow.wait_condition(
                     lambda: (
                         self._retry_requested
                         or (bool(self._pending) and not self._history_too_long())
                     ),
-                    timeout=timedelta(seconds=self._tuning.failed_retry_seconds),
+                    timeout=remaining,
                 )
-            if self._pending and not self._retry_requested:
-                async with self._lock:
-                    await self._drain_events()
-                if self._state.stripe_subscription_id:
-                    return
+            except TimeoutError:
+                return False
+            if self._retry_requested:
+                return False
+            async with self._lock:
+                await self._drain_events()
+            if self._state.stripe_subscription_id:
+                return True
 
     async def _provision_once(self) -> bool:
         """One attempt; False (with the error kept in state) if retrying cannot help."""

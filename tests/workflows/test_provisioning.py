@@ -344,3 +344,57 @@ async def test_the_backfill_schedule_is_created_once_and_provisions_missing_orgs
     [customer] = customers_of(stripe_client, org_id)
     assert len(subscriptions_of(stripe_client, customer.id)) == 1
     await handle.delete()
+
+
+async def test_failed_provisioning_under_a_flood_of_events_continues_as_new(
+    temporal_dev_env: WorkflowEnvironment,
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+) -> None:
+    """Events keep coming while provisioning cannot succeed: the history stays bounded."""
+    from temporalio.api.enums.v1 import EventType
+
+    from billing.constants import ORG_BILLING_WORKFLOW
+    from billing.domain import OrgBillingInput, OrgBillingTuning, StripeEventSignal
+    from billing.orchestration import signal_stripe_event
+
+    client = temporal_dev_env.client
+    org_id = create_org(session_factory)
+    broken = settings.model_copy(update={"stripe_price_id": "price_does_not_exist"})
+    await client.start_workflow(
+        ORG_BILLING_WORKFLOW,
+        OrgBillingInput(org_id=org_id, tuning=OrgBillingTuning(max_history_events=60)),
+        id=org_workflow_id(org_id),
+        task_queue=settings.temporal_task_queue,
+    )
+    async with running_worker(client, broken, session_factory):
+        await wait_for_status(client, org_id, {BillingStatus.PROVISIONING_FAILED})
+        for i in range(40):
+            event = StripeEventSignal(
+                event_id=f"evt_flood_{i}",
+                type="customer.subscription.updated",
+                created=1_800_000_000 + i,
+                object_id="sub_unknown",
+            )
+            await signal_stripe_event(client, settings.temporal_task_queue, org_id, event)
+        await asyncio.sleep(3)
+        state = await wait_for_status(client, org_id, {BillingStatus.PROVISIONING_FAILED})
+        runs = [
+            wf.run_id
+            async for wf in client.list_workflows(f"WorkflowId = '{org_workflow_id(org_id)}'")
+        ]
+        histories = [
+            await client.get_workflow_handle(org_workflow_id(org_id), run_id=r).fetch_history()
+            for r in runs
+        ]
+    assert len(histories) >= 2
+    assert max(len(h.events) for h in histories) < 200
+    attempts = sum(
+        1
+        for h in histories
+        for e in h.events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+        and e.activity_task_scheduled_event_attributes.activity_type.name == "db_load_org"
+    )
+    assert attempts <= len(histories) + 1  # one attempt per run, not a spin
+    assert state.last_error
