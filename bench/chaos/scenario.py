@@ -205,19 +205,17 @@ class Scenario:
         await self.blocking(self._create_rows, run_tag)
         self.log(f"created {len(self.orgs)} orgs; starting their workflows")
         for plan in self.orgs:
-            await self._with_retries(
-                f"start the workflow of org {plan.org_id}",
-                lambda p=plan: ensure_org_workflow(self.client, TASK_QUEUE, p.org_id),  # type: ignore[misc]
-            )
+            await self._start_workflow(plan.org_id)
 
-    async def _with_retries(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
-        """Temporal may be restarting: try again until the deadline."""
+    async def _start_workflow(self, org_id: int) -> None:
+        """Like `billing orgs create`; Temporal may be restarting, so try until the deadline."""
         while True:
             try:
-                return await asyncio.wait_for(call(), 10)
+                await asyncio.wait_for(ensure_org_workflow(self.client, TASK_QUEUE, org_id), 10)
+                return
             except Exception as err:
                 if self.remaining() <= 0:
-                    raise DeadlineExceeded(what) from err
+                    raise DeadlineExceeded(f"start the workflow of org {org_id}") from err
                 await asyncio.sleep(1)
 
     async def wait_provisioned(self) -> bool:
