@@ -141,7 +141,6 @@ async def _run(options: ChaosOptions, say: Say) -> Report:
         metrics_text = await asyncio.to_thread(stack.api_metrics)
         if metrics_text is not None:
             latency.add_scrape(metrics_text)
-        await asyncio.sleep(1)  # the emulator flushes its state file every 0.2 s
 
         scenario.log("checking the invariants")
         checker = Checker(
