@@ -333,7 +333,23 @@ class Checker:
                 check.add(f"org {org_id}: BillingStatus {shown!r} but state {state.status.value}")
         statuses = Counter(e.status.name if e.status else "unknown" for e in self.executions)
         self.notes["OrgBilling runs by status"] = dict(statuses)
+        running = [e for e in latest.values() if e.status == WorkflowExecutionStatus.RUNNING]
+        self.notes["activities still retrying at the end"] = await self._retrying(running)
         return check
+
+    async def _retrying(self, running: list[WorkflowExecution]) -> int:
+        """Pending activities past their first attempt: work that keeps failing quietly."""
+
+        async def one(execution: WorkflowExecution) -> int:
+            handle = self.client.get_workflow_handle(execution.id, run_id=execution.run_id)
+            try:
+                description = await handle.describe()
+            except Exception:
+                return 0
+            pending = description.raw_description.pending_activities
+            return sum(1 for activity in pending if activity.attempt > 1)
+
+        return sum(await asyncio.gather(*(one(e) for e in running)))
 
     def largest_history(self) -> int:
         return max((e.history_length for e in self.executions), default=0)
