@@ -1,0 +1,223 @@
+"""Backfill throughput: how fast N new orgs get billing under Stripe's test-mode rate limit.
+
+Runs the path production runs: the `ProvisionMissingOrgs` workflow starts every
+org's `OrgBilling` workflow, whose Stripe activities go through the worker's
+rate-limited Stripe task queue to the emulator, which answers 429 above 25
+requests/s like Stripe's test mode. Then checks that nothing was created twice.
+
+    .venv/bin/python bench/provisioning.py 500 [--activities-per-second 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+import uuid
+from collections import Counter
+
+from _stack import (
+    DEFAULT_ACTIVITIES_PER_SECOND,
+    STRIPE_RATE,
+    TARGET_RATIO,
+    TASK_QUEUE,
+    MetricsDelta,
+    Stack,
+    Traffic,
+    check_rate,
+    console,
+    fmt_rate,
+    machine,
+    open_stack,
+    provisioned_count,
+    quiet_logging,
+    report_table,
+    request_counts,
+    route_table,
+    running_workers,
+    start_backfill,
+    time_table,
+    verdict,
+    wait_with_progress,
+    warnings_table,
+)
+from sqlalchemy import func, select
+
+from billing import services
+from billing.db.models import Org
+
+# Each provisioning runs two Stripe activities: ensure_customer (search, create) and
+# ensure_subscription (list, create): four requests when nothing has to be retried.
+STRIPE_ACTIVITIES_PER_ORG = 2
+STRIPE_REQUESTS_PER_ORG = 4
+REQUESTS_PER_ACTIVITY = STRIPE_REQUESTS_PER_ORG / STRIPE_ACTIVITIES_PER_ORG
+
+
+def create_orgs(stack: Stack, n: int) -> None:
+    """N orgs with owners, as `billing orgs create` makes them (one transaction)."""
+    run = uuid.uuid4().hex[:6]
+    with stack.sessions.begin() as session:
+        for i in range(n):
+            services.create_org_with_owner(
+                session,
+                name=f"Bench org {i}",
+                owner_email=f"owner-{run}-{i}@example.com",
+                owner_first_name="Ada",
+                owner_last_name=f"Owner{i}",
+            )
+
+
+def duplicates(stack: Stack, n: int) -> dict[str, int]:
+    """What must be zero: second customers or subscriptions of an org, orgs left unbilled."""
+    with stack.emulator.state.lock:
+        customers = list(stack.emulator.state.collection("customer").values())
+        subscriptions = list(stack.emulator.state.collection("subscription").values())
+    per_org_customers = Counter(str((c.get("metadata") or {}).get("org_id")) for c in customers)
+    per_org_subs = Counter(str((s.get("metadata") or {}).get("org_id")) for s in subscriptions)
+    with stack.sessions() as session:
+        org_ids = [str(i) for i in session.scalars(select(Org.id))]
+        distinct_subs = session.scalar(
+            select(func.count(func.distinct(Org.stripe_subscription_id)))
+        )
+    return {
+        "customers sharing an org_id": sum(c - 1 for c in per_org_customers.values() if c > 1),
+        "orgs with != 1 subscription": sum(1 for o in org_ids if per_org_subs[o] != 1),
+        "orgs without a subscription id": n - int(distinct_subs or 0),
+    }
+
+
+async def run(n: int, activities_per_second: float, timeout: float) -> int:
+    warned = quiet_logging()
+    async with open_stack() as stack:
+        console.print(
+            f"Stack up in {stack.setup_seconds:.1f} s (Postgres: {stack.postgres}). "
+            f"Creating {n} orgs with owners…"
+        )
+        t = time.monotonic()
+        await asyncio.to_thread(create_orgs, stack, n)
+        console.print(f"{n} orgs created in {time.monotonic() - t:.1f} s.")
+
+        async with running_workers(stack, activities_per_second):
+            metrics_before = await asyncio.to_thread(stack.metrics.snapshot)
+            warned_before = warned.counts.copy()
+            # Stripe's test-mode limit, from a full bucket, from here on.
+            stack.emulator.set_faults(rate_limit_per_second=STRIPE_RATE)
+            before = request_counts(stack.emulator)
+            started = time.monotonic()
+            backfill = await start_backfill(stack)
+            await wait_with_progress(
+                f"Provisioning at ≤{activities_per_second:g} Stripe activities/s",
+                n,
+                lambda: provisioned_count(stack.sessions),
+                timeout=timeout,
+            )
+            wall = time.monotonic() - started
+            traffic = Traffic.between(before, request_counts(stack.emulator))
+            stack.emulator.clear_faults()
+            load = machine()
+            warnings = warned.since(warned_before)
+            metrics = MetricsDelta.between(
+                metrics_before, await asyncio.to_thread(stack.metrics.snapshot)
+            )
+            result = await backfill.result()
+        dupes = duplicates(stack, n)
+
+    ok = report(n, activities_per_second, wall, traffic, result.started, dupes, load)
+    console.print(route_table(traffic, wall))
+    console.print(time_table(metrics, TASK_QUEUE))
+    table = warnings_table(warnings)
+    if table is not None:
+        console.print(table)
+    return 0 if ok else 1
+
+
+def report(
+    n: int,
+    activities_per_second: float,
+    wall: float,
+    traffic: Traffic,
+    started: int,
+    dupes: dict[str, int],
+    load: str,
+) -> bool:
+    """Print the figures; True when nothing was duplicated or left out."""
+    served_rate = traffic.served / wall
+    ratio = served_rate / STRIPE_RATE
+    activities = STRIPE_ACTIVITIES_PER_ORG * n
+    # With the SDK's own retries off, each 429 ends exactly one activity attempt.
+    attempts = activities + traffic.rate_limited
+    ceiling = activities_per_second * REQUESTS_PER_ACTIVITY
+    best = STRIPE_RATE / REQUESTS_PER_ACTIVITY
+    overhead = traffic.served / (STRIPE_REQUESTS_PER_ORG * n) - 1
+    clean = all(v == 0 for v in dupes.values())
+    rows = [
+        ("orgs", str(n), f"backfill started {started} org workflows"),
+        ("wall time", f"{wall:.1f} s", "backfill start → every org row has a subscription"),
+        ("orgs/s", fmt_rate(n / wall), ""),
+        (
+            "Stripe activities/s",
+            fmt_rate(activities / wall),
+            f"{activities} completed ({STRIPE_ACTIVITIES_PER_ORG}/org); "
+            f"worker limit {activities_per_second:g}/s",
+        ),
+        (
+            "activity attempts/s",
+            fmt_rate(attempts / wall),
+            "completed + attempts failed by a 429 (retried by Temporal)",
+        ),
+        ("Stripe requests/s (served)", fmt_rate(served_rate), f"{traffic.served} requests"),
+        (
+            "requests per org",
+            f"{traffic.served / n:.2f}",
+            f"{STRIPE_REQUESTS_PER_ORG} without retries; {overhead:+.0%} re-done after 429s",
+        ),
+        (
+            "served rate / Stripe limit",
+            f"{ratio:.2f}",
+            f"limit {STRIPE_RATE:g}/s; target ≥ {TARGET_RATIO} " + verdict(ratio >= TARGET_RATIO),
+        ),
+        (
+            "429s",
+            str(traffic.rate_limited),
+            f"{traffic.rate_limited / max(traffic.total, 1):.0%} of {traffic.total} requests",
+        ),
+    ]
+    rows += [(name, str(count), verdict(count == 0)) for name, count in dupes.items()]
+    console.print(report_table(f"Provisioning {n} orgs ({load})", rows))
+    if ceiling > STRIPE_RATE * 1.05:
+        console.print(
+            f"[yellow]The Stripe queue allows {activities_per_second:g} activities/s ≈ "
+            f"{ceiling:.0f} requests/s ({REQUESTS_PER_ACTIVITY:g} requests per activity), above "
+            f"Stripe's {STRIPE_RATE:g}/s: the surplus comes back as 429s, each one failing an "
+            "activity attempt that Temporal retries with backoff, redoing its lookup. "
+            f"Try --activities-per-second {best:.1f}.[/yellow]"
+        )
+    elif ratio < TARGET_RATIO:
+        console.print(
+            f"[yellow]Below {TARGET_RATIO:.0%} of Stripe's limit: the Stripe queue allows only "
+            f"{activities_per_second:g} activities/s ≈ {ceiling:.0f} requests/s "
+            f"({REQUESTS_PER_ACTIVITY:g} requests per activity), so the activity limit, not "
+            f"Stripe, sets the pace. Try --activities-per-second {best:.1f}.[/yellow]"
+        )
+    return clean and started == n
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("orgs", nargs="?", type=int, default=500, help="orgs to provision")
+    parser.add_argument(
+        "--activities-per-second",
+        type=check_rate,
+        default=DEFAULT_ACTIVITIES_PER_SECOND,
+        help="Settings.stripe_activities_per_second (the worker's Stripe queue limit); "
+        f"default {DEFAULT_ACTIVITIES_PER_SECOND:g}",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=900.0, help="seconds to wait for provisioning"
+    )
+    args = parser.parse_args()
+    return asyncio.run(run(args.orgs, args.activities_per_second, args.timeout))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
