@@ -61,8 +61,8 @@ FULL = FaultPlan(
 )
 
 LIGHT = FaultPlan(
-    worker_kill_every=(40, 70),
-    kill_after_advance=0.3,
+    worker_kill_every=(60, 90),
+    kill_after_advance=0.25,
     api_restart_every=(70, 100),
     temporal_outage_every=(80, 120),
     temporal_outage_seconds=(2, 3),

@@ -18,8 +18,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "chaos_month.py"
 ORGS = 20
-DEADLINE_SECONDS = 150
-TIMEOUT_SECONDS = 300
+DEADLINE_SECONDS = 210
+TIMEOUT_SECONDS = 400
 
 
 @pytest.mark.chaos
