@@ -114,10 +114,12 @@ class Checker:
         self.periods_billed = periods_billed
         self.orgs: dict[int, OrgPlan] = {p.org_id: p for p in scenario.orgs}
         self.executions: list[WorkflowExecution] = []
+        self.accepted_events: list[dict[str, Any]] = []
         self.notes: dict[str, Any] = {}
 
     async def run(self) -> list[Invariant]:
         world = await asyncio.to_thread(read_stripe, self.stripe)
+        clock_now = await self.scenario.clock_time()
         customer_org = {
             c["id"]: int(c["metadata"]["org_id"])
             for c in world.customers
@@ -129,6 +131,7 @@ class Checker:
             await asyncio.to_thread(self.rows, world, customer_org),
             await asyncio.to_thread(self.invoices, world, customer_org),
             await asyncio.to_thread(self.meter_events),
+            await asyncio.to_thread(self.meter_totals, customer_org, clock_now),
             self.webhooks(),
             await self.workflows(),
         ]
@@ -266,7 +269,8 @@ class Checker:
             )
         time.sleep(STATE_FILE_FLUSH_SECONDS)
         data = json.loads(self.state_file.read_text())
-        accepted = Counter(str(e.get("identifier")) for e in data.get("meter_events", []))
+        self.accepted_events = list(data.get("meter_events", []))
+        accepted = Counter(str(e.get("identifier")) for e in self.accepted_events)
         for identifier, times in accepted.items():
             if times > 1:
                 check.add(f"identifier {identifier} accepted {times} times")
@@ -282,6 +286,66 @@ class Checker:
         self.notes["meter event retries answered 'duplicate'"] = meters.get("duplicate", 0)
         self.notes["Stripe idempotent replays"] = self.stats.get("idempotent_replays", 0)
         self.notes["ledger rows by status"] = dict(Counter(ledger.values()))
+        return check
+
+    def meter_totals(self, customer_org: dict[str, int], clock_now: int) -> Invariant:
+        """Every reported period that is over, trial and canceled ones included, as Stripe sums it.
+
+        Requests (meter `sum`) must add up to the request log of the period;
+        users (meter `last`) must end on the ledger's last users value.
+        """
+        check = Invariant("ended periods whose Stripe meter totals differ from the database")
+        org_customer = {org: customer for customer, org in customer_org.items()}
+        events: dict[tuple[str, str], list[tuple[int, int, float]]] = {}
+        for position, event in enumerate(self.accepted_events):
+            payload = event.get("payload") or {}
+            key = (str(payload.get("stripe_customer_id")), str(event.get("event_name")))
+            value = float(payload.get("value", 0))
+            events.setdefault(key, []).append((int(event["timestamp"]), position, value))
+        with self.sessions() as session:
+            periods: dict[tuple[int, int, int], int | None] = {}
+            for row_org, row_start, row_end, dimension, value in session.execute(
+                select(
+                    UsageLedger.org_id,
+                    UsageLedger.period_start,
+                    UsageLedger.period_end,
+                    UsageLedger.dimension,
+                    UsageLedger.value,
+                )
+                .where(UsageLedger.status == "sent")
+                .order_by(UsageLedger.seq)
+            ).tuples():
+                period = (row_org, int(row_start.timestamp()), int(row_end.timestamp()))
+                last = periods.get(period)
+                periods[period] = int(value) if dimension == USERS else last
+            requests = list(
+                session.execute(
+                    select(RequestLog.org_id, RequestLog.occurred_at, RequestLog.count)
+                ).tuples()
+            )
+        checked = 0
+        for (org_id, start, end), last_users in sorted(periods.items()):
+            customer = org_customer.get(org_id)
+            if customer is None or end > clock_now:
+                continue
+            checked += 1
+            inside = [e for e in events.get((customer, REQUESTS), []) if start <= e[0] < end]
+            stripe_requests = sum(value for _, _, value in inside)
+            database_requests = sum(
+                count
+                for row_org, occurred, count in requests
+                if row_org == org_id and start <= occurred.timestamp() < end
+            )
+            users = [e for e in events.get((customer, USERS), []) if start <= e[0] < end]
+            stripe_users = max(users)[2] if users else None
+            expected_users = float(last_users) if last_users is not None else None
+            if stripe_requests != database_requests or stripe_users != expected_users:
+                check.add(
+                    f"org {org_id} period {start}..{end}: requests Stripe {stripe_requests:.0f} "
+                    f"database {database_requests}, users Stripe {stripe_users} "
+                    f"ledger {last_users}"
+                )
+        self.notes["ended periods checked against meter totals"] = checked
         return check
 
     # -- webhooks and workflows ------------------------------------------------------------
