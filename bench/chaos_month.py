@@ -20,6 +20,7 @@ from chaos import ChaosOptions, run_chaos
 
 
 def main() -> int:
+    """Parse the options, run the month, print the report; the exit code is the verdict."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--orgs", type=int, default=100, help="how many orgs (default 100)")
     parser.add_argument("--seed", type=int, default=1, help="seed of every random choice")

@@ -13,7 +13,7 @@ import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -72,12 +72,16 @@ def stripe_subscription_end(sub: dict[str, Any]) -> int | None:
 
 @dataclass
 class StripeWorld:
+    """Everything the checks read from Stripe, read once."""
+
     customers: list[dict[str, Any]]
     subscriptions: list[dict[str, Any]]
     invoices: list[dict[str, Any]]
 
 
 def read_stripe(client: stripe.StripeClient) -> StripeWorld:
+    """Customers, subscriptions (all statuses) and invoices, every page."""
+
     def every(listing: Any) -> list[dict[str, Any]]:
         return [obj.to_dict() for obj in listing.auto_paging_iter()]
 
@@ -118,6 +122,7 @@ class Checker:
         self.notes: dict[str, Any] = {}
 
     async def run(self) -> list[Invariant]:
+        """Every invariant, in the order the report prints them."""
         world = await asyncio.to_thread(read_stripe, self.stripe)
         clock_now = await self.scenario.clock_time()
         customer_org = {
@@ -139,6 +144,7 @@ class Checker:
     # -- Stripe objects ------------------------------------------------------------------
 
     def customers(self, world: StripeWorld) -> Invariant:
+        """One customer per Stripe-billed org (found by metadata), none for AWS/Azure."""
         found = Counter(
             int(org) for c in world.customers if (org := (c.get("metadata") or {}).get("org_id"))
         )
@@ -150,6 +156,7 @@ class Checker:
         return check
 
     def subscriptions(self, world: StripeWorld, customer_org: dict[str, int]) -> Invariant:
+        """One subscription per Stripe-billed org, whatever its status; none for AWS/Azure."""
         found = Counter(customer_org.get(s["customer"]) for s in world.subscriptions)
         check = Invariant("orgs with != 1 subscription (AWS/Azure: != 0)")
         for org_id, plan in self.orgs.items():
@@ -159,6 +166,7 @@ class Checker:
         return check
 
     def rows(self, world: StripeWorld, customer_org: dict[str, int]) -> Invariant:
+        """The org row says what Stripe says: ids, status and subscription_end."""
         subs = {customer_org.get(s["customer"]): s for s in world.subscriptions}
         customers = {org: cid for cid, org in customer_org.items()}
         check = Invariant("org rows whose status or subscription_end differ from Stripe")
@@ -351,6 +359,7 @@ class Checker:
     # -- webhooks and workflows ------------------------------------------------------------
 
     def webhooks(self) -> Invariant:
+        """Deliveries Stripe stopped retrying: an event the product never saw."""
         hooks = self.stats.get("webhooks", {})
         check = Invariant("webhooks Stripe gave up on")
         given_up = int(hooks.get("given_up", 0)) + int(hooks.get("dropped", 0))
@@ -416,8 +425,5 @@ class Checker:
         return sum(await asyncio.gather(*(one(e) for e in running)))
 
     def largest_history(self) -> int:
+        """The longest history of any run: continue-as-new keeps it bounded."""
         return max((e.history_length for e in self.executions), default=0)
-
-
-def now_utc() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

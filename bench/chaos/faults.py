@@ -96,6 +96,8 @@ class EmulatorControl:
 
 @dataclass
 class FaultLog:
+    """What the injector did, for the report."""
+
     counts: Counter[str] = field(default_factory=Counter)
     lines: list[str] = field(default_factory=list)
     temporal_down_seconds: float = 0.0
@@ -131,6 +133,7 @@ class FaultInjector:
     # -- control ------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Seed the emulator's own randomness and schedule the first fault of each kind."""
         self.emulator.set_faults(seed=self.seed)
         now = time.monotonic()
         self._started = now
@@ -171,6 +174,7 @@ class FaultInjector:
                 self._note("injector_error", f"{type(err).__name__}: {err}")
 
     def _tick(self) -> None:
+        """End stretches that are over, then run whatever fault is due."""
         now = time.monotonic()
         for kind, end in list(self._stretch_ends.items()):
             if now >= end:

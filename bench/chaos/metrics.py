@@ -28,6 +28,7 @@ class WebhookLatency:
         self._lock = threading.Lock()
 
     def add_scrape(self, text: str) -> None:
+        """Add one API process's histogram (each restart starts a new one)."""
         buckets: dict[float, float] = {}
         count = 0.0
         for family in text_string_to_metric_families(text):

@@ -61,6 +61,7 @@ def http_ok(url: str, timeout: float = 2.0) -> bool:
 
 
 def wait_until(check: Any, timeout: float, what: str, interval: float = 0.1) -> None:
+    """Poll `check` until it is true; raise after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while not check():
         if time.monotonic() > deadline:
@@ -102,6 +103,7 @@ class Service:
         return self.process is not None and self.process.poll() is None
 
     def start(self) -> None:
+        """Start it (again), appending to the same log."""
         if self.alive():
             return
         self._close_log()
@@ -147,6 +149,7 @@ class Service:
 
 
 def billing_command(*args: str) -> list[str]:
+    """`billing ...` with this interpreter, so children use the same environment."""
     return [sys.executable, "-m", "billing.cli", *args]
 
 
@@ -163,6 +166,7 @@ class Database:
     embedded: Any = None
 
     def drop(self) -> None:
+        """Drop the database (and stop an embedded server)."""
         with (
             contextlib.suppress(psycopg.Error),
             psycopg.connect(self.admin_dsn, autocommit=True) as conn,
@@ -274,6 +278,7 @@ class Stack:
         return [self.temporal, self.emulator, self.api, *self.workers]
 
     def stripe(self) -> stripe.StripeClient:
+        """A client of the emulator for the harness itself."""
         return patient_stripe(self.api_key, self.emulator_url)
 
     # -- start and stop ---------------------------------------------------------------
@@ -329,14 +334,17 @@ class Stack:
     # -- pieces the fault injector restarts --------------------------------------------
 
     def wait_temporal(self, timeout: float = 60) -> None:
+        """The dev server accepts connections again (after a start or an outage)."""
         wait_until(lambda: tcp_open(self.temporal_port), timeout, "the Temporal dev server")
 
     def start_api(self, timeout: float = 60) -> None:
+        """Start the API and wait until it answers."""
         with self.lock:
             self.api.start()
         wait_until(lambda: http_ok(f"{self.api_url}/healthz"), timeout, "the API")
 
     def api_metrics(self) -> str | None:
+        """The API's Prometheus text, or None while it is down."""
         try:
             response = httpx.get(f"{self.api_url}/metrics", timeout=5)
         except httpx.HTTPError:

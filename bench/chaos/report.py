@@ -11,6 +11,8 @@ from .checks import Invariant
 
 @dataclass
 class Report:
+    """The verdict of one chaos month."""
+
     orgs: int
     seed: int
     faults: str
@@ -24,6 +26,7 @@ class Report:
 
     @property
     def ok(self) -> bool:
+        """Every invariant counted and at 0, and the run finished in time."""
         return (
             self.error is None
             and bool(self.invariants)
@@ -39,6 +42,7 @@ class Report:
         return json.dumps(self.as_dict(), indent=2, default=str)
 
     def render(self) -> str:
+        """The report as the terminal shows it."""
         width = max((len(i.name) for i in self.invariants), default=40)
         lines = [
             "",

@@ -78,6 +78,7 @@ def _requests(stats: dict[str, Any]) -> int:
 
 
 async def _run(options: ChaosOptions, say: Say) -> Report:
+    """Start the stack, run the month with faults, count the invariants, stop it all."""
     report = Report(orgs=options.orgs, seed=options.seed, faults=options.faults)
     began = time.monotonic()
     workdir = options.workdir or Path(tempfile.mkdtemp(prefix="billing-chaos-"))

@@ -66,6 +66,8 @@ class OrgPlan:
 
 @dataclass
 class StepLog:
+    """How long one clock step took to settle."""
+
     label: str
     clock: int
     seconds: float
@@ -219,6 +221,7 @@ class Scenario:
                 await asyncio.sleep(1)
 
     async def wait_provisioned(self) -> bool:
+        """Every Stripe org has a subscription in its row; AWS/Azure orgs are not_billed."""
         billed = {p.org_id for p in self.orgs if p.billed}
         elsewhere = [p.org_id for p in self.orgs if not p.billed]
 
@@ -263,6 +266,7 @@ class Scenario:
             )
 
     async def attach_cards(self) -> None:
+        """Each customer's default card: a working one, or one that declines."""
         await self.blocking(self._attach_cards)
         failing = sum(p.failing_card for p in self.orgs)
         self.log(f"cards attached: {failing} failing ({FAILING_CARD}), the rest {WORKING_CARD}")
@@ -384,10 +388,13 @@ class Scenario:
         )
 
     def subscriptions(self) -> dict[str, dict[str, Any]]:
+        """Every subscription in Stripe, by id, as plain dicts."""
         subs = self.stripe.v1.subscriptions.list({"status": "all", "limit": 100})
         return {s.id: s.to_dict() for s in subs.auto_paging_iter()}
 
     async def states(self, org_ids: list[int]) -> dict[int, OrgBillingState | None]:
+        """The workflows' `state` query; None where it did not answer in time."""
+
         async def one(org_id: int) -> OrgBillingState | None:
             try:
                 return await asyncio.wait_for(query_state(self.client, org_id), QUERY_TIMEOUT)
@@ -398,6 +405,7 @@ class Scenario:
         return dict(zip(org_ids, found, strict=True))
 
     async def webhooks_idle(self) -> str | None:
+        """Stripe has no delivery queued, in flight or waiting for a retry."""
         stats = await self.blocking(self.emulator.stats)
         hooks = stats["webhooks"]
         busy = int(hooks.get("in_flight_or_queued", 0)) + int(hooks.get("scheduled_retries", 0))
@@ -417,6 +425,7 @@ class Scenario:
             return found
 
     async def events_applied(self) -> str | None:
+        """Every event the API handed to a workflow is in its seen events."""
         signalled = await self.blocking(self._signalled)
         states = await self.states(sorted(signalled))
         behind = [
@@ -427,6 +436,7 @@ class Scenario:
         return f"{len(behind)} workflows have not applied their events yet" if behind else None
 
     def _usage_missing(self, boundary: int) -> str | None:
+        """Orgs renewed at `boundary` whose ended period is not all sent."""
         subs = self.subscriptions()
         renewed = {
             int(s["metadata"]["org_id"])
