@@ -311,7 +311,11 @@ class Checker:
             value = float(payload.get("value", 0))
             events.setdefault(key, []).append((int(event["timestamp"]), position, value))
         with self.sessions() as session:
-            periods: dict[tuple[int, int, int], int | None] = {}
+            # A period is its start; its end is the earliest any report gave it (a
+            # subscription canceled mid-period ends it early, after a report that
+            # still named the full period).
+            ends: dict[tuple[int, int], int] = {}
+            last_users: dict[tuple[int, int], int] = {}
             for row_org, row_start, row_end, dimension, value in session.execute(
                 select(
                     UsageLedger.org_id,
@@ -323,16 +327,18 @@ class Checker:
                 .where(UsageLedger.status == "sent")
                 .order_by(UsageLedger.seq)
             ).tuples():
-                period = (row_org, int(row_start.timestamp()), int(row_end.timestamp()))
-                last = periods.get(period)
-                periods[period] = int(value) if dimension == USERS else last
+                period = (row_org, int(row_start.timestamp()))
+                end = int(row_end.timestamp())
+                ends[period] = min(end, ends.get(period, end))
+                if dimension == USERS:
+                    last_users[period] = int(value)
             requests = list(
                 session.execute(
                     select(RequestLog.org_id, RequestLog.occurred_at, RequestLog.count)
                 ).tuples()
             )
         checked = 0
-        for (org_id, start, end), last_users in sorted(periods.items()):
+        for (org_id, start), end in sorted(ends.items()):
             customer = org_customer.get(org_id)
             if customer is None or end > clock_now:
                 continue
@@ -346,12 +352,13 @@ class Checker:
             )
             users = [e for e in events.get((customer, USERS), []) if start <= e[0] < end]
             stripe_users = max(users)[2] if users else None
-            expected_users = float(last_users) if last_users is not None else None
+            ledger_users = last_users.get((org_id, start))
+            expected_users = float(ledger_users) if ledger_users is not None else None
             if stripe_requests != database_requests or stripe_users != expected_users:
                 check.add(
                     f"org {org_id} period {start}..{end}: requests Stripe {stripe_requests:.0f} "
                     f"database {database_requests}, users Stripe {stripe_users} "
-                    f"ledger {last_users}"
+                    f"ledger {ledger_users}"
                 )
         self.notes["ended periods checked against meter totals"] = checked
         return check
