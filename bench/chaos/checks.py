@@ -136,7 +136,7 @@ class Checker:
             await asyncio.to_thread(self.rows, world, customer_org),
             await asyncio.to_thread(self.invoices, world, customer_org),
             await asyncio.to_thread(self.meter_events),
-            await asyncio.to_thread(self.meter_totals, customer_org, clock_now),
+            await asyncio.to_thread(self.meter_totals, world, customer_org, clock_now),
             self.webhooks(),
             await self.workflows(),
         ]
@@ -296,14 +296,22 @@ class Checker:
         self.notes["ledger rows by status"] = dict(Counter(ledger.values()))
         return check
 
-    def meter_totals(self, customer_org: dict[str, int], clock_now: int) -> Invariant:
+    def meter_totals(
+        self, world: StripeWorld, customer_org: dict[str, int], clock_now: int
+    ) -> Invariant:
         """Every reported period that is over, trial and canceled ones included, as Stripe sums it.
 
         Requests (meter `sum`) must add up to the request log of the period;
-        users (meter `last`) must end on the ledger's last users value.
+        users (meter `last`) must end on the ledger's last users value. A
+        subscription that ended mid-period ends its last period there.
         """
         check = Invariant("ended periods whose Stripe meter totals differ from the database")
         org_customer = {org: customer for customer, org in customer_org.items()}
+        ended_at = {
+            customer_org[sub["customer"]]: int(sub["ended_at"])
+            for sub in world.subscriptions
+            if sub.get("ended_at") and sub["customer"] in customer_org
+        }
         events: dict[tuple[str, str], list[tuple[int, int, float]]] = {}
         for position, event in enumerate(self.accepted_events):
             payload = event.get("payload") or {}
@@ -312,8 +320,7 @@ class Checker:
             events.setdefault(key, []).append((int(event["timestamp"]), position, value))
         with self.sessions() as session:
             # A period is its start; its end is the earliest any report gave it (a
-            # subscription canceled mid-period ends it early, after a report that
-            # still named the full period).
+            # report made before a cancellation still names the full period).
             ends: dict[tuple[int, int], int] = {}
             last_users: dict[tuple[int, int], int] = {}
             for row_org, row_start, row_end, dimension, value in session.execute(
@@ -338,8 +345,11 @@ class Checker:
                 ).tuples()
             )
         checked = 0
-        for (org_id, start), end in sorted(ends.items()):
+        for (org_id, start), reported_end in sorted(ends.items()):
             customer = org_customer.get(org_id)
+            end = reported_end
+            if org_id in ended_at and start < ended_at[org_id] < end:
+                end = ended_at[org_id]
             if customer is None or end > clock_now:
                 continue
             checked += 1
