@@ -149,13 +149,23 @@ def test_show_unknown_org(invoke: Invoke) -> None:
 
 
 def test_missing_tables_are_a_clear_error(invoke: Invoke, database_url: str) -> None:
+    """A database that was never migrated: the error says to run `billing migrate`."""
+    import uuid
+
+    import psycopg
     from sqlalchemy.engine import make_url
 
-    other = make_url(database_url).set(database="postgres").render_as_string(hide_password=False)
-    result = invoke("orgs", "list", env={"DATABASE_URL": other})
-
-    if result.exit_code == 0:
-        pytest.skip("the server's `postgres` database has billing tables")
+    url = make_url(database_url)
+    admin = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    empty = f"billing_empty_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{empty}"')
+    try:
+        other = url.set(database=empty).render_as_string(hide_password=False)
+        result = invoke("orgs", "list", env={"DATABASE_URL": other})
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{empty}" WITH (FORCE)')
     assert_clean_error(result, "billing migrate")
 
 
