@@ -13,10 +13,17 @@ figures of the run, and exits non-zero if any count is not 0.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
+from types import FrameType
 
 from chaos import ChaosOptions, run_chaos
+
+
+def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM unwinds like Ctrl-C, so every process of the stack is stopped on the way out."""
+    raise KeyboardInterrupt
 
 
 def main() -> int:
@@ -56,7 +63,12 @@ def main() -> int:
         keep=args.keep,
         capture_histories=args.capture_histories,
     )
-    report = run_chaos(options, say=lambda line: print(line, flush=True))
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    try:
+        report = run_chaos(options, say=lambda line: print(line, flush=True))
+    except KeyboardInterrupt:
+        print("Interrupted: the stack is stopped, no invariant was checked.", file=sys.stderr)
+        return 130
     print(report.render(), flush=True)
     if args.json is not None:
         args.json.write_text(report.to_json())

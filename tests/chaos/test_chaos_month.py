@@ -22,6 +22,10 @@ DEADLINE_SECONDS = 210
 TIMEOUT_SECONDS = 400
 
 
+def _tail(output: str, lines: int = 60) -> str:
+    return "\n".join(output.splitlines()[-lines:])
+
+
 @pytest.mark.chaos
 @pytest.mark.timeout(TIMEOUT_SECONDS + 30)
 def test_a_short_chaos_month_loses_nothing_and_doubles_nothing(tmp_path: Path) -> None:
@@ -38,14 +42,16 @@ def test_a_short_chaos_month_loses_nothing_and_doubles_nothing(tmp_path: Path) -
     argv = [sys.executable, str(SCRIPT)]
     for flag, value in options.items():
         argv += [flag, str(value)]
-    run = subprocess.run(
-        argv,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_SECONDS,
-    )
-    tail = "\n".join((run.stdout + run.stderr).splitlines()[-60:])
+    with subprocess.Popen(
+        argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as run:
+        try:
+            output, _ = run.communicate(timeout=TIMEOUT_SECONDS)
+        except subprocess.TimeoutExpired:
+            run.terminate()  # SIGTERM: the harness stops every process of its stack
+            output, _ = run.communicate(timeout=60)
+            pytest.fail(f"the chaos month ran over {TIMEOUT_SECONDS} s:\n{_tail(output)}")
+    tail = _tail(output)
     assert report_path.exists(), f"the chaos month wrote no report:\n{tail}"
     report = json.loads(report_path.read_text())
 
