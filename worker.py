@@ -33,7 +33,6 @@ from temporalio.worker import Worker
 
 from activities.db_activities import DbActivities
 from activities.stripe_activities import StripeActivities
-from activities.stripe_gateway import StripeGateway, make_stripe_client
 from activities.temporal_activities import OrgStarterActivities
 from billing.config import Settings, StripeNotConfiguredError, get_settings
 from billing.constants import (
@@ -45,7 +44,8 @@ from billing.constants import (
 from billing.db.session import make_engine, make_session_factory
 from billing.domain import BackfillInput
 from billing.orchestration import tuning_of
-from billing.runtime import connect_temporal
+from billing.stripe_gateway import StripeGateway, make_stripe_client
+from billing.temporal_client import connect_temporal
 from workflows import ALL_WORKFLOWS
 
 log = logging.getLogger("billing.worker")

@@ -8,9 +8,9 @@ from temporalio import activity
 
 from activities.errors import stripe_errors_classified
 from activities.models import EnsureSubscriptionInput, FetchSubscriptionInput, MeterEventToSend
-from activities.stripe_gateway import StripeGateway
 from billing.config import Settings
 from billing.domain import LIVE_SUBSCRIPTION_STATUSES, OrgProfile, SubscriptionSnapshot
+from billing.stripe_gateway import StripeGateway
 
 log = logging.getLogger(__name__)
 

@@ -13,13 +13,13 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
-from activities.stripe_gateway import StripeGateway
 from api import store
 from api.errors import auth_not_configured, forbidden, stripe_not_configured, unauthorized
+from api.metrics import BillingMetrics
 from api.temporal import TemporalLink
 from billing.auth import Claims, InvalidTokenError, decode_token
 from billing.config import Settings
-from billing.metrics import BillingMetrics
+from billing.stripe_gateway import StripeGateway
 
 
 @dataclass

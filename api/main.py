@@ -21,16 +21,16 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from temporalio.client import Client
 
-from activities.stripe_gateway import StripeGateway, make_stripe_client
 from api import store
 from api.deps import ApiServices
 from api.errors import database_unavailable
+from api.metrics import BillingMetrics
 from api.routes import health, orgs, payments, webhooks
 from api.temporal import TemporalLink
 from billing.config import Settings, get_settings
 from billing.db.session import make_engine, make_session_factory
 from billing.logging import log_context
-from billing.metrics import BillingMetrics
+from billing.stripe_gateway import StripeGateway, make_stripe_client
 
 log = logging.getLogger(__name__)
 

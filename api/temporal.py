@@ -17,12 +17,12 @@ from datetime import timedelta
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
+from api.metrics import BillingMetrics
 from billing.config import Settings
 from billing.constants import org_workflow_id
 from billing.domain import OrgBillingState
-from billing.metrics import BillingMetrics
 from billing.orchestration import query_state
-from billing.runtime import connect_temporal
+from billing.temporal_client import connect_temporal
 
 log = logging.getLogger(__name__)
 

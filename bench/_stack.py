@@ -58,7 +58,6 @@ from temporalio.runtime import (
 )
 from temporalio.testing import WorkflowEnvironment
 
-from activities.stripe_gateway import make_stripe_client
 from billing.config import Settings
 from billing.constants import (
     BACKFILL_WORKFLOW_ID,
@@ -69,10 +68,12 @@ from billing.db.migrate import upgrade
 from billing.db.models import Org
 from billing.db.session import make_engine, make_session_factory
 from billing.domain import BackfillInput, BackfillResult
-from billing.runtime import SEARCH_ATTRIBUTE_KEYS, temporal_cli_path
-from billing.stripe_setup import ensure_catalog, sync_stripe_client
+from billing.search_attributes import SEARCH_ATTRIBUTE_KEYS
+from billing.stripe_gateway import make_stripe_client
 from stripe_emulator.faults import STRIPE_TEST_MODE_RATE
 from stripe_emulator.server import EmulatorConfig, EmulatorServer
+from tooling.binaries import temporal_cli_path
+from tooling.catalog import ensure_catalog, sync_stripe_client
 from worker import build_workers
 
 LOCAL_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"

@@ -57,10 +57,10 @@ from _stack import (
 from sqlalchemy import func, insert, select, text
 from sqlalchemy.orm import Session
 
-from activities.stripe_gateway import snapshot_of
 from billing.constants import REPORT_USAGE_UPDATE, org_workflow_id
 from billing.db.models import Membership, Org, RequestLog, UsageLedger, User
 from billing.domain import UsageReportResult
+from billing.stripe_gateway import snapshot_of
 
 T = TypeVar("T")
 

@@ -17,11 +17,6 @@ RECONCILE_UPDATE = "reconcile"
 BACKFILL_SCHEDULE_ID = "billing-backfill"
 BACKFILL_WORKFLOW_ID = "billing-backfill-run"
 
-# Search attributes (all Keyword).
-SA_ORG_ID = "OrgId"
-SA_BILLING_STATUS = "BillingStatus"
-SA_STRIPE_CUSTOMER_ID = "StripeCustomerId"
-SEARCH_ATTRIBUTES = (SA_ORG_ID, SA_BILLING_STATUS, SA_STRIPE_CUSTOMER_ID)
 
 # Stripe-calling activities run on their own queue so the worker can rate-limit them.
 STRIPE_TASK_QUEUE_SUFFIX = "-stripe"

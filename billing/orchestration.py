@@ -22,7 +22,7 @@ from billing.constants import (
     org_workflow_id,
 )
 from billing.domain import OrgBillingInput, OrgBillingState, OrgBillingTuning, StripeEventSignal
-from billing.runtime import ORG_ID_KEY
+from billing.search_attributes import ORG_ID_KEY
 
 
 def tuning_of(settings: Settings) -> OrgBillingTuning:

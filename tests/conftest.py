@@ -32,9 +32,10 @@ from temporalio.testing import WorkflowEnvironment
 from billing.db.migrate import upgrade
 from billing.db.models import Base
 from billing.db.session import make_engine, make_session_factory
-from billing.runtime import SEARCH_ATTRIBUTE_KEYS, temporal_cli_path, temporal_test_server_path
+from billing.search_attributes import SEARCH_ATTRIBUTE_KEYS
 from stripe_emulator.client import make_client
 from stripe_emulator.server import EmulatorConfig, EmulatorServer
+from tooling.binaries import temporal_cli_path, temporal_test_server_path
 
 
 def _psycopg_dsn(sqlalchemy_url: str) -> str:
@@ -159,7 +160,7 @@ def task_queue() -> str:
 @pytest.fixture
 def catalog(stripe_client: stripe.StripeClient) -> dict[str, str]:
     """Meters, product and prices in the emulator, as settings fields."""
-    from billing.stripe_setup import ensure_catalog
+    from tooling.catalog import ensure_catalog
 
     ids = ensure_catalog(stripe_client, "additional_users", "additional_requests")
     return {

@@ -55,7 +55,7 @@ with workflow.unsafe.imports_passed_through():
         UsageReportResult,
     )
     from billing.periods import periods_between
-    from billing.runtime import BILLING_STATUS_KEY, ORG_ID_KEY, STRIPE_CUSTOMER_ID_KEY
+    from billing.search_attributes import BILLING_STATUS_KEY, ORG_ID_KEY, STRIPE_CUSTOMER_ID_KEY
 
 DB_TIMEOUT = timedelta(seconds=30)
 STRIPE_TIMEOUT = timedelta(seconds=30)

@@ -19,7 +19,6 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 from temporalio.service import RPCError
 
-from activities.stripe_gateway import StripeGateway, verify_webhook_signature
 from api import store
 from api.deps import ApiServices, ServicesDep, get_stripe
 from api.errors import (
@@ -28,6 +27,7 @@ from api.errors import (
     responses,
     temporal_unavailable,
 )
+from api.metrics import UNVERIFIED_EVENT_TYPE, BillingMetrics
 from api.temporal import TemporalUnavailableError, is_unreachable
 from api.webhook_events import (
     MAX_BODY_BYTES,
@@ -40,8 +40,8 @@ from api.webhook_events import (
 )
 from billing.constants import HANDLED_EVENT_TYPES, org_workflow_id
 from billing.logging import bind_log_context, log_context
-from billing.metrics import UNVERIFIED_EVENT_TYPE, BillingMetrics
 from billing.orchestration import signal_stripe_event, tuning_of
+from billing.stripe_gateway import StripeGateway, verify_webhook_signature
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from temporalio.client import Client, WorkflowExecution, WorkflowExecutionStatus
 from billing.constants import ORG_BILLING_WORKFLOW, org_workflow_id
 from billing.db.models import Org, RequestLog, UsageLedger
 from billing.domain import BillingStatus
-from billing.runtime import BILLING_STATUS_KEY
+from billing.search_attributes import BILLING_STATUS_KEY
 
 from .scenario import OrgPlan, Scenario
 

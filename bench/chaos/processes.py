@@ -29,10 +29,10 @@ import psycopg
 import stripe
 from sqlalchemy.engine import make_url
 
-from billing.constants import SEARCH_ATTRIBUTES
 from billing.db.migrate import upgrade
-from billing.runtime import temporal_cli_path
-from billing.stripe_setup import ensure_catalog, ensure_webhook_endpoint
+from billing.search_attributes import SEARCH_ATTRIBUTES
+from tooling.binaries import temporal_cli_path
+from tooling.catalog import ensure_catalog, ensure_webhook_endpoint
 
 HOST = "127.0.0.1"
 LOCAL_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -150,7 +150,7 @@ class Service:
 
 def billing_command(*args: str) -> list[str]:
     """`billing ...` with this interpreter, so children use the same environment."""
-    return [sys.executable, "-m", "billing.cli", *args]
+    return [sys.executable, "-m", "tooling.cli", *args]
 
 
 # Postgres --------------------------------------------------------------------------

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import stripe
 
-from activities.stripe_gateway import StripeGateway, make_stripe_client
 from billing.config import Settings
 from billing.domain import OrgProfile
+from billing.stripe_gateway import StripeGateway, make_stripe_client
 from stripe_emulator.server import EmulatorServer
 
 pytestmark = pytest.mark.asyncio
@@ -98,7 +98,7 @@ async def test_subscription_end_follows_the_design_rule(
 ) -> None:
     from datetime import UTC, datetime
 
-    from activities.stripe_gateway import snapshot_of
+    from billing.stripe_gateway import snapshot_of
 
     snapshot = snapshot_of(_sub(**fields))
     assert snapshot.subscription_end == datetime.fromtimestamp(expected, UTC)

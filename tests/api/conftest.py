@@ -18,9 +18,10 @@ from temporalio.testing import WorkflowEnvironment
 from api.main import create_app
 from billing.config import Settings
 from billing.db.session import make_engine, make_session_factory
-from billing.runtime import SEARCH_ATTRIBUTE_KEYS, temporal_cli_path
+from billing.search_attributes import SEARCH_ATTRIBUTE_KEYS
 from stripe_emulator.server import EmulatorServer
 from tests.api.support import free_port, make_api_settings, serve
+from tooling.binaries import temporal_cli_path
 
 
 @dataclass

@@ -17,8 +17,8 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner, Result
 
-from billing.cli.main import app
 from billing.config import Settings
+from tooling.cli.main import app
 
 Invoke = Callable[..., Result]
 

@@ -15,8 +15,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from billing.cli.main import app
 from billing.config import Settings
+from tooling.cli.main import app
 
 ROOT = Path(__file__).resolve().parents[2]
 APP_SERVICES = {"migrate", "worker", "api", "stripe-emulator"}

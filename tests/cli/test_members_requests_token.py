@@ -160,7 +160,7 @@ def test_settings_come_from_the_dev_home(invoke: Invoke, cli_home: object) -> No
     """A second terminal with the same home needs no exports: `settings.env` is read."""
     from pathlib import Path
 
-    from billing.cli.home import write_settings_file
+    from tooling.home import write_settings_file
 
     assert isinstance(cli_home, Path)
     write_settings_file(cli_home, {"AUTH_JWT_SECRET": "from-home"})

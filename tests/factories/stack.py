@@ -13,11 +13,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from temporalio.client import Client
 
 from activities.stripe_activities import StripeActivities
-from activities.stripe_gateway import make_stripe_client
 from billing import services
 from billing.config import Settings
 from billing.domain import BillingStatus, OrgBillingState
 from billing.orchestration import query_state
+from billing.stripe_gateway import make_stripe_client
 from worker import build_workers
 
 T = TypeVar("T")

@@ -15,7 +15,6 @@ from temporalio.testing import WorkflowEnvironment
 
 from activities.models import EnsureSubscriptionInput
 from activities.stripe_activities import StripeActivities
-from activities.stripe_gateway import StripeGateway, make_stripe_client
 from billing.config import Settings
 from billing.constants import PROVISION_MISSING_WORKFLOW, org_workflow_id
 from billing.db.models import Org
@@ -27,7 +26,8 @@ from billing.domain import (
     SubscriptionSnapshot,
 )
 from billing.orchestration import ensure_org_workflow, query_state
-from billing.runtime import BILLING_STATUS_KEY, ORG_ID_KEY, STRIPE_CUSTOMER_ID_KEY
+from billing.search_attributes import BILLING_STATUS_KEY, ORG_ID_KEY, STRIPE_CUSTOMER_ID_KEY
+from billing.stripe_gateway import StripeGateway, make_stripe_client
 from stripe_emulator.server import EmulatorServer
 from tests.factories.stack import (
     capture_history,

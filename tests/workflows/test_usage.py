@@ -13,13 +13,13 @@ from temporalio import activity
 from activities.db_activities import DbActivities
 from activities.models import MeterEventToSend, PlanUsageInput
 from activities.stripe_activities import StripeActivities
-from activities.stripe_gateway import StripeGateway, make_stripe_client
 from billing import services
 from billing.config import Settings
 from billing.constants import REPORT_USAGE_UPDATE, org_workflow_id
 from billing.db.models import UsageLedger
 from billing.domain import BillingStatus, OrgBillingState, UsageReportResult
 from billing.orchestration import ensure_org_workflow, query_state
+from billing.stripe_gateway import StripeGateway, make_stripe_client
 from tests.factories.live import LiveStack
 from tests.factories.stack import create_org, eventually, wait_for_status
 

@@ -14,7 +14,6 @@ import pytest
 import stripe
 from temporalio.api.enums.v1 import EventType
 
-from activities.stripe_gateway import subscription_end_of
 from billing.constants import (
     ORG_BILLING_WORKFLOW,
     RECONCILE_UPDATE,
@@ -28,6 +27,7 @@ from billing.domain import (
     ReconcileResult,
 )
 from billing.orchestration import ensure_org_workflow, query_state
+from billing.stripe_gateway import subscription_end_of
 from tests.factories.live import LiveStack
 from tests.factories.stack import capture_history, create_org, eventually, wait_for_status
 from tests.factories.stripe_events import sign_stripe_payload
@@ -90,7 +90,7 @@ async def test_a_failing_card_makes_the_org_past_due(stack: LiveStack) -> None:
 
     await row_matches_stripe(stack, state.org_id, "past_due")
     description = await stack.client.get_workflow_handle(org_workflow_id(state.org_id)).describe()
-    from billing.runtime import BILLING_STATUS_KEY
+    from billing.search_attributes import BILLING_STATUS_KEY
 
     await eventually(
         lambda: stack.client.get_workflow_handle(org_workflow_id(state.org_id)).describe(),

@@ -7,9 +7,9 @@ from typing import Any
 
 from rich.table import Table
 
-from billing.cli.live import Live
 from billing.domain import BillingStatus, OrgBillingState, ReconcileResult, UsageReportResult
 from billing.services import OrgSummary
+from tooling.cli.live import Live
 
 
 def when(value: datetime | None) -> str:

@@ -8,7 +8,10 @@ import typer
 from temporalio.service import RPCError
 
 from billing import services
-from billing.cli.context import (
+from billing.constants import org_workflow_id
+from billing.domain import BillingStatus
+from billing.orchestration import ensure_org_workflow, tuning_of
+from tooling.cli.context import (
     CliState,
     TemporalUnavailableError,
     fail,
@@ -18,8 +21,8 @@ from billing.cli.context import (
     state_of,
     warn,
 )
-from billing.cli.live import TEMPORAL_DOWN, Live, live_state, live_states
-from billing.cli.render import (
+from tooling.cli.live import TEMPORAL_DOWN, Live, live_state, live_states
+from tooling.cli.render import (
     key_value_table,
     live_document,
     merged_view,
@@ -27,9 +30,6 @@ from billing.cli.render import (
     orgs_table,
     state_fields,
 )
-from billing.constants import org_workflow_id
-from billing.domain import BillingStatus
-from billing.orchestration import ensure_org_workflow, tuning_of
 
 app = typer.Typer(help="Create, list and inspect orgs.", no_args_is_help=True)
 

@@ -18,10 +18,10 @@ from typing import Annotated
 
 import typer
 
-from billing.cli import emulator, members, operations, orgs, request_log
-from billing.cli.context import BillingGroup, CliError, CliState, out, safe_url, state_of
-from billing.cli.home import DEFAULT_HOME, HOME_ENV_VAR
 from billing.config import StripeNotConfiguredError
+from tooling.cli import emulator, members, operations, orgs, request_log
+from tooling.cli.context import BillingGroup, CliError, CliState, out, safe_url, state_of
+from tooling.home import DEFAULT_HOME, HOME_ENV_VAR
 
 app = typer.Typer(
     cls=BillingGroup,
@@ -159,7 +159,7 @@ def dev(
     ] = False,
 ) -> None:
     """The whole stack on this machine; Ctrl-C stops every part of it."""
-    from billing.devstack import DevOptions, DevPorts, run_dev
+    from tooling.devstack import DevOptions, DevPorts, run_dev
 
     options = DevOptions(
         home=(home or state_of(ctx).home).resolve(),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import stripe
 
 from billing.constants import HANDLED_EVENT_TYPES
-from billing.stripe_setup import (
+from tooling.catalog import (
     BASE_LOOKUP_KEY,
     ensure_catalog,
     ensure_test_clock,

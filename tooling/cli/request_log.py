@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from billing import services
-from billing.cli.context import CliState, fail, out, print_json, state_of
+from tooling.cli.context import CliState, fail, out, print_json, state_of
 
 app = typer.Typer(help="Record requests an org made.", no_args_is_help=True)
 

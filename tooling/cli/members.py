@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from billing import services
-from billing.cli.context import out, print_json, state_of
+from tooling.cli.context import out, print_json, state_of
 
 app = typer.Typer(help="Add or remove an org's members.", no_args_is_help=True)
 

@@ -18,7 +18,15 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from billing import services
 from billing.auth import AuthNotConfiguredError, mint_token
-from billing.cli.context import (
+from billing.constants import (
+    ORG_BILLING_WORKFLOW,
+    RECONCILE_UPDATE,
+    REPORT_USAGE_UPDATE,
+    org_workflow_id,
+)
+from billing.domain import BillingStatus, OrgBillingState, ReconcileResult, UsageReportResult
+from billing.orchestration import ensure_org_workflow, tuning_of
+from tooling.cli.context import (
     CliError,
     CliState,
     err,
@@ -28,16 +36,8 @@ from billing.cli.context import (
     run,
     state_of,
 )
-from billing.cli.live import WORKER_SILENT, live_state
-from billing.cli.render import key_value_table, reconcile_table, state_fields, usage_table
-from billing.constants import (
-    ORG_BILLING_WORKFLOW,
-    RECONCILE_UPDATE,
-    REPORT_USAGE_UPDATE,
-    org_workflow_id,
-)
-from billing.domain import BillingStatus, OrgBillingState, ReconcileResult, UsageReportResult
-from billing.orchestration import ensure_org_workflow, tuning_of
+from tooling.cli.live import WORKER_SILENT, live_state
+from tooling.cli.render import key_value_table, reconcile_table, state_fields, usage_table
 
 OrgArgument = Annotated[int, typer.Argument(help="The org's id.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]

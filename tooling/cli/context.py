@@ -27,11 +27,11 @@ from sqlalchemy.orm import Session
 from temporalio.client import Client
 from typer.core import TyperGroup
 
-from billing.cli.home import settings_file
 from billing.config import Settings
 from billing.db.session import make_engine, make_session_factory
-from billing.runtime import connect_temporal
 from billing.services import ServiceError
+from billing.temporal_client import connect_temporal
+from tooling.home import settings_file
 
 T = TypeVar("T")
 
@@ -131,7 +131,7 @@ class CliState:
         return await connect(self.settings)
 
     def stripe_client(self) -> stripe.StripeClient:
-        from billing.stripe_setup import sync_stripe_client
+        from tooling.catalog import sync_stripe_client
 
         settings = self.settings
         if not settings.stripe_secret_key:

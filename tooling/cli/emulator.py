@@ -12,7 +12,8 @@ import stripe
 import typer
 
 from billing import services
-from billing.cli.context import (
+from billing.domain import OrgBillingState
+from tooling.cli.context import (
     CliState,
     TemporalUnavailableError,
     err,
@@ -22,9 +23,8 @@ from billing.cli.context import (
     run,
     state_of,
 )
-from billing.cli.live import live_states
-from billing.cli.request_log import parse_time
-from billing.domain import OrgBillingState
+from tooling.cli.live import live_states
+from tooling.cli.request_log import parse_time
 
 app = typer.Typer(help="The Stripe emulator (development only).", no_args_is_help=True)
 
@@ -67,7 +67,7 @@ def setup(
     `billing dev` does this by itself; this is for stacks it does not run (the
     compose `emulator` profile). Output lines can be appended to `.env`.
     """
-    from billing.stripe_setup import ensure_catalog, ensure_test_clock, ensure_webhook_endpoint
+    from tooling.catalog import ensure_catalog, ensure_test_clock, ensure_webhook_endpoint
 
     state = state_of(ctx)
     settings = state.settings

@@ -37,8 +37,8 @@ import psutil  # type: ignore[import-untyped]
 from rich.console import Console
 from rich.table import Table
 
-from billing.cli.home import DEFAULT_HOME, read_settings_file, settings_file, write_settings_file
 from billing.config import Settings
+from tooling.home import DEFAULT_HOME, read_settings_file, settings_file, write_settings_file
 
 HOST = "127.0.0.1"
 STOP_TIMEOUT = 10.0
@@ -162,7 +162,7 @@ def _signal_group(pgid: int, sig: int) -> None:
 
 def billing_command(*args: str) -> list[str]:
     """Run `billing ...` with this interpreter, so children share our venv."""
-    return [sys.executable, "-m", "billing.cli", *args]
+    return [sys.executable, "-m", "tooling.cli", *args]
 
 
 # Ports -----------------------------------------------------------------------------
@@ -354,8 +354,8 @@ class DevStack:
         external = os.environ.get("TEMPORAL_ADDRESS")
         if external:
             return external
-        from billing.constants import SEARCH_ATTRIBUTES
-        from billing.runtime import temporal_cli_path
+        from billing.search_attributes import SEARCH_ATTRIBUTES
+        from tooling.binaries import temporal_cli_path
 
         ports = self.options.ports
         argv = [
@@ -429,7 +429,7 @@ class DevStack:
             time.sleep(POLL)
 
     def _stripe_setup(self, emulator_url: str, previous: Mapping[str, str]) -> dict[str, str]:
-        from billing.stripe_setup import (
+        from tooling.catalog import (
             ensure_catalog,
             ensure_test_clock,
             ensure_webhook_endpoint,
@@ -576,7 +576,7 @@ def _temporal_up(address: str) -> bool:
         return False
 
     async def probe() -> bool:
-        from billing.runtime import connect_temporal
+        from billing.temporal_client import connect_temporal
 
         try:
             await asyncio.wait_for(connect_temporal(address, "default"), 2)
@@ -654,7 +654,7 @@ def create_demo_data(settings: Settings) -> list[str]:
 
 async def _start_workflows(settings: Settings, org_ids: list[int]) -> None:
     from billing.orchestration import ensure_org_workflow, tuning_of
-    from billing.runtime import connect_temporal
+    from billing.temporal_client import connect_temporal
 
     client = await connect_temporal(settings.temporal_address, settings.temporal_namespace)
     for org_id in org_ids:

@@ -1,3 +1,0 @@
-from billing.cli.main import main
-
-main()
