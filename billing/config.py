@@ -1,4 +1,4 @@
-"""Settings read from the environment (and `.env`), as listed in design.md."""
+"""Settings read from the environment (and `.env`), as listed in docs/configuration.md."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Names shared by the worker, the API, the CLI and the workflows.
 
-Temporal names are public contracts (see design.md): they live here once and are
+Temporal names are public contracts (docs/contracts.md): they live here once and are
 imported everywhere else, so they cannot drift between files.
 """
 

@@ -70,7 +70,7 @@ class StripeEventSignal(BaseModel):
 
 
 class SubscriptionSnapshot(BaseModel):
-    """What we keep of a Stripe subscription, already reduced by design.md's rules."""
+    """What we keep of a Stripe subscription, already reduced by docs/contracts.md's rules."""
 
     id: str
     customer_id: str

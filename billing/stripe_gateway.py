@@ -53,7 +53,7 @@ def _ts(value: int | None) -> datetime | None:
 
 
 def subscription_end_of(sub: Mapping[str, Any]) -> datetime | None:
-    """design.md's rule: cancel_at, else ended/canceled when canceled,
+    """The rule of docs/contracts.md: cancel_at, else ended/canceled when canceled,
     else the trial end while trialing, else the items' current period end."""
     status = sub.get("status")
     if sub.get("cancel_at"):

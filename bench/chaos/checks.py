@@ -59,7 +59,7 @@ def _when(value: datetime | None) -> int | None:
 
 
 def stripe_subscription_end(sub: dict[str, Any]) -> int | None:
-    """design.md's rule, written out here again: the product's code is not its own check."""
+    """docs/contracts.md's rule, written out here again: the product's code is not its own check."""
     if sub.get("cancel_at"):
         return int(sub["cancel_at"])
     if sub["status"] in ("canceled", "incomplete_expired"):

@@ -37,7 +37,7 @@ IMAGE_VARIABLES = {
     "temporalio/admin-tools": {"TEMPORAL_ADDRESS"},
 }
 
-# design.md, "Environment".
+# docs/contracts.md, "Environment".
 DESIGN_VARIABLES = {
     "DATABASE_URL", "TEMPORAL_ADDRESS", "TEMPORAL_NAMESPACE", "TEMPORAL_TASK_QUEUE",
     "AUTH_JWT_SECRET", "STRIPE_SECRET_KEY", "STRIPE_WEBHOOK_SECRET", "STRIPE_PRICE_ID",
