@@ -198,6 +198,8 @@ class DbActivities:
                 )
                 or 0
             )
+            # Every row counts as reported, skipped ones too: what Stripe refused is
+            # never re-sent.
             rows = list(
                 session.scalars(
                     select(UsageLedger)
@@ -206,21 +208,19 @@ class DbActivities:
                     .with_for_update()
                 )
             )
-            # Skipped rows count as reported too: what Stripe refused is never re-sent.
-            counted = rows
             next_seq = {
                 dim: max([r.seq for r in rows if r.dimension == dim], default=0) + 1
                 for dim in (s.stripe_users_dimension, s.stripe_requests_dimension)
             }
             new_rows: list[UsageLedger] = []
             requests_dim = s.stripe_requests_dimension
-            delta = int(requests) - sum(r.value for r in counted if r.dimension == requests_dim)
+            delta = int(requests) - sum(r.value for r in rows if r.dimension == requests_dim)
             if delta > 0:
                 new_rows.append(
                     self._row(data, requests_dim, next_seq[requests_dim], delta, timestamp)
                 )
             users_dim = s.stripe_users_dimension
-            last_users = [r for r in counted if r.dimension == users_dim]
+            last_users = [r for r in rows if r.dimension == users_dim]
             if not last_users or last_users[-1].value != users:
                 new_rows.append(
                     self._row(data, users_dim, next_seq[users_dim], int(users), timestamp)

@@ -10,7 +10,7 @@ from activities.errors import stripe_errors_classified
 from activities.models import EnsureSubscriptionInput, FetchSubscriptionInput, MeterEventToSend
 from billing.config import Settings
 from billing.domain import LIVE_SUBSCRIPTION_STATUSES, OrgProfile, SubscriptionSnapshot
-from billing.stripe_gateway import StripeGateway
+from billing.stripe_gateway import MeterOutcome, StripeGateway
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +64,15 @@ class StripeActivities:
 
     @activity.defn(name="stripe_send_meter_event")
     @stripe_errors_classified
-    async def send_meter_event(self, event: MeterEventToSend) -> str:
+    async def send_meter_event(self, event: MeterEventToSend) -> MeterOutcome:
         """Send one ledger row; a duplicate identifier means it was delivered before."""
-        return await self._gateway.report_usage(
+        outcome = await self._gateway.report_usage(
             customer_id=event.customer_id,
             event_name=event.event_name,
             value=event.value,
             timestamp=event.timestamp,
             identifier=event.identifier,
         )
+        if outcome == "duplicate":
+            log.info("meter event already delivered", extra={"identifier": event.identifier})
+        return outcome

@@ -6,7 +6,7 @@ Always signal-with-start: an event for an org whose workflow does not exist yet
 
 from __future__ import annotations
 
-from temporalio.client import Client, WorkflowHandle
+from temporalio.client import Client
 from temporalio.common import (
     SearchAttributePair,
     TypedSearchAttributes,
@@ -88,10 +88,6 @@ async def start_org_workflow(
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
         search_attributes=_start_attributes(org_id),
     )
-
-
-def org_handle(client: Client, org_id: int) -> WorkflowHandle[object, object]:
-    return client.get_workflow_handle(org_workflow_id(org_id))
 
 
 async def query_state(client: Client, org_id: int) -> OrgBillingState:

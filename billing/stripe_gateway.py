@@ -199,20 +199,6 @@ class StripeGateway:
         )
         return snapshot_of(sub.to_dict())
 
-    async def create_customer_and_subscription(
-        self, org: OrgProfile, *, test_clock: str | None = None
-    ) -> tuple[str, SubscriptionSnapshot]:
-        customer_id = await self.create_or_get_customer(
-            org, idempotency_key=f"customer-create-{org.org_id}", test_clock=test_clock
-        )
-        existing = await self.find_live_subscription(customer_id)
-        if existing:
-            return customer_id, existing
-        sub = await self.create_subscription(
-            customer_id, org, idempotency_key=f"subscription-create-{org.org_id}"
-        )
-        return customer_id, sub
-
     async def get_subscription(self, subscription_id: str) -> SubscriptionSnapshot:
         sub = await self._client.v1.subscriptions.retrieve_async(subscription_id)
         return snapshot_of(sub.to_dict())
@@ -295,10 +281,6 @@ class StripeGateway:
         )
         self._portal_configuration_id = config.id
         return config.id
-
-    def verify_webhook_signature(self, payload: bytes, sig_header: str) -> dict[str, Any]:
-        """Raises `stripe.SignatureVerificationError` for a bad or stale signature."""
-        return verify_webhook_signature(payload, sig_header, self._settings.stripe_webhook_secret)
 
 
 def verify_webhook_signature(payload: bytes, sig_header: str, secret: str) -> dict[str, Any]:

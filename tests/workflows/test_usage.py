@@ -19,7 +19,7 @@ from billing.constants import REPORT_USAGE_UPDATE, org_workflow_id
 from billing.db.models import UsageLedger
 from billing.domain import BillingStatus, OrgBillingState, UsageReportResult
 from billing.orchestration import ensure_org_workflow, query_state
-from billing.stripe_gateway import StripeGateway, make_stripe_client
+from billing.stripe_gateway import MeterOutcome, StripeGateway, make_stripe_client
 from tests.factories.live import LiveStack
 from tests.factories.stack import create_org, eventually, wait_for_status
 
@@ -34,7 +34,7 @@ class CrashAfterSend(StripeActivities):
     crashed: ClassVar[list[str]] = []
 
     @activity.defn(name="stripe_send_meter_event")
-    async def send_meter_event(self, event: MeterEventToSend) -> str:
+    async def send_meter_event(self, event: MeterEventToSend) -> MeterOutcome:
         outcome = await super().send_meter_event(event)
         if event.dimension == REQUESTS and not self.crashed:
             self.crashed.append(event.identifier)
