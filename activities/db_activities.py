@@ -26,6 +26,7 @@ from activities.models import (
 from billing.config import Settings
 from billing.db.models import Membership, Org, RequestLog, UsageLedger, User
 from billing.domain import FieldDifference, OrgProfile
+from billing.stripe_keys import meter_identifier
 
 log = logging.getLogger(__name__)
 P = ParamSpec("P")
@@ -41,15 +42,6 @@ def _fmt(value: object) -> str | None:
     if isinstance(value, datetime):
         return value.astimezone(UTC).isoformat()
     return str(value)
-
-
-def period_key(period_start: datetime) -> int:
-    return int(period_start.timestamp())
-
-
-def meter_identifier(org_id: int, dimension: str, period_start: datetime, seq: int) -> str:
-    """Deterministic, so a retried send is recognised by Stripe as the same event."""
-    return f"{org_id}:{dimension}:{period_key(period_start)}:{seq}"
 
 
 def conflicts_are_final(fn: Callable[P, R]) -> Callable[P, R]:

@@ -28,6 +28,7 @@ from billing.domain import (
     SubscriptionSnapshot,
     SubscriptionStatus,
 )
+from billing.stripe_keys import meter_event_key, portal_configuration_key
 
 WEBHOOK_TOLERANCE_SECONDS = 300
 
@@ -222,7 +223,7 @@ class StripeGateway:
         }
         try:
             await self._client.v1.billing.meter_events.create_async(
-                params, {"idempotency_key": f"meter-event-{identifier}"}
+                params, {"idempotency_key": meter_event_key(identifier)}
             )
         except stripe.InvalidRequestError as err:
             if is_duplicate_meter_event(err):
@@ -277,7 +278,7 @@ class StripeGateway:
             "metadata": {"managed_by": source, "promotion_codes": "on"},
         }
         config = await self._client.v1.billing_portal.configurations.create_async(
-            params, {"idempotency_key": f"portal-configuration-{source}-promotion-codes"}
+            params, {"idempotency_key": portal_configuration_key(source)}
         )
         self._portal_configuration_id = config.id
         return config.id
