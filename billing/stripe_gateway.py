@@ -34,18 +34,29 @@ WEBHOOK_TOLERANCE_SECONDS = 300
 
 
 def make_stripe_client(
-    settings: Settings, *, max_network_retries: int = 0, api_key: str | None = None
+    api_key: str,
+    *,
+    api_base: str | None = None,
+    max_network_retries: int = 0,
+    blocking: bool = False,
 ) -> stripe.StripeClient:
-    """Built only by composition roots. `STRIPE_API_BASE` points it at the emulator."""
+    """The one way composition roots build a Stripe client.
+
+    `api_base` (`STRIPE_API_BASE`) points every Stripe host at one address, the
+    emulator's. The API and the worker call Stripe asynchronously, over HTTPX;
+    `blocking=True` gives the SDK's default synchronous HTTP client instead, for
+    catalog setup and CLI commands. `max_network_retries` retries connection
+    errors, 429s and 5xx inside the SDK.
+    """
     base_addresses: dict[str, str | None] = {}
-    if settings.stripe_api_base:
-        base = settings.stripe_api_base.rstrip("/")
+    if api_base:
+        base = api_base.rstrip("/")
         base_addresses = {"api": base, "files": base, "connect": base, "meter_events": base}
     return stripe.StripeClient(
-        api_key or settings.stripe_secret_key,
+        api_key,
         base_addresses=base_addresses,  # type: ignore[arg-type]
         max_network_retries=max_network_retries,
-        http_client=stripe.HTTPXClient(),
+        http_client=None if blocking else stripe.HTTPXClient(),
     )
 
 

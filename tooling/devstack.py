@@ -429,16 +429,18 @@ class DevStack:
             time.sleep(POLL)
 
     def _stripe_setup(self, emulator_url: str, previous: Mapping[str, str]) -> dict[str, str]:
+        from billing.stripe_gateway import make_stripe_client
         from tooling.catalog import (
             ensure_catalog,
             ensure_test_clock,
             ensure_webhook_endpoint,
-            sync_stripe_client,
         )
 
         key = previous.get("STRIPE_SECRET_KEY") or f"sk_test_dev{secrets.token_hex(12)}"
         settings = self.env_settings
-        client = sync_stripe_client(key, emulator_url)
+        client = make_stripe_client(
+            key, api_base=emulator_url, max_network_retries=2, blocking=True
+        )
         catalog = ensure_catalog(
             client, settings.stripe_users_dimension, settings.stripe_requests_dimension
         )

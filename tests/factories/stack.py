@@ -60,7 +60,7 @@ async def running_worker(
             client,
             settings,
             session_factory,
-            make_stripe_client(settings),
+            make_stripe_client(settings.stripe_secret_key, api_base=settings.stripe_api_base),
             executor,
             stripe_activities=stripe_activities,
         )

@@ -125,7 +125,9 @@ async def test_crash_after_stripe_created_objects_leaves_exactly_one_of_each(
     """An attempt that created the customer and the subscription, then died, is replayed."""
     client = temporal_dev_env.client
     org_id = create_org(session_factory)
-    gateway = StripeGateway(make_stripe_client(settings), settings)
+    gateway = StripeGateway(
+        make_stripe_client(settings.stripe_secret_key, api_base=settings.stripe_api_base), settings
+    )
     profile = OrgProfile(
         org_id=org_id,
         org_uid=org_row(session_factory, org_id).uid,
@@ -181,7 +183,13 @@ async def test_activity_retry_after_stripe_created_objects_does_not_duplicate(
     client = temporal_dev_env.client
     org_id = create_org(session_factory)
     CrashAfterStripe.crashes.clear()
-    crashing = CrashAfterStripe(StripeGateway(make_stripe_client(settings), settings), settings)
+    crashing = CrashAfterStripe(
+        StripeGateway(
+            make_stripe_client(settings.stripe_secret_key, api_base=settings.stripe_api_base),
+            settings,
+        ),
+        settings,
+    )
     async with running_worker(client, settings, session_factory, stripe_activities=crashing):
         await ensure_org_workflow(client, settings.temporal_task_queue, org_id)
         await wait_for_status(client, org_id, {BillingStatus.TRIALING})

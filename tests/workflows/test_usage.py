@@ -44,7 +44,13 @@ class CrashAfterSend(StripeActivities):
 
 def crashing_after_send(settings: Settings) -> StripeActivities:
     CrashAfterSend.crashed.clear()
-    return CrashAfterSend(StripeGateway(make_stripe_client(settings), settings), settings)
+    return CrashAfterSend(
+        StripeGateway(
+            make_stripe_client(settings.stripe_secret_key, api_base=settings.stripe_api_base),
+            settings,
+        ),
+        settings,
+    )
 
 
 def at(ts: int) -> datetime:
