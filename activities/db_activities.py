@@ -25,7 +25,7 @@ from activities.models import (
 )
 from billing.config import Settings
 from billing.db.models import Membership, Org, RequestLog, UsageLedger, User
-from billing.domain import FieldDifference, OrgProfile
+from billing.domain import FieldDifference, LedgerStatus, MembershipRole, OrgProfile
 from billing.stripe_keys import meter_identifier
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class DbActivities:
             owner = session.scalars(
                 select(User)
                 .join(Membership, Membership.user_id == User.id)
-                .where(Membership.org_id == org_id, Membership.role == "owner")
+                .where(Membership.org_id == org_id, Membership.role == MembershipRole.OWNER)
             ).first()
             if owner is None:
                 raise ApplicationError(
@@ -221,13 +221,13 @@ class DbActivities:
             too_old = data.report_time - METER_EVENT_MAX_AGE
             skipped_reason: str | None = None
             to_send: list[UsageLedger] = []
-            for row in [r for r in rows if r.status == "pending"] + new_rows:
+            for row in [r for r in rows if r.status == LedgerStatus.PENDING] + new_rows:
                 if row.event_timestamp < too_old:
                     skipped_reason = (
                         f"period {start.isoformat()}..{end.isoformat()} ended more than 35 days"
                         " before the report; Stripe no longer accepts its meter events"
                     )
-                    row.status = "skipped"
+                    row.status = LedgerStatus.SKIPPED
                     row.reason = skipped_reason
                 else:
                     to_send.append(row)
@@ -266,7 +266,7 @@ class DbActivities:
             identifier=meter_identifier(data.org_id, dimension, data.period_start, seq),
             value=value,
             event_timestamp=timestamp,
-            status="pending",
+            status=LedgerStatus.PENDING,
         )
 
     @activity.defn(name="db_mark_usage_sent")
@@ -275,5 +275,5 @@ class DbActivities:
             for row in session.scalars(
                 select(UsageLedger).where(UsageLedger.identifier.in_(data.identifiers))
             ):
-                row.status = "sent"
+                row.status = LedgerStatus.SENT
                 row.sent_at = datetime.now(UTC)

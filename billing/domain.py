@@ -45,6 +45,22 @@ class BillingStatus(StrEnum):
         return cls(status.value)
 
 
+class MembershipRole(StrEnum):
+    """A user's role in an org (`memberships.role`); every org has exactly one owner."""
+
+    OWNER = "owner"
+    MEMBER = "member"
+
+
+class LedgerStatus(StrEnum):
+    """A usage ledger row: `pending` until Stripe accepted its meter event, then
+    `sent`; `skipped` when Stripe would refuse it (older than Stripe accepts)."""
+
+    PENDING = "pending"
+    SENT = "sent"
+    SKIPPED = "skipped"
+
+
 # Statuses of a subscription that still bills the org: provisioning must reuse it.
 LIVE_SUBSCRIPTION_STATUSES = frozenset(
     {

@@ -16,10 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from billing.db.models import Membership, Org, RequestLog, User
-from billing.domain import SubscriptionStatus
-
-OWNER_ROLE = "owner"
-MEMBER_ROLE = "member"
+from billing.domain import MembershipRole, SubscriptionStatus
 
 
 class ServiceError(Exception):
@@ -114,7 +111,7 @@ def create_org_with_owner(
     )
     session.add(org)
     session.flush()
-    session.add(Membership(org_id=org.id, user_id=owner.id, role=OWNER_ROLE))
+    session.add(Membership(org_id=org.id, user_id=owner.id, role=MembershipRole.OWNER))
     session.flush()
     return org
 
@@ -143,7 +140,7 @@ def _summaries(session: Session, orgs: list[Org]) -> list[OrgSummary]:
         for org_id, email in session.execute(
             select(Membership.org_id, User.email)
             .join(User, User.id == Membership.user_id)
-            .where(Membership.org_id.in_(ids), Membership.role == OWNER_ROLE)
+            .where(Membership.org_id.in_(ids), Membership.role == MembershipRole.OWNER)
         )
     }
     return [
@@ -226,7 +223,7 @@ def add_member(session: Session, org_id: int, email: str, full_name: str | None 
     )
     if existing is not None:
         raise ConflictError(f"{user.email} is already a member of org {org_id}.")
-    session.add(Membership(org_id=org_id, user_id=user.id, role=MEMBER_ROLE))
+    session.add(Membership(org_id=org_id, user_id=user.id, role=MembershipRole.MEMBER))
     try:
         session.flush()
     except IntegrityError as err:
@@ -238,7 +235,7 @@ def remove_member(session: Session, org_id: int, email: str) -> User:
     """Remove a member; the owner stays, because every org must keep one."""
     membership = get_membership(session, org_id, email)
     user = membership.user
-    if membership.role == OWNER_ROLE:
+    if membership.role == MembershipRole.OWNER:
         raise ConflictError(f"{user.email} owns org {org_id} and cannot be removed.")
     session.delete(membership)
     session.flush()
@@ -276,7 +273,7 @@ class MemberView:
     email: str
     first_name: str
     last_name: str
-    role: str
+    role: MembershipRole
     user_id: int
 
 
@@ -287,7 +284,7 @@ def list_members(session: Session, org_id: int) -> list[MemberView]:
         select(User, Membership.role)
         .join(Membership, Membership.user_id == User.id)
         .where(Membership.org_id == org_id)
-        .order_by((Membership.role != OWNER_ROLE), User.email)
+        .order_by((Membership.role != MembershipRole.OWNER), User.email)
     )
     return [
         MemberView(

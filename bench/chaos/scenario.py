@@ -27,7 +27,7 @@ from temporalio.client import Client
 from billing import services
 from billing.constants import REPORT_USAGE_UPDATE, org_workflow_id
 from billing.db.models import Org, StripeEventLog, UsageLedger
-from billing.domain import BillingStatus, OrgBillingState, UsageReportResult
+from billing.domain import BillingStatus, LedgerStatus, OrgBillingState, UsageReportResult
 from billing.orchestration import ensure_org_workflow, query_state
 
 from .faults import EmulatorControl, FaultInjector
@@ -454,7 +454,7 @@ class Scenario:
             for org_id, dimension, status in rows:
                 if dimension == "additional_users":
                     users.add(org_id)
-                if status == "pending":
+                if status == LedgerStatus.PENDING:
                     pending.add(org_id)
         missing = (renewed - users) | (renewed & pending)
         if missing:

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from billing import services
+from billing.domain import MembershipRole
 from tooling.cli.context import out, print_json, state_of
 
 app = typer.Typer(help="Add or remove an org's members.", no_args_is_help=True)
@@ -29,7 +30,14 @@ def add(
         user = services.add_member(session, org_id, email, name)
         members = len(services.list_members(session, org_id))
     if as_json:
-        print_json({"org_id": org_id, "email": user.email, "role": "member", "members": members})
+        print_json(
+            {
+                "org_id": org_id,
+                "email": user.email,
+                "role": MembershipRole.MEMBER,
+                "members": members,
+            }
+        )
         return
     out.print(f"Added {user.email} to org {org_id}; it now has {members} members.")
 
