@@ -11,7 +11,6 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from starlette.concurrency import run_in_threadpool
 
 from api import store
 from api.errors import auth_not_configured, forbidden, stripe_not_configured, unauthorized
@@ -19,6 +18,7 @@ from api.metrics import BillingMetrics
 from api.temporal import TemporalLink
 from billing.auth import Claims, InvalidTokenError, decode_token
 from billing.config import Settings
+from billing.db import orgs
 from billing.stripe_gateway import StripeGateway
 
 
@@ -90,7 +90,7 @@ ClaimsDep = Annotated[Claims, Depends(get_claims)]
 
 async def require_member(factory: store.SessionFactory, claims: Claims) -> None:
     """403 unless the token's user is (still) a member of the token's org."""
-    if not await run_in_threadpool(store.is_member, factory, claims.org_id, claims.user_id):
+    if not await store.read(factory, lambda s: orgs.is_member(s, claims.org_id, claims.user_id)):
         raise forbidden("Not a member of this organization")
 
 

@@ -74,6 +74,29 @@ LIVE_SUBSCRIPTION_STATUSES = frozenset(
 )
 
 
+def is_billed_elsewhere(aws_account_id: str | None, azure_subscription_id: str | None) -> bool:
+    """An org billed through a cloud marketplace (AWS or Azure) is never billed by us.
+
+    Written with `!=` and `|` so that, given the columns instead of values, the
+    same expression is the SQL condition (see the `Org.billed_elsewhere` hybrid).
+    """
+    return (aws_account_id != None) | (azure_subscription_id != None)  # noqa: E711
+
+
+def row_billing_status(
+    *,
+    billed_elsewhere: bool,
+    stripe_subscription_id: str | None,
+    subscription_status: SubscriptionStatus,
+) -> BillingStatus:
+    """What an org's row alone says: without a subscription it is still waiting for one."""
+    if billed_elsewhere:
+        return BillingStatus.NOT_BILLED
+    if stripe_subscription_id is None:
+        return BillingStatus.PROVISIONING
+    return BillingStatus.of(subscription_status)
+
+
 class StripeEventSignal(BaseModel):
     """The small payload a webhook becomes: enough to dedupe, order and re-read."""
 
@@ -198,7 +221,7 @@ class OrgProfile(BaseModel):
 
     @property
     def billed_elsewhere(self) -> bool:
-        return bool(self.aws_account_id or self.azure_subscription_id)
+        return is_billed_elsewhere(self.aws_account_id, self.azure_subscription_id)
 
     @property
     def customer_name(self) -> str:

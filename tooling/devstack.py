@@ -623,7 +623,7 @@ DEMO_ORGS: tuple[dict[str, Any], ...] = (
 
 def create_demo_data(settings: Settings) -> list[str]:
     """A few orgs with members and requests; orgs that already exist are left alone."""
-    from billing import services
+    from billing.db import orgs
     from billing.db.session import make_engine, make_session_factory
 
     engine = make_engine(settings.database_url, pool_size=1)
@@ -632,10 +632,10 @@ def create_demo_data(settings: Settings) -> list[str]:
         factory = make_session_factory(engine)
         with factory() as session, session.begin():
             for spec in DEMO_ORGS:
-                if services.find_org_by_name(session, spec["name"]):
+                if orgs.find_org_by_name(session, spec["name"]):
                     continue
                 email, first, last = spec["owner"]
-                org = services.create_org_with_owner(
+                org = orgs.create_org_with_owner(
                     session,
                     name=spec["name"],
                     owner_email=email,
@@ -644,8 +644,8 @@ def create_demo_data(settings: Settings) -> list[str]:
                     aws_account_id=spec.get("aws_account_id"),
                 )
                 for member in spec["members"]:
-                    services.add_member(session, org.id, member)
-                services.record_requests(session, org.id, spec["requests"])
+                    orgs.add_member(session, org.id, member)
+                orgs.record_requests(session, org.id, spec["requests"])
                 created.append((org.id, org.name))
     finally:
         engine.dispose()

@@ -7,12 +7,12 @@ import logging
 import stripe
 from fastapi import APIRouter, HTTPException, status
 from pydantic import BaseModel
-from starlette.concurrency import run_in_threadpool
 
 from api import store
 from api.deps import ApiServices, MemberDep, ServicesDep, StripeDep
 from api.errors import problem, responses
 from api.temporal import workflow_state
+from billing.db import orgs
 from billing.logging import bind_log_context
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ async def _customer_id(services: ApiServices, org_id: int) -> str | None:
     state = await workflow_state(services.temporal, org_id)
     if state is not None and state.stripe_customer_id:
         return state.stripe_customer_id
-    org = await run_in_threadpool(store.get_org, services.session_factory, org_id)
+    org = await store.read(services.session_factory, lambda s: orgs.find_org(s, org_id))
     return org.stripe_customer_id if org is not None else None
 
 

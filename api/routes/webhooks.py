@@ -39,6 +39,7 @@ from api.webhook_events import (
     signal_of,
 )
 from billing.constants import HANDLED_EVENT_TYPES, org_workflow_id
+from billing.db import orgs
 from billing.logging import bind_log_context, log_context
 from billing.orchestration import signal_stripe_event, tuning_of
 from billing.stripe_gateway import StripeGateway, verify_webhook_signature
@@ -123,6 +124,10 @@ def _verify(body: bytes, signature: str | None, secret: str) -> StripeEventCreat
         raise _bad_request(f"Not a Stripe event: {where}: {message}") from None
 
 
+async def _org_exists(factory: store.SessionFactory, org_id: int) -> bool:
+    return await store.read(factory, lambda s: orgs.org_exists(s, org_id))
+
+
 async def _resolve_org(
     event: StripeEventCreate,
     factory: store.SessionFactory,
@@ -135,7 +140,7 @@ async def _resolve_org(
     # The customer id the database holds is authoritative: metadata typed in the
     # dashboard can name another org, and must not move a customer between orgs.
     known = (
-        await run_in_threadpool(store.org_id_for_customer, factory, customer_id)
+        await store.read(factory, lambda s: orgs.org_id_for_customer(s, customer_id))
         if customer_id
         else None
     )
@@ -148,7 +153,7 @@ async def _resolve_org(
             return known, f"org from the customer id in the database (not {where})"
         if org_id is None:
             return None, f"{where}.org_id {raw[:40]!r} is not an org id"
-        if not await run_in_threadpool(store.org_exists, factory, org_id):
+        if not await _org_exists(factory, org_id):
             return None, f"org {org_id} from {where} does not exist"
         return org_id, f"org from {where}"
     if customer_id is None:
@@ -160,7 +165,7 @@ async def _resolve_org(
     if raw_org is None:
         return None, f"customer {customer_id} belongs to no known org"
     org_id = parse_org_id(raw_org)
-    if org_id is None or not await run_in_threadpool(store.org_exists, factory, org_id):
+    if org_id is None or not await _org_exists(factory, org_id):
         return None, f"org {raw_org[:40]!r} from customer metadata does not exist"
     return org_id, "org from the customer's metadata in Stripe"
 

@@ -20,9 +20,15 @@ from sqlalchemy import (
     func,
     text,
 )
+from sqlalchemy.ext.hybrid import hybrid_property
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from billing.domain import LedgerStatus, MembershipRole, SubscriptionStatus
+from billing.domain import (
+    LedgerStatus,
+    MembershipRole,
+    SubscriptionStatus,
+    is_billed_elsewhere,
+)
 
 
 class Base(DeclarativeBase):
@@ -77,6 +83,12 @@ class Org(Base):
     )
 
     memberships: Mapped[list[Membership]] = relationship(back_populates="org")
+
+    @hybrid_property
+    def billed_elsewhere(self) -> bool:
+        """Billed by a cloud marketplace, not by us: `org.billed_elsewhere` in Python,
+        `Org.billed_elsewhere` in a query, one expression for both."""
+        return is_billed_elsewhere(self.aws_account_id, self.azure_subscription_id)
 
     __table_args__ = (
         # Orgs that still need billing: the backfill pages through this index.

@@ -13,9 +13,9 @@ from temporalio import activity
 from activities.db_activities import DbActivities
 from activities.models import MeterEventToSend, PlanUsageInput
 from activities.stripe_activities import StripeActivities
-from billing import services
 from billing.config import Settings
 from billing.constants import REPORT_USAGE_UPDATE, org_workflow_id
+from billing.db import orgs
 from billing.db.models import UsageLedger
 from billing.domain import BillingStatus, OrgBillingState, UsageReportResult
 from billing.orchestration import ensure_org_workflow, query_state
@@ -91,17 +91,17 @@ def meter_total(stack: LiveStack, customer_id: str, event_name: str, start: int,
 def add_members(stack: LiveStack, org_id: int, *emails: str) -> None:
     with stack.session_factory.begin() as session:
         for email in emails:
-            services.add_member(session, org_id, email)
+            orgs.add_member(session, org_id, email)
 
 
 def remove_member(stack: LiveStack, org_id: int, email: str) -> None:
     with stack.session_factory.begin() as session:
-        services.remove_member(session, org_id, email)
+        orgs.remove_member(session, org_id, email)
 
 
 def record(stack: LiveStack, org_id: int, count: int, when: int) -> None:
     with stack.session_factory.begin() as session:
-        services.record_requests(session, org_id, count, at(when))
+        orgs.record_requests(session, org_id, count, at(when))
 
 
 def ledger(stack: LiveStack, org_id: int, period_start: int) -> list[UsageLedger]:
@@ -319,7 +319,7 @@ async def test_a_period_older_than_stripe_accepts_is_skipped_with_its_reason(
     start = datetime(2026, 1, 1, tzinfo=UTC)
     end = datetime(2026, 2, 1, tzinfo=UTC)
     with session_factory.begin() as session:
-        services.record_requests(session, org_id, 3, start + timedelta(days=2))
+        orgs.record_requests(session, org_id, 3, start + timedelta(days=2))
     plan_input = PlanUsageInput(
         org_id=org_id,
         customer_id="cus_x",

@@ -28,8 +28,8 @@ from temporalio.client import Client
 from typer.core import TyperGroup
 
 from billing.config import Settings
+from billing.db.orgs import ServiceError
 from billing.db.session import make_engine, make_session_factory
-from billing.services import ServiceError
 from billing.stripe_gateway import make_stripe_client
 from billing.temporal_client import connect_temporal
 from tooling.home import settings_file
