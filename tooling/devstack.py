@@ -655,13 +655,17 @@ def create_demo_data(settings: Settings) -> list[str]:
 
 
 async def _start_workflows(settings: Settings, org_ids: list[int]) -> None:
-    from billing.orchestration import ensure_org_workflow, tuning_of
+    from billing.orchestration import RETRY_PROVISIONING, start_org_workflow, tuning_of
     from billing.temporal_client import connect_temporal
 
     client = await connect_temporal(settings.temporal_address, settings.temporal_namespace)
     for org_id in org_ids:
-        await ensure_org_workflow(
-            client, settings.temporal_task_queue, org_id, tuning=tuning_of(settings)
+        await start_org_workflow(
+            client,
+            settings.temporal_task_queue,
+            org_id,
+            signal=RETRY_PROVISIONING,
+            tuning=tuning_of(settings),
         )
 
 

@@ -41,7 +41,7 @@ from api.webhook_events import (
 from billing.constants import HANDLED_EVENT_TYPES, org_workflow_id
 from billing.db import orgs
 from billing.logging import bind_log_context, log_context
-from billing.orchestration import signal_stripe_event, tuning_of
+from billing.orchestration import StartSignal, start_org_workflow, tuning_of
 from billing.stripe_gateway import StripeGateway, verify_webhook_signature
 
 log = logging.getLogger(__name__)
@@ -247,11 +247,11 @@ async def _signal(event: StripeEventCreate, org_id: int, services: ApiServices) 
     try:
         client = await link.ready_client()
         await asyncio.wait_for(
-            signal_stripe_event(
+            start_org_workflow(
                 client,
                 services.settings.temporal_task_queue,
                 org_id,
-                signal_of(event),
+                signal=StartSignal.stripe_event(signal_of(event)),
                 tuning=tuning_of(services.settings),
             ),
             SIGNAL_TIMEOUT_SECONDS,

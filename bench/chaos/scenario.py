@@ -28,7 +28,7 @@ from billing.constants import REPORT_USAGE_UPDATE, org_workflow_id
 from billing.db import orgs
 from billing.db.models import Org, StripeEventLog, UsageLedger
 from billing.domain import BillingStatus, LedgerStatus, OrgBillingState, UsageReportResult
-from billing.orchestration import ensure_org_workflow, query_state
+from billing.orchestration import RETRY_PROVISIONING, query_state, start_org_workflow
 
 from .faults import EmulatorControl, FaultInjector
 from .processes import TASK_QUEUE
@@ -213,7 +213,10 @@ class Scenario:
         """Like `billing orgs create`; Temporal may be restarting, so try until the deadline."""
         while True:
             try:
-                await asyncio.wait_for(ensure_org_workflow(self.client, TASK_QUEUE, org_id), 10)
+                await asyncio.wait_for(
+                    start_org_workflow(self.client, TASK_QUEUE, org_id, signal=RETRY_PROVISIONING),
+                    10,
+                )
                 return
             except Exception as err:
                 if self.remaining() <= 0:

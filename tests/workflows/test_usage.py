@@ -18,7 +18,7 @@ from billing.constants import REPORT_USAGE_UPDATE, org_workflow_id
 from billing.db import orgs
 from billing.db.models import UsageLedger
 from billing.domain import BillingStatus, OrgBillingState, UsageReportResult
-from billing.orchestration import ensure_org_workflow, query_state
+from billing.orchestration import RETRY_PROVISIONING, query_state, start_org_workflow
 from billing.stripe_gateway import MeterOutcome, StripeGateway, make_stripe_client
 from tests.factories.live import LiveStack
 from tests.factories.stack import create_org, eventually, wait_for_status
@@ -60,7 +60,9 @@ def at(ts: int) -> datetime:
 async def provisioned(stack: LiveStack) -> OrgBillingState:
     """A trialing org with a working card."""
     org_id = create_org(stack.session_factory)
-    await ensure_org_workflow(stack.client, stack.settings.temporal_task_queue, org_id)
+    await start_org_workflow(
+        stack.client, stack.settings.temporal_task_queue, org_id, signal=RETRY_PROVISIONING
+    )
     state = await wait_for_status(stack.client, org_id, {BillingStatus.TRIALING})
     assert state.stripe_customer_id
     stack.attach_card(state.stripe_customer_id, "pm_card_visa")

@@ -10,7 +10,7 @@ from temporalio.service import RPCError
 from billing.constants import org_workflow_id
 from billing.db import orgs
 from billing.domain import BillingStatus
-from billing.orchestration import ensure_org_workflow, tuning_of
+from billing.orchestration import RETRY_PROVISIONING, start_org_workflow, tuning_of
 from tooling.cli.context import (
     CliState,
     TemporalUnavailableError,
@@ -36,13 +36,17 @@ app = typer.Typer(help="Create, list and inspect orgs.", no_args_is_help=True)
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
 
 
-async def start_org_workflow(state: CliState, org_id: int) -> str | None:
+async def _start_billing(state: CliState, org_id: int) -> str | None:
     """Start provisioning now; return why it could not start (None when it did)."""
     settings = state.settings
     try:
         client = await state.temporal()
-        await ensure_org_workflow(
-            client, settings.temporal_task_queue, org_id, tuning=tuning_of(settings)
+        await start_org_workflow(
+            client,
+            settings.temporal_task_queue,
+            org_id,
+            signal=RETRY_PROVISIONING,
+            tuning=tuning_of(settings),
         )
     except TemporalUnavailableError as error:
         return str(error)
@@ -82,7 +86,7 @@ def create(
         org_id = org.id
     with state.session() as session:
         summary = orgs.org_summary(session, org_id)
-    problem = run(start_org_workflow(state, org_id))
+    problem = run(_start_billing(state, org_id))
     if problem:
         warn(
             f"{problem.rstrip('.')}; org {org_id} is saved and the `billing-backfill` "
