@@ -1,7 +1,8 @@
 """What handlers receive: the services built by the lifespan, and the caller's identity.
 
-Handlers never build clients; they declare these `Annotated` dependencies and
-get what `api.main.create_app` wired (tests wire real ones pointed elsewhere).
+Handlers never build clients; they declare the `Annotated` dependencies they
+use (settings, session factory, Temporal link, metrics, Stripe gateway) and get
+what `api.main.create_app` wired (tests wire real ones pointed elsewhere).
 """
 
 from __future__ import annotations
@@ -40,27 +41,50 @@ def get_services(request: Request) -> ApiServices:
     return services
 
 
-ServicesDep = Annotated[ApiServices, Depends(get_services)]
+# Only the dependencies below read the bag; each route declares just what it uses.
+_ServicesDep = Annotated[ApiServices, Depends(get_services)]
 
 
-def get_api_settings(services: ServicesDep) -> Settings:
+def get_api_settings(services: _ServicesDep) -> Settings:
     return services.settings
 
 
-def get_session_factory(services: ServicesDep) -> store.SessionFactory:
+def get_session_factory(services: _ServicesDep) -> store.SessionFactory:
     return services.session_factory
 
 
-def get_stripe(services: ServicesDep) -> StripeGateway:
-    """The Stripe gateway, or the documented 500 naming the missing settings."""
-    missing = services.settings.missing_stripe_settings()
-    if missing or services.stripe is None:
-        raise stripe_not_configured(missing or ["STRIPE_SECRET_KEY"])
+def get_temporal(services: _ServicesDep) -> TemporalLink:
+    return services.temporal
+
+
+def get_metrics(services: _ServicesDep) -> BillingMetrics:
+    return services.metrics
+
+
+def get_optional_stripe(services: _ServicesDep) -> StripeGateway | None:
+    """The Stripe gateway, or None when Stripe is not configured (see `require_stripe`)."""
     return services.stripe
 
 
 SettingsDep = Annotated[Settings, Depends(get_api_settings)]
 SessionFactoryDep = Annotated[store.SessionFactory, Depends(get_session_factory)]
+TemporalDep = Annotated[TemporalLink, Depends(get_temporal)]
+MetricsDep = Annotated[BillingMetrics, Depends(get_metrics)]
+OptionalStripeDep = Annotated[StripeGateway | None, Depends(get_optional_stripe)]
+
+
+def require_stripe(settings: Settings, gateway: StripeGateway | None) -> StripeGateway:
+    """The Stripe gateway, or the documented 500 naming the missing settings."""
+    missing = settings.missing_stripe_settings()
+    if missing or gateway is None:
+        raise stripe_not_configured(missing or ["STRIPE_SECRET_KEY"])
+    return gateway
+
+
+def get_stripe(settings: SettingsDep, gateway: OptionalStripeDep) -> StripeGateway:
+    return require_stripe(settings, gateway)
+
+
 StripeDep = Annotated[StripeGateway, Depends(get_stripe)]
 
 bearer_scheme = HTTPBearer(

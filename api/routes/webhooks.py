@@ -20,7 +20,14 @@ from starlette.concurrency import run_in_threadpool
 from temporalio.service import RPCError
 
 from api import store
-from api.deps import ApiServices, ServicesDep, get_stripe
+from api.deps import (
+    MetricsDep,
+    OptionalStripeDep,
+    SessionFactoryDep,
+    SettingsDep,
+    TemporalDep,
+    require_stripe,
+)
 from api.errors import (
     database_unavailable,
     problem,
@@ -28,7 +35,7 @@ from api.errors import (
     temporal_unavailable,
 )
 from api.metrics import UNVERIFIED_EVENT_TYPE, BillingMetrics
-from api.temporal import TemporalUnavailableError, is_unreachable
+from api.temporal import TemporalLink, TemporalUnavailableError, is_unreachable
 from api.webhook_events import (
     MAX_BODY_BYTES,
     WEBHOOK_REQUEST_BODY,
@@ -38,6 +45,7 @@ from api.webhook_events import (
     parse_org_id,
     signal_of,
 )
+from billing.config import Settings
 from billing.constants import HANDLED_EVENT_TYPES, org_workflow_id
 from billing.db import orgs
 from billing.logging import bind_log_context, log_context
@@ -179,16 +187,18 @@ async def _resolve_org(
 )
 async def receive_stripe_event(
     request: Request,
-    services: ServicesDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    factory: SessionFactoryDep,
+    link: TemporalDep,
+    configured_gateway: OptionalStripeDep,
     stripe_signature: Annotated[
         str | None, Header(description="Stripe's `t=...,v1=...` signature of the raw body")
     ] = None,
 ) -> WebhookReceiptPublic:
     """Verify a Stripe event and hand it to its org's workflow; 2xx only once accepted."""
-    metrics = services.metrics
-    settings = services.settings
     try:
-        gateway = get_stripe(services)
+        gateway = require_stripe(settings, configured_gateway)
     except HTTPException:
         metrics.webhook_events.labels(type=UNVERIFIED_EVENT_TYPE, outcome="not_configured").inc()
         raise
@@ -202,7 +212,7 @@ async def receive_stripe_event(
 
     with log_context(event_id=event.id, event_type=event.type):
         try:
-            receipt = await _handle(event, gateway, services)
+            receipt = await _handle(event, gateway, factory, link, settings, metrics)
         except HTTPException as err:
             outcome = "unavailable" if err.status_code == 503 else "failed"
             metrics.webhook_events.labels(type=event.type, outcome=outcome).inc()
@@ -212,14 +222,18 @@ async def receive_stripe_event(
 
 
 async def _handle(
-    event: StripeEventCreate, gateway: StripeGateway, services: ApiServices
+    event: StripeEventCreate,
+    gateway: StripeGateway,
+    factory: store.SessionFactory,
+    link: TemporalLink,
+    settings: Settings,
+    metrics: BillingMetrics,
 ) -> WebhookReceiptPublic:
-    factory = services.session_factory
     try:
         if event.type not in HANDLED_EVENT_TYPES:
             return await _record(factory, event, None, "ignored_type", "event type not handled")
         try:
-            org_id, how = await _resolve_org(event, factory, gateway, services.metrics)
+            org_id, how = await _resolve_org(event, factory, gateway, metrics)
         except stripe.StripeError as err:
             log.warning("Stripe unreachable while routing an event: %s", type(err).__name__)
             raise problem(
@@ -233,7 +247,7 @@ async def _handle(
             return await _record(factory, event, None, "unroutable", how)
         workflow_id = org_workflow_id(org_id)
         bind_log_context(org_id=org_id, workflow_id=workflow_id)
-        await _signal(event, org_id, services)
+        await _signal(event, org_id, link, settings)
         log.info("Stripe event signalled (%s)", how)
         return await _record(factory, event, org_id, "signalled", f"signalled {workflow_id}")
     except SQLAlchemyError as err:
@@ -241,18 +255,19 @@ async def _handle(
         raise database_unavailable() from None
 
 
-async def _signal(event: StripeEventCreate, org_id: int, services: ApiServices) -> None:
+async def _signal(
+    event: StripeEventCreate, org_id: int, link: TemporalLink, settings: Settings
+) -> None:
     """Signal-with-start the org's workflow; any failure is a 503 so Stripe retries."""
-    link = services.temporal
     try:
         client = await link.ready_client()
         await asyncio.wait_for(
             start_org_workflow(
                 client,
-                services.settings.temporal_task_queue,
+                settings.temporal_task_queue,
                 org_id,
                 signal=StartSignal.stripe_event(signal_of(event)),
-                tuning=tuning_of(services.settings),
+                tuning=tuning_of(settings),
             ),
             SIGNAL_TIMEOUT_SECONDS,
         )
