@@ -91,7 +91,9 @@ class Org(Base):
         return is_billed_elsewhere(self.aws_account_id, self.azure_subscription_id)
 
     __table_args__ = (
-        # Orgs that still need billing: the backfill pages through this index.
+        # Orgs that still need billing: the backfill pages through this index. The
+        # text is the migration's; Postgres matches it to `orgs.orgs_without_billing`'s
+        # `stripe_subscription_id IS NULL AND NOT Org.billed_elsewhere`.
         Index(
             "ix_orgs_without_billing",
             "id",

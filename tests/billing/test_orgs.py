@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from billing.db import orgs
@@ -51,3 +51,16 @@ def test_orgs_without_billing_pages_through_orgs_to_provision(
         assert orgs.orgs_without_billing(session) == [first, second, third]
         assert orgs.orgs_without_billing(session, limit=2) == [first, second]
         assert orgs.orgs_without_billing(session, after_id=second, limit=2) == [third]
+
+
+def test_the_billed_elsewhere_expression_matches_the_partial_index(
+    session_factory: sessionmaker[Session],
+) -> None:
+    """Postgres proves `NOT (aws IS NOT NULL OR azure IS NOT NULL)` implies the index's
+    `aws IS NULL AND azure IS NULL`, so the backfill's query can read only the index."""
+    query = select(Org.id).where(Org.stripe_subscription_id.is_(None), ~Org.billed_elsewhere)
+    with session_factory() as session, session.begin():
+        sql = query.compile(session.get_bind(), compile_kwargs={"literal_binds": True})
+        session.execute(text("SET LOCAL enable_seqscan = off"))
+        plan = "\n".join(session.scalars(text(f"EXPLAIN {sql}")))
+    assert "ix_orgs_without_billing" in plan, plan
