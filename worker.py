@@ -124,7 +124,9 @@ async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -
     settings.require_stripe()
     client = await connect_temporal(settings.temporal_address, settings.temporal_namespace)
     engine = make_engine(settings.database_url, pool_size=10)
-    stripe_client = make_stripe_client(settings)
+    stripe_client = make_stripe_client(
+        settings.stripe_secret_key, api_base=settings.stripe_api_base
+    )
     stop = stop or asyncio.Event()
     await ensure_backfill_schedule(client, settings)
     with ThreadPoolExecutor(max_workers=16) as executor:

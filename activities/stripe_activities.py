@@ -10,7 +10,8 @@ from activities.errors import stripe_errors_classified
 from activities.models import EnsureSubscriptionInput, FetchSubscriptionInput, MeterEventToSend
 from billing.config import Settings
 from billing.domain import LIVE_SUBSCRIPTION_STATUSES, OrgProfile, SubscriptionSnapshot
-from billing.stripe_gateway import StripeGateway
+from billing.stripe_gateway import MeterOutcome, StripeGateway
+from billing.stripe_keys import customer_create_key, subscription_create_key
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ class StripeActivities:
         """Find the org's customer by metadata, or create it with a stable key."""
         customer_id = await self._gateway.create_or_get_customer(
             org,
-            idempotency_key=f"customer-create-{org.org_id}",
+            idempotency_key=customer_create_key(org.org_id),
             test_clock=self._settings.stripe_test_clock,
         )
         log.info("customer ready", extra={"org_id": org.org_id, "customer_id": customer_id})
@@ -40,7 +41,7 @@ class StripeActivities:
         if existing is not None:
             return existing
         sub = await self._gateway.create_subscription(
-            data.customer_id, data.org, idempotency_key=f"subscription-create-{data.org.org_id}"
+            data.customer_id, data.org, idempotency_key=subscription_create_key(data.org.org_id)
         )
         log.info(
             "subscription created",
@@ -64,12 +65,15 @@ class StripeActivities:
 
     @activity.defn(name="stripe_send_meter_event")
     @stripe_errors_classified
-    async def send_meter_event(self, event: MeterEventToSend) -> str:
+    async def send_meter_event(self, event: MeterEventToSend) -> MeterOutcome:
         """Send one ledger row; a duplicate identifier means it was delivered before."""
-        return await self._gateway.report_usage(
+        outcome = await self._gateway.report_usage(
             customer_id=event.customer_id,
             event_name=event.event_name,
             value=event.value,
             timestamp=event.timestamp,
             identifier=event.identifier,
         )
+        if outcome == "duplicate":
+            log.info("meter event already delivered", extra={"identifier": event.identifier})
+        return outcome

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from temporalio import activity
 from temporalio.client import Client
+from temporalio.common import WorkflowIDConflictPolicy
 
 from billing.domain import OrgBillingTuning
 from billing.orchestration import start_org_workflow
@@ -21,6 +22,13 @@ class OrgStarterActivities:
     async def start_org_workflows(self, org_ids: list[int]) -> int:
         """Start each org's workflow unless it runs already; running ones are left alone."""
         for index, org_id in enumerate(org_ids):
-            await start_org_workflow(self._client, self._task_queue, org_id, tuning=self._tuning)
+            await start_org_workflow(
+                self._client,
+                self._task_queue,
+                org_id,
+                signal=None,
+                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                tuning=self._tuning,
+            )
             activity.heartbeat(index)
         return len(org_ids)

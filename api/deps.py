@@ -1,7 +1,8 @@
 """What handlers receive: the services built by the lifespan, and the caller's identity.
 
-Handlers never build clients; they declare these `Annotated` dependencies and
-get what `api.main.create_app` wired (tests wire real ones pointed elsewhere).
+Handlers never build clients; they declare the `Annotated` dependencies they
+use (settings, session factory, Temporal link, metrics, Stripe gateway) and get
+what `api.main.create_app` wired (tests wire real ones pointed elsewhere).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from starlette.concurrency import run_in_threadpool
 
 from api import store
 from api.errors import auth_not_configured, forbidden, stripe_not_configured, unauthorized
@@ -19,6 +19,7 @@ from api.metrics import BillingMetrics
 from api.temporal import TemporalLink
 from billing.auth import Claims, InvalidTokenError, decode_token
 from billing.config import Settings
+from billing.db import orgs
 from billing.stripe_gateway import StripeGateway
 
 
@@ -40,27 +41,50 @@ def get_services(request: Request) -> ApiServices:
     return services
 
 
-ServicesDep = Annotated[ApiServices, Depends(get_services)]
+# Only the dependencies below read the bag; each route declares just what it uses.
+_ServicesDep = Annotated[ApiServices, Depends(get_services)]
 
 
-def get_api_settings(services: ServicesDep) -> Settings:
+def get_api_settings(services: _ServicesDep) -> Settings:
     return services.settings
 
 
-def get_session_factory(services: ServicesDep) -> store.SessionFactory:
+def get_session_factory(services: _ServicesDep) -> store.SessionFactory:
     return services.session_factory
 
 
-def get_stripe(services: ServicesDep) -> StripeGateway:
-    """The Stripe gateway, or the documented 500 naming the missing settings."""
-    missing = services.settings.missing_stripe_settings()
-    if missing or services.stripe is None:
-        raise stripe_not_configured(missing or ["STRIPE_SECRET_KEY"])
+def get_temporal(services: _ServicesDep) -> TemporalLink:
+    return services.temporal
+
+
+def get_metrics(services: _ServicesDep) -> BillingMetrics:
+    return services.metrics
+
+
+def get_optional_stripe(services: _ServicesDep) -> StripeGateway | None:
+    """The Stripe gateway, or None when Stripe is not configured (see `require_stripe`)."""
     return services.stripe
 
 
 SettingsDep = Annotated[Settings, Depends(get_api_settings)]
 SessionFactoryDep = Annotated[store.SessionFactory, Depends(get_session_factory)]
+TemporalDep = Annotated[TemporalLink, Depends(get_temporal)]
+MetricsDep = Annotated[BillingMetrics, Depends(get_metrics)]
+OptionalStripeDep = Annotated[StripeGateway | None, Depends(get_optional_stripe)]
+
+
+def require_stripe(settings: Settings, gateway: StripeGateway | None) -> StripeGateway:
+    """The Stripe gateway, or the documented 500 naming the missing settings."""
+    missing = settings.missing_stripe_settings()
+    if missing or gateway is None:
+        raise stripe_not_configured(missing or ["STRIPE_SECRET_KEY"])
+    return gateway
+
+
+def get_stripe(settings: SettingsDep, gateway: OptionalStripeDep) -> StripeGateway:
+    return require_stripe(settings, gateway)
+
+
 StripeDep = Annotated[StripeGateway, Depends(get_stripe)]
 
 bearer_scheme = HTTPBearer(
@@ -90,7 +114,7 @@ ClaimsDep = Annotated[Claims, Depends(get_claims)]
 
 async def require_member(factory: store.SessionFactory, claims: Claims) -> None:
     """403 unless the token's user is (still) a member of the token's org."""
-    if not await run_in_threadpool(store.is_member, factory, claims.org_id, claims.user_id):
+    if not await store.read(factory, lambda s: orgs.is_member(s, claims.org_id, claims.user_id)):
         raise forbidden("Not a member of this organization")
 
 

@@ -93,7 +93,10 @@ def _stripe_gateway(
         )
         return None
     # Bounded retries of transient Stripe failures (connection errors, 429, 5xx).
-    return StripeGateway(make_stripe_client(settings, max_network_retries=2), settings)
+    client = make_stripe_client(
+        settings.stripe_secret_key, api_base=settings.stripe_api_base, max_network_retries=2
+    )
+    return StripeGateway(client, settings)
 
 
 def create_app(

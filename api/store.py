@@ -1,20 +1,35 @@
-"""The few database reads the API needs, and the webhook log it writes.
+"""The API's database access: org reads through the kernel, and the webhook log.
 
 The engine is synchronous, so handlers run these in the thread pool. The API
 never writes billing state: only the `stripe_events` log of what it received.
+Org data is read through `billing.db.orgs`, the one owner of it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
-from sqlalchemy import func, select, text
+from sqlalchemy import func, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
 
-from billing.db.models import Membership, Org, StripeEventLog
+from billing.db.models import StripeEventLog
 
 SessionFactory = sessionmaker[Session]
+T = TypeVar("T")
+
+
+async def read(factory: SessionFactory, query: Callable[[Session], T]) -> T:
+    """Run one read (e.g. `lambda s: orgs.org_exists(s, 7)`) in its own session."""
+
+    def run() -> T:
+        with factory() as session:
+            return query(session)
+
+    return await run_in_threadpool(run)
 
 
 @dataclass(frozen=True)
@@ -33,29 +48,6 @@ class EventRecord:
 def ping(factory: SessionFactory) -> None:
     with factory() as session:
         session.execute(text("SELECT 1"))
-
-
-def get_org(factory: SessionFactory, org_id: int) -> Org | None:
-    with factory() as session:
-        return session.get(Org, org_id)
-
-
-def org_exists(factory: SessionFactory, org_id: int) -> bool:
-    with factory() as session:
-        return session.scalar(select(Org.id).where(Org.id == org_id)) is not None
-
-
-def org_id_for_customer(factory: SessionFactory, customer_id: str) -> int | None:
-    with factory() as session:
-        return session.scalar(select(Org.id).where(Org.stripe_customer_id == customer_id))
-
-
-def is_member(factory: SessionFactory, org_id: int, user_id: int) -> bool:
-    with factory() as session:
-        found = session.scalar(
-            select(Membership.id).where(Membership.org_id == org_id, Membership.user_id == user_id)
-        )
-        return found is not None
 
 
 def record_event(factory: SessionFactory, event: EventRecord) -> None:

@@ -73,7 +73,7 @@ from billing.stripe_gateway import make_stripe_client
 from stripe_emulator.faults import STRIPE_TEST_MODE_RATE
 from stripe_emulator.server import EmulatorConfig, EmulatorServer
 from tooling.binaries import temporal_cli_path
-from tooling.catalog import ensure_catalog, sync_stripe_client
+from tooling.catalog import ensure_catalog
 from worker import build_workers
 
 LOCAL_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -347,7 +347,9 @@ async def open_stack() -> AsyncIterator[Stack]:
             emulator = EmulatorServer(EmulatorConfig(port=0))
             emulator.start()
             sync_stack.callback(emulator.stop)
-            setup_client = sync_stripe_client("sk_test_bench", emulator.url)
+            setup_client = make_stripe_client(
+                "sk_test_bench", api_base=emulator.url, max_network_retries=2, blocking=True
+            )
             catalog = ensure_catalog(setup_client, "additional_users", "additional_requests")
         metrics = WorkerMetrics(free_port())
         with console.status("Starting the Temporal dev server…"):
@@ -393,7 +395,11 @@ async def running_workers(stack: Stack, activities_per_second: float) -> AsyncIt
     settings = stack.settings_at(activities_per_second)
     with ThreadPoolExecutor(max_workers=WORKER_THREADS) as executor:
         workers = build_workers(
-            stack.client, settings, stack.sessions, make_stripe_client(settings), executor
+            stack.client,
+            settings,
+            stack.sessions,
+            make_stripe_client(settings.stripe_secret_key, api_base=settings.stripe_api_base),
+            executor,
         )
         async with contextlib.AsyncExitStack() as running:
             for w in workers:

@@ -43,7 +43,7 @@ from _stack import (
 )
 from sqlalchemy import func, select
 
-from billing import services
+from billing.db import orgs
 from billing.db.models import Org
 
 # Each provisioning runs two Stripe activities: ensure_customer (search, create) and
@@ -58,7 +58,7 @@ def create_orgs(stack: Stack, n: int) -> None:
     run = uuid.uuid4().hex[:6]
     with stack.sessions.begin() as session:
         for i in range(n):
-            services.create_org_with_owner(
+            orgs.create_org_with_owner(
                 session,
                 name=f"Bench org {i}",
                 owner_email=f"owner-{run}-{i}@example.com",

@@ -59,7 +59,7 @@ from sqlalchemy.orm import Session
 
 from billing.constants import REPORT_USAGE_UPDATE, org_workflow_id
 from billing.db.models import Membership, Org, RequestLog, UsageLedger, User
-from billing.domain import UsageReportResult
+from billing.domain import LedgerStatus, MembershipRole, UsageReportResult
 from billing.stripe_gateway import snapshot_of
 
 T = TypeVar("T")
@@ -103,7 +103,11 @@ def seed_orgs(stack: Stack, n: int, rng: random.Random) -> list[int]:
             session.scalars(insert(User).returning(User.id, sort_by_parameter_order=True), users)
         )
         memberships = [
-            {"org_id": org, "user_id": next(user_ids), "role": "owner" if k == 0 else "member"}
+            {
+                "org_id": org,
+                "user_id": next(user_ids),
+                "role": MembershipRole.OWNER if k == 0 else MembershipRole.MEMBER,
+            }
             for org, size in zip(org_ids, sizes, strict=True)
             for k in range(size)
         ]
@@ -303,7 +307,7 @@ def ledger_problems(stack: Stack, expected: Usage) -> dict[str, int]:
                 UsageLedger.period_start,
                 func.count(),
                 func.sum(UsageLedger.value),
-                func.bool_and(UsageLedger.status == "sent"),
+                func.bool_and(UsageLedger.status == LedgerStatus.SENT),
             ).group_by(UsageLedger.org_id, UsageLedger.dimension, UsageLedger.period_start)
         ).all()
         identifiers = list(session.scalars(select(UsageLedger.identifier)))

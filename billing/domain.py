@@ -45,6 +45,22 @@ class BillingStatus(StrEnum):
         return cls(status.value)
 
 
+class MembershipRole(StrEnum):
+    """A user's role in an org (`memberships.role`); every org has exactly one owner."""
+
+    OWNER = "owner"
+    MEMBER = "member"
+
+
+class LedgerStatus(StrEnum):
+    """A usage ledger row: `pending` until Stripe accepted its meter event, then
+    `sent`; `skipped` when Stripe would refuse it (older than Stripe accepts)."""
+
+    PENDING = "pending"
+    SENT = "sent"
+    SKIPPED = "skipped"
+
+
 # Statuses of a subscription that still bills the org: provisioning must reuse it.
 LIVE_SUBSCRIPTION_STATUSES = frozenset(
     {
@@ -56,6 +72,29 @@ LIVE_SUBSCRIPTION_STATUSES = frozenset(
         SubscriptionStatus.INCOMPLETE,
     }
 )
+
+
+def is_billed_elsewhere(aws_account_id: str | None, azure_subscription_id: str | None) -> bool:
+    """An org billed through a cloud marketplace (AWS or Azure) is never billed by us.
+
+    Written with `!=` and `|` so that, given the columns instead of values, the
+    same expression is the SQL condition (see the `Org.billed_elsewhere` hybrid).
+    """
+    return (aws_account_id != None) | (azure_subscription_id != None)  # noqa: E711
+
+
+def row_billing_status(
+    *,
+    billed_elsewhere: bool,
+    stripe_subscription_id: str | None,
+    subscription_status: SubscriptionStatus,
+) -> BillingStatus:
+    """What an org's row alone says: without a subscription it is still waiting for one."""
+    if billed_elsewhere:
+        return BillingStatus.NOT_BILLED
+    if stripe_subscription_id is None:
+        return BillingStatus.PROVISIONING
+    return BillingStatus.of(subscription_status)
 
 
 class StripeEventSignal(BaseModel):
@@ -182,7 +221,7 @@ class OrgProfile(BaseModel):
 
     @property
     def billed_elsewhere(self) -> bool:
-        return bool(self.aws_account_id or self.azure_subscription_id)
+        return is_billed_elsewhere(self.aws_account_id, self.azure_subscription_id)
 
     @property
     def customer_name(self) -> str:

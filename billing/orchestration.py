@@ -1,12 +1,17 @@
 """How the API, the CLI and activities hand work to an org's workflow.
 
-Always signal-with-start: an event for an org whose workflow does not exist yet
-(or closed) starts it, and the event is the first thing it sees.
+There is one way in, `start_org_workflow`, and its options say what happens to
+a workflow that is already running: it receives the start signal (signal-with-
+start: an event for an org whose workflow does not exist yet, or closed, starts
+it, and the event is the first thing it sees), or, without a signal, the
+conflict policy decides (leave it alone, or refuse to start).
 """
 
 from __future__ import annotations
 
-from temporalio.client import Client, WorkflowHandle
+from dataclasses import dataclass
+
+from temporalio.client import Client
 from temporalio.common import (
     SearchAttributePair,
     TypedSearchAttributes,
@@ -38,60 +43,49 @@ def _start_attributes(org_id: int) -> TypedSearchAttributes:
     return TypedSearchAttributes([SearchAttributePair(ORG_ID_KEY, str(org_id))])
 
 
-async def signal_stripe_event(
+@dataclass(frozen=True)
+class StartSignal:
+    """A signal sent with the start: a running workflow receives it, a new one sees it first."""
+
+    name: str
+    args: tuple[object, ...] = ()
+
+    @classmethod
+    def stripe_event(cls, event: StripeEventSignal) -> StartSignal:
+        """Hand one Stripe event to the org's workflow."""
+        return cls(STRIPE_EVENT_SIGNAL, (event,))
+
+
+# Harmless to a healthy workflow; wakes one that waits after a failed provisioning.
+RETRY_PROVISIONING = StartSignal(RETRY_PROVISIONING_SIGNAL)
+
+
+async def start_org_workflow(
     client: Client,
     task_queue: str,
     org_id: int,
-    event: StripeEventSignal,
     *,
+    signal: StartSignal | None,
+    id_conflict_policy: WorkflowIDConflictPolicy = WorkflowIDConflictPolicy.UNSPECIFIED,
     tuning: OrgBillingTuning | None = None,
 ) -> None:
-    """Durably hand one Stripe event to the org's workflow (returns once accepted)."""
-    await client.start_workflow(
-        ORG_BILLING_WORKFLOW,
-        OrgBillingInput(org_id=org_id, tuning=tuning or OrgBillingTuning()),
-        id=org_workflow_id(org_id),
-        task_queue=task_queue,
-        start_signal=STRIPE_EVENT_SIGNAL,
-        start_signal_args=[event],
-        search_attributes=_start_attributes(org_id),
-    )
+    """Start the org's workflow unless it runs; returns once Temporal accepted the request.
 
-
-async def ensure_org_workflow(
-    client: Client, task_queue: str, org_id: int, *, tuning: OrgBillingTuning | None = None
-) -> None:
-    """Start the org's workflow if it is not running; a running one is left alone.
-
-    The retry signal is harmless to a healthy workflow and wakes one that is
-    waiting after a failed provisioning.
+    With a `signal`, a running workflow receives it (signal-with-start). Without
+    one, `id_conflict_policy` decides: `USE_EXISTING` leaves a running workflow
+    alone, `UNSPECIFIED` (Temporal's default) refuses to start a second one.
+    `tuning` only reaches a workflow this call starts.
     """
     await client.start_workflow(
         ORG_BILLING_WORKFLOW,
         OrgBillingInput(org_id=org_id, tuning=tuning or OrgBillingTuning()),
         id=org_workflow_id(org_id),
         task_queue=task_queue,
-        start_signal=RETRY_PROVISIONING_SIGNAL,
+        id_conflict_policy=id_conflict_policy,
+        start_signal=signal.name if signal else None,
+        start_signal_args=list(signal.args) if signal else [],
         search_attributes=_start_attributes(org_id),
     )
-
-
-async def start_org_workflow(
-    client: Client, task_queue: str, org_id: int, *, tuning: OrgBillingTuning | None = None
-) -> None:
-    """Start the org's workflow if none is running; a running one is not touched."""
-    await client.start_workflow(
-        ORG_BILLING_WORKFLOW,
-        OrgBillingInput(org_id=org_id, tuning=tuning or OrgBillingTuning()),
-        id=org_workflow_id(org_id),
-        task_queue=task_queue,
-        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-        search_attributes=_start_attributes(org_id),
-    )
-
-
-def org_handle(client: Client, org_id: int) -> WorkflowHandle[object, object]:
-    return client.get_workflow_handle(org_workflow_id(org_id))
 
 
 async def query_state(client: Client, org_id: int) -> OrgBillingState:

@@ -28,23 +28,35 @@ from billing.domain import (
     SubscriptionSnapshot,
     SubscriptionStatus,
 )
+from billing.stripe_keys import meter_event_key, portal_configuration_key
 
 WEBHOOK_TOLERANCE_SECONDS = 300
 
 
 def make_stripe_client(
-    settings: Settings, *, max_network_retries: int = 0, api_key: str | None = None
+    api_key: str,
+    *,
+    api_base: str | None = None,
+    max_network_retries: int = 0,
+    blocking: bool = False,
 ) -> stripe.StripeClient:
-    """Built only by composition roots. `STRIPE_API_BASE` points it at the emulator."""
+    """The one way composition roots build a Stripe client.
+
+    `api_base` (`STRIPE_API_BASE`) points every Stripe host at one address, the
+    emulator's. The API and the worker call Stripe asynchronously, over HTTPX;
+    `blocking=True` gives the SDK's default synchronous HTTP client instead, for
+    catalog setup and CLI commands. `max_network_retries` retries connection
+    errors, 429s and 5xx inside the SDK.
+    """
     base_addresses: dict[str, str | None] = {}
-    if settings.stripe_api_base:
-        base = settings.stripe_api_base.rstrip("/")
+    if api_base:
+        base = api_base.rstrip("/")
         base_addresses = {"api": base, "files": base, "connect": base, "meter_events": base}
     return stripe.StripeClient(
-        api_key or settings.stripe_secret_key,
+        api_key,
         base_addresses=base_addresses,  # type: ignore[arg-type]
         max_network_retries=max_network_retries,
-        http_client=stripe.HTTPXClient(),
+        http_client=None if blocking else stripe.HTTPXClient(),
     )
 
 
@@ -199,20 +211,6 @@ class StripeGateway:
         )
         return snapshot_of(sub.to_dict())
 
-    async def create_customer_and_subscription(
-        self, org: OrgProfile, *, test_clock: str | None = None
-    ) -> tuple[str, SubscriptionSnapshot]:
-        customer_id = await self.create_or_get_customer(
-            org, idempotency_key=f"customer-create-{org.org_id}", test_clock=test_clock
-        )
-        existing = await self.find_live_subscription(customer_id)
-        if existing:
-            return customer_id, existing
-        sub = await self.create_subscription(
-            customer_id, org, idempotency_key=f"subscription-create-{org.org_id}"
-        )
-        return customer_id, sub
-
     async def get_subscription(self, subscription_id: str) -> SubscriptionSnapshot:
         sub = await self._client.v1.subscriptions.retrieve_async(subscription_id)
         return snapshot_of(sub.to_dict())
@@ -236,7 +234,7 @@ class StripeGateway:
         }
         try:
             await self._client.v1.billing.meter_events.create_async(
-                params, {"idempotency_key": f"meter-event-{identifier}"}
+                params, {"idempotency_key": meter_event_key(identifier)}
             )
         except stripe.InvalidRequestError as err:
             if is_duplicate_meter_event(err):
@@ -291,14 +289,10 @@ class StripeGateway:
             "metadata": {"managed_by": source, "promotion_codes": "on"},
         }
         config = await self._client.v1.billing_portal.configurations.create_async(
-            params, {"idempotency_key": f"portal-configuration-{source}-promotion-codes"}
+            params, {"idempotency_key": portal_configuration_key(source)}
         )
         self._portal_configuration_id = config.id
         return config.id
-
-    def verify_webhook_signature(self, payload: bytes, sig_header: str) -> dict[str, Any]:
-        """Raises `stripe.SignatureVerificationError` for a bad or stale signature."""
-        return verify_webhook_signature(payload, sig_header, self._settings.stripe_webhook_secret)
 
 
 def verify_webhook_signature(payload: bytes, sig_header: str, secret: str) -> dict[str, Any]:

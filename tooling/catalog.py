@@ -38,19 +38,6 @@ VALUE_PAYLOAD_KEY = "value"
 Formula = Literal["last", "sum"]
 
 
-def sync_stripe_client(api_key: str, api_base: str | None = None) -> stripe.StripeClient:
-    """A blocking client for setup and CLI commands (the worker's client is async-only)."""
-    addresses: dict[str, str | None] = {}
-    if api_base:
-        base = api_base.rstrip("/")
-        addresses = {"api": base, "files": base, "connect": base, "meter_events": base}
-    return stripe.StripeClient(
-        api_key,
-        base_addresses=addresses,  # type: ignore[arg-type]
-        max_network_retries=2,
-    )
-
-
 @dataclass(frozen=True)
 class CatalogIds:
     product_id: str

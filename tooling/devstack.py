@@ -429,16 +429,18 @@ class DevStack:
             time.sleep(POLL)
 
     def _stripe_setup(self, emulator_url: str, previous: Mapping[str, str]) -> dict[str, str]:
+        from billing.stripe_gateway import make_stripe_client
         from tooling.catalog import (
             ensure_catalog,
             ensure_test_clock,
             ensure_webhook_endpoint,
-            sync_stripe_client,
         )
 
         key = previous.get("STRIPE_SECRET_KEY") or f"sk_test_dev{secrets.token_hex(12)}"
         settings = self.env_settings
-        client = sync_stripe_client(key, emulator_url)
+        client = make_stripe_client(
+            key, api_base=emulator_url, max_network_retries=2, blocking=True
+        )
         catalog = ensure_catalog(
             client, settings.stripe_users_dimension, settings.stripe_requests_dimension
         )
@@ -621,7 +623,7 @@ DEMO_ORGS: tuple[dict[str, Any], ...] = (
 
 def create_demo_data(settings: Settings) -> list[str]:
     """A few orgs with members and requests; orgs that already exist are left alone."""
-    from billing import services
+    from billing.db import orgs
     from billing.db.session import make_engine, make_session_factory
 
     engine = make_engine(settings.database_url, pool_size=1)
@@ -630,10 +632,10 @@ def create_demo_data(settings: Settings) -> list[str]:
         factory = make_session_factory(engine)
         with factory() as session, session.begin():
             for spec in DEMO_ORGS:
-                if services.find_org_by_name(session, spec["name"]):
+                if orgs.find_org_by_name(session, spec["name"]):
                     continue
                 email, first, last = spec["owner"]
-                org = services.create_org_with_owner(
+                org = orgs.create_org_with_owner(
                     session,
                     name=spec["name"],
                     owner_email=email,
@@ -642,8 +644,8 @@ def create_demo_data(settings: Settings) -> list[str]:
                     aws_account_id=spec.get("aws_account_id"),
                 )
                 for member in spec["members"]:
-                    services.add_member(session, org.id, member)
-                services.record_requests(session, org.id, spec["requests"])
+                    orgs.add_member(session, org.id, member)
+                orgs.record_requests(session, org.id, spec["requests"])
                 created.append((org.id, org.name))
     finally:
         engine.dispose()
@@ -653,13 +655,17 @@ def create_demo_data(settings: Settings) -> list[str]:
 
 
 async def _start_workflows(settings: Settings, org_ids: list[int]) -> None:
-    from billing.orchestration import ensure_org_workflow, tuning_of
+    from billing.orchestration import RETRY_PROVISIONING, start_org_workflow, tuning_of
     from billing.temporal_client import connect_temporal
 
     client = await connect_temporal(settings.temporal_address, settings.temporal_namespace)
     for org_id in org_ids:
-        await ensure_org_workflow(
-            client, settings.temporal_task_queue, org_id, tuning=tuning_of(settings)
+        await start_org_workflow(
+            client,
+            settings.temporal_task_queue,
+            org_id,
+            signal=RETRY_PROVISIONING,
+            tuning=tuning_of(settings),
         )
 
 

@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from api import store
-from api.deps import ServicesDep
+from api.deps import MetricsDep, SessionFactoryDep, TemporalDep
 
 router = APIRouter(tags=["operations"])
 
@@ -36,11 +36,9 @@ async def healthz() -> HealthPublic:
     return HealthPublic()
 
 
-async def _check_database(services: ServicesDep) -> str | None:
+async def _check_database(factory: store.SessionFactory) -> str | None:
     try:
-        await asyncio.wait_for(
-            run_in_threadpool(store.ping, services.session_factory), DB_CHECK_TIMEOUT_SECONDS
-        )
+        await asyncio.wait_for(run_in_threadpool(store.ping, factory), DB_CHECK_TIMEOUT_SECONDS)
     except Exception as err:
         return f"database did not answer SELECT 1: {type(err).__name__}"
     return None
@@ -52,9 +50,9 @@ async def _check_database(services: ServicesDep) -> str | None:
     responses={503: {"model": ReadinessPublic, "description": "A dependency is unavailable"}},
     summary="Readiness",
 )
-async def readyz(services: ServicesDep) -> JSONResponse:
+async def readyz(factory: SessionFactoryDep, link: TemporalDep) -> JSONResponse:
     """Ready when the database answers `SELECT 1` and the Temporal server answers a health check."""
-    database, temporal = await asyncio.gather(_check_database(services), services.temporal.check())
+    database, temporal = await asyncio.gather(_check_database(factory), link.check())
     failures = {"database": database, "temporal": temporal}
     unavailable = [name for name, reason in failures.items() if reason is not None]
     body = ReadinessPublic(
@@ -77,7 +75,7 @@ async def readyz(services: ServicesDep) -> JSONResponse:
     },
     summary="Prometheus metrics",
 )
-async def metrics(services: ServicesDep) -> Response:
+async def metrics(billing_metrics: MetricsDep) -> Response:
     """This process's metrics in Prometheus' text format."""
-    body, content_type = services.metrics.render()
+    body, content_type = billing_metrics.render()
     return Response(content=body, media_type=content_type)

@@ -5,14 +5,14 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, HTTPException, Path, status
-from starlette.concurrency import run_in_threadpool
 
 from api import store
-from api.deps import ClaimsDep, ServicesDep, require_member
+from api.deps import ClaimsDep, SessionFactoryDep, TemporalDep, require_member
 from api.errors import forbidden, responses
 from api.temporal import workflow_state
+from billing.db import orgs
 from billing.db.models import Org
-from billing.domain import BillingStatus, OrgBillingState
+from billing.domain import OrgBillingState, row_billing_status
 from billing.logging import bind_log_context
 
 router = APIRouter(prefix="/api/orgs", tags=["orgs"])
@@ -32,15 +32,13 @@ class OrgBillingPublic(OrgBillingState):
 
 
 def _state_from_row(org: Org) -> OrgBillingPublic:
-    if org.aws_account_id or org.azure_subscription_id:
-        status_ = BillingStatus.NOT_BILLED
-    elif org.stripe_subscription_id is None:
-        status_ = BillingStatus.PROVISIONING
-    else:
-        status_ = BillingStatus.of(org.subscription_status)
     return OrgBillingPublic(
         org_id=org.id,
-        status=status_,
+        status=row_billing_status(
+            billed_elsewhere=org.billed_elsewhere,
+            stripe_subscription_id=org.stripe_subscription_id,
+            subscription_status=org.subscription_status,
+        ),
         stripe_customer_id=org.stripe_customer_id,
         stripe_subscription_id=org.stripe_subscription_id,
         subscription_status=org.subscription_status,
@@ -56,18 +54,18 @@ def _state_from_row(org: Org) -> OrgBillingPublic:
     summary="Read an org's billing state",
 )
 async def read_org_billing(
-    org_id: OrgId, claims: ClaimsDep, services: ServicesDep
+    org_id: OrgId, claims: ClaimsDep, factory: SessionFactoryDep, link: TemporalDep
 ) -> OrgBillingPublic:
     """The org workflow's live state, or the database row when the workflow cannot answer."""
     # The token's org is compared first, so a caller learns nothing about other orgs.
     if claims.org_id != org_id:
         raise forbidden("This token is not valid for this organization")
     bind_log_context(org_id=org_id)
-    org = await run_in_threadpool(store.get_org, services.session_factory, org_id)
+    org = await store.read(factory, lambda s: orgs.find_org(s, org_id))
     if org is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail="Organization not found")
-    await require_member(services.session_factory, claims)
-    state = await workflow_state(services.temporal, org_id)
+    await require_member(factory, claims)
+    state = await workflow_state(link, org_id)
     if state is None:
         return _state_from_row(org)
     return OrgBillingPublic.model_validate({**state.model_dump(), "source": "workflow"})

@@ -7,12 +7,19 @@ import logging
 import stripe
 from fastapi import APIRouter, HTTPException, status
 from pydantic import BaseModel
-from starlette.concurrency import run_in_threadpool
 
 from api import store
-from api.deps import ApiServices, MemberDep, ServicesDep, StripeDep
+from api.deps import (
+    MemberDep,
+    MetricsDep,
+    SessionFactoryDep,
+    SettingsDep,
+    StripeDep,
+    TemporalDep,
+)
 from api.errors import problem, responses
-from api.temporal import workflow_state
+from api.temporal import TemporalLink, workflow_state
+from billing.db import orgs
 from billing.logging import bind_log_context
 
 log = logging.getLogger(__name__)
@@ -28,12 +35,14 @@ class PortalSessionPublic(BaseModel):
     url: str
 
 
-async def _customer_id(services: ApiServices, org_id: int) -> str | None:
+async def _customer_id(
+    link: TemporalLink, factory: store.SessionFactory, org_id: int
+) -> str | None:
     """The workflow knows first (it created the customer); the row catches up after."""
-    state = await workflow_state(services.temporal, org_id)
+    state = await workflow_state(link, org_id)
     if state is not None and state.stripe_customer_id:
         return state.stripe_customer_id
-    org = await run_in_threadpool(store.get_org, services.session_factory, org_id)
+    org = await store.read(factory, lambda s: orgs.find_org(s, org_id))
     return org.stripe_customer_id if org is not None else None
 
 
@@ -53,17 +62,22 @@ def _stripe_failed(err: stripe.StripeError) -> HTTPException:
     summary="Create a Stripe billing portal session",
 )
 async def create_portal_session(
-    claims: MemberDep, gateway: StripeDep, services: ServicesDep
+    claims: MemberDep,
+    gateway: StripeDep,
+    settings: SettingsDep,
+    factory: SessionFactoryDep,
+    link: TemporalDep,
+    metrics: MetricsDep,
 ) -> PortalSessionPublic:
     """A billing portal link for the org named in the caller's token."""
     bind_log_context(org_id=claims.org_id)
-    customer_id = await _customer_id(services, claims.org_id)
+    customer_id = await _customer_id(link, factory, claims.org_id)
     if customer_id is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=CUSTOMER_NOT_FOUND)
     try:
-        async with services.metrics.stripe_call("create_portal_link"):
+        async with metrics.stripe_call("create_portal_link"):
             url = await gateway.create_portal_link(
-                customer_id, return_url=services.settings.stripe_portal_return_url
+                customer_id, return_url=settings.stripe_portal_return_url
             )
     except stripe.InvalidRequestError as err:
         if err.code == "resource_missing" and err.param in (None, "customer"):

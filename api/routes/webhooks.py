@@ -20,7 +20,14 @@ from starlette.concurrency import run_in_threadpool
 from temporalio.service import RPCError
 
 from api import store
-from api.deps import ApiServices, ServicesDep, get_stripe
+from api.deps import (
+    MetricsDep,
+    OptionalStripeDep,
+    SessionFactoryDep,
+    SettingsDep,
+    TemporalDep,
+    require_stripe,
+)
 from api.errors import (
     database_unavailable,
     problem,
@@ -28,7 +35,7 @@ from api.errors import (
     temporal_unavailable,
 )
 from api.metrics import UNVERIFIED_EVENT_TYPE, BillingMetrics
-from api.temporal import TemporalUnavailableError, is_unreachable
+from api.temporal import TemporalLink, TemporalUnavailableError, is_unreachable
 from api.webhook_events import (
     MAX_BODY_BYTES,
     WEBHOOK_REQUEST_BODY,
@@ -38,9 +45,11 @@ from api.webhook_events import (
     parse_org_id,
     signal_of,
 )
+from billing.config import Settings
 from billing.constants import HANDLED_EVENT_TYPES, org_workflow_id
+from billing.db import orgs
 from billing.logging import bind_log_context, log_context
-from billing.orchestration import signal_stripe_event, tuning_of
+from billing.orchestration import StartSignal, start_org_workflow, tuning_of
 from billing.stripe_gateway import StripeGateway, verify_webhook_signature
 
 log = logging.getLogger(__name__)
@@ -123,6 +132,10 @@ def _verify(body: bytes, signature: str | None, secret: str) -> StripeEventCreat
         raise _bad_request(f"Not a Stripe event: {where}: {message}") from None
 
 
+async def _org_exists(factory: store.SessionFactory, org_id: int) -> bool:
+    return await store.read(factory, lambda s: orgs.org_exists(s, org_id))
+
+
 async def _resolve_org(
     event: StripeEventCreate,
     factory: store.SessionFactory,
@@ -135,7 +148,7 @@ async def _resolve_org(
     # The customer id the database holds is authoritative: metadata typed in the
     # dashboard can name another org, and must not move a customer between orgs.
     known = (
-        await run_in_threadpool(store.org_id_for_customer, factory, customer_id)
+        await store.read(factory, lambda s: orgs.org_id_for_customer(s, customer_id))
         if customer_id
         else None
     )
@@ -148,7 +161,7 @@ async def _resolve_org(
             return known, f"org from the customer id in the database (not {where})"
         if org_id is None:
             return None, f"{where}.org_id {raw[:40]!r} is not an org id"
-        if not await run_in_threadpool(store.org_exists, factory, org_id):
+        if not await _org_exists(factory, org_id):
             return None, f"org {org_id} from {where} does not exist"
         return org_id, f"org from {where}"
     if customer_id is None:
@@ -160,7 +173,7 @@ async def _resolve_org(
     if raw_org is None:
         return None, f"customer {customer_id} belongs to no known org"
     org_id = parse_org_id(raw_org)
-    if org_id is None or not await run_in_threadpool(store.org_exists, factory, org_id):
+    if org_id is None or not await _org_exists(factory, org_id):
         return None, f"org {raw_org[:40]!r} from customer metadata does not exist"
     return org_id, "org from the customer's metadata in Stripe"
 
@@ -174,16 +187,18 @@ async def _resolve_org(
 )
 async def receive_stripe_event(
     request: Request,
-    services: ServicesDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    factory: SessionFactoryDep,
+    link: TemporalDep,
+    configured_gateway: OptionalStripeDep,
     stripe_signature: Annotated[
         str | None, Header(description="Stripe's `t=...,v1=...` signature of the raw body")
     ] = None,
 ) -> WebhookReceiptPublic:
     """Verify a Stripe event and hand it to its org's workflow; 2xx only once accepted."""
-    metrics = services.metrics
-    settings = services.settings
     try:
-        gateway = get_stripe(services)
+        gateway = require_stripe(settings, configured_gateway)
     except HTTPException:
         metrics.webhook_events.labels(type=UNVERIFIED_EVENT_TYPE, outcome="not_configured").inc()
         raise
@@ -197,7 +212,7 @@ async def receive_stripe_event(
 
     with log_context(event_id=event.id, event_type=event.type):
         try:
-            receipt = await _handle(event, gateway, services)
+            receipt = await _handle(event, gateway, factory, link, settings, metrics)
         except HTTPException as err:
             outcome = "unavailable" if err.status_code == 503 else "failed"
             metrics.webhook_events.labels(type=event.type, outcome=outcome).inc()
@@ -207,14 +222,18 @@ async def receive_stripe_event(
 
 
 async def _handle(
-    event: StripeEventCreate, gateway: StripeGateway, services: ApiServices
+    event: StripeEventCreate,
+    gateway: StripeGateway,
+    factory: store.SessionFactory,
+    link: TemporalLink,
+    settings: Settings,
+    metrics: BillingMetrics,
 ) -> WebhookReceiptPublic:
-    factory = services.session_factory
     try:
         if event.type not in HANDLED_EVENT_TYPES:
             return await _record(factory, event, None, "ignored_type", "event type not handled")
         try:
-            org_id, how = await _resolve_org(event, factory, gateway, services.metrics)
+            org_id, how = await _resolve_org(event, factory, gateway, metrics)
         except stripe.StripeError as err:
             log.warning("Stripe unreachable while routing an event: %s", type(err).__name__)
             raise problem(
@@ -228,7 +247,7 @@ async def _handle(
             return await _record(factory, event, None, "unroutable", how)
         workflow_id = org_workflow_id(org_id)
         bind_log_context(org_id=org_id, workflow_id=workflow_id)
-        await _signal(event, org_id, services)
+        await _signal(event, org_id, link, settings)
         log.info("Stripe event signalled (%s)", how)
         return await _record(factory, event, org_id, "signalled", f"signalled {workflow_id}")
     except SQLAlchemyError as err:
@@ -236,18 +255,19 @@ async def _handle(
         raise database_unavailable() from None
 
 
-async def _signal(event: StripeEventCreate, org_id: int, services: ApiServices) -> None:
+async def _signal(
+    event: StripeEventCreate, org_id: int, link: TemporalLink, settings: Settings
+) -> None:
     """Signal-with-start the org's workflow; any failure is a 503 so Stripe retries."""
-    link = services.temporal
     try:
         client = await link.ready_client()
         await asyncio.wait_for(
-            signal_stripe_event(
+            start_org_workflow(
                 client,
-                services.settings.temporal_task_queue,
+                settings.temporal_task_queue,
                 org_id,
-                signal_of(event),
-                tuning=tuning_of(services.settings),
+                signal=StartSignal.stripe_event(signal_of(event)),
+                tuning=tuning_of(settings),
             ),
             SIGNAL_TIMEOUT_SECONDS,
         )

@@ -24,7 +24,7 @@ from temporalio.client import Client, WorkflowExecution, WorkflowExecutionStatus
 
 from billing.constants import ORG_BILLING_WORKFLOW, org_workflow_id
 from billing.db.models import Org, RequestLog, UsageLedger
-from billing.domain import BillingStatus
+from billing.domain import BillingStatus, LedgerStatus
 from billing.search_attributes import BILLING_STATUS_KEY
 
 from .scenario import OrgPlan, Scenario
@@ -212,7 +212,7 @@ class Checker:
             last_users: dict[tuple[int, int], int] = {}
             for row_org, row_start, value in session.execute(
                 select(UsageLedger.org_id, UsageLedger.period_start, UsageLedger.value)
-                .where(UsageLedger.dimension == USERS, UsageLedger.status == "sent")
+                .where(UsageLedger.dimension == USERS, UsageLedger.status == LedgerStatus.SENT)
                 .order_by(UsageLedger.seq)
             ).tuples():
                 last_users[(row_org, int(row_start.timestamp()))] = int(value)
@@ -285,15 +285,15 @@ class Checker:
             elif identifier not in ledger:
                 check.add(f"identifier {identifier} accepted by Stripe but not in the ledger")
         for identifier, status in sorted(ledger.items()):
-            if status == "sent" and identifier not in accepted:
+            if status == LedgerStatus.SENT and identifier not in accepted:
                 check.add(f"ledger row {identifier} is sent but Stripe never accepted it")
-            elif status == "pending":
+            elif status == LedgerStatus.PENDING:
                 check.add(f"ledger row {identifier} still pending")
         meters = self.stats.get("meter_events", {})
         self.notes["meter events accepted"] = meters.get("accepted", 0)
         self.notes["meter event retries answered 'duplicate'"] = meters.get("duplicate", 0)
         self.notes["Stripe idempotent replays"] = self.stats.get("idempotent_replays", 0)
-        self.notes["ledger rows by status"] = dict(Counter(ledger.values()))
+        self.notes["ledger rows by status"] = dict(Counter(s.value for s in ledger.values()))
         return check
 
     def meter_totals(
@@ -331,7 +331,7 @@ class Checker:
                     UsageLedger.dimension,
                     UsageLedger.value,
                 )
-                .where(UsageLedger.status == "sent")
+                .where(UsageLedger.status == LedgerStatus.SENT)
                 .order_by(UsageLedger.seq)
             ).tuples():
                 period = (row_org, int(row_start.timestamp()))

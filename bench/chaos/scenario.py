@@ -24,11 +24,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from temporalio.client import Client
 
-from billing import services
 from billing.constants import REPORT_USAGE_UPDATE, org_workflow_id
+from billing.db import orgs
 from billing.db.models import Org, StripeEventLog, UsageLedger
-from billing.domain import BillingStatus, OrgBillingState, UsageReportResult
-from billing.orchestration import ensure_org_workflow, query_state
+from billing.domain import BillingStatus, LedgerStatus, OrgBillingState, UsageReportResult
+from billing.orchestration import RETRY_PROVISIONING, query_state, start_org_workflow
 
 from .faults import EmulatorControl, FaultInjector
 from .processes import TASK_QUEUE
@@ -182,7 +182,7 @@ class Scenario:
     def _create_rows(self, run_tag: str) -> None:
         with self.sessions.begin() as session:
             for index, plan in enumerate(self.orgs):
-                org = services.create_org_with_owner(
+                org = orgs.create_org_with_owner(
                     session,
                     name=f"Chaos {run_tag} #{index + 1}",
                     owner_email=f"owner{index + 1}.{run_tag}@chaos.test",
@@ -200,7 +200,7 @@ class Scenario:
     def _add_member(self, session: Session, org_id: int) -> str:
         self._member_seq += 1
         email = f"member{self._member_seq}.org{org_id}@chaos.test"
-        services.add_member(session, org_id, email)
+        orgs.add_member(session, org_id, email)
         return email
 
     async def create_orgs(self, run_tag: str) -> None:
@@ -213,7 +213,10 @@ class Scenario:
         """Like `billing orgs create`; Temporal may be restarting, so try until the deadline."""
         while True:
             try:
-                await asyncio.wait_for(ensure_org_workflow(self.client, TASK_QUEUE, org_id), 10)
+                await asyncio.wait_for(
+                    start_org_workflow(self.client, TASK_QUEUE, org_id, signal=RETRY_PROVISIONING),
+                    10,
+                )
                 return
             except Exception as err:
                 if self.remaining() <= 0:
@@ -283,7 +286,7 @@ class Scenario:
                 for _ in range(self.rng.randint(0, 3)):
                     when = self.rng.randint(start, end - 1)
                     count = self.rng.randint(1, 500)
-                    services.record_requests(session, plan.org_id, count, at(when))
+                    orgs.record_requests(session, plan.org_id, count, at(when))
                     total += count
         return total
 
@@ -296,7 +299,7 @@ class Scenario:
                     continue
                 if plan.members and self.rng.random() < 0.4:
                     email = plan.members.pop(self.rng.randrange(len(plan.members)))
-                    services.remove_member(session, plan.org_id, email)
+                    orgs.remove_member(session, plan.org_id, email)
                     plan.removed += 1
                 else:
                     plan.members.append(self._add_member(session, plan.org_id))
@@ -454,7 +457,7 @@ class Scenario:
             for org_id, dimension, status in rows:
                 if dimension == "additional_users":
                     users.add(org_id)
-                if status == "pending":
+                if status == LedgerStatus.PENDING:
                     pending.add(org_id)
         missing = (renewed - users) | (renewed & pending)
         if missing:

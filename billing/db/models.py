@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from enum import StrEnum
 
 from sqlalchemy import (
     BigInteger,
@@ -19,17 +20,40 @@ from sqlalchemy import (
     func,
     text,
 )
+from sqlalchemy.ext.hybrid import hybrid_property
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from billing.domain import SubscriptionStatus
+from billing.domain import (
+    LedgerStatus,
+    MembershipRole,
+    SubscriptionStatus,
+    is_billed_elsewhere,
+)
 
 
 class Base(DeclarativeBase):
     pass
 
 
-def _status_values(enum: type[SubscriptionStatus]) -> list[str]:
+def _values(enum: type[StrEnum]) -> list[str]:
     return [member.value for member in enum]
+
+
+def _string_enum(enum: type[StrEnum], name: str, length: int) -> Enum:
+    """A VARCHAR column holding the enum's values; the CHECK constraint is the migration's."""
+    return Enum(
+        enum,
+        name=name,
+        native_enum=False,
+        length=length,
+        values_callable=_values,
+        validate_strings=True,
+    )
+
+
+def _one_of(column: str, enum: type[StrEnum]) -> str:
+    """The CHECK constraint's text: `column IN ('a', 'b')`."""
+    return f"{column} IN ({', '.join(repr(value) for value in _values(enum))})"
 
 
 class Org(Base):
@@ -43,14 +67,7 @@ class Org(Base):
     stripe_customer_id: Mapped[str | None] = mapped_column(String(255), unique=True)
     stripe_subscription_id: Mapped[str | None] = mapped_column(String(255), unique=True)
     subscription_status: Mapped[SubscriptionStatus] = mapped_column(
-        Enum(
-            SubscriptionStatus,
-            name="subscription_status",
-            native_enum=False,
-            length=32,
-            values_callable=_status_values,
-            validate_strings=True,
-        ),
+        _string_enum(SubscriptionStatus, "subscription_status", 32),
         nullable=False,
         default=SubscriptionStatus.TRIALING,
         server_default=SubscriptionStatus.TRIALING.value,
@@ -67,8 +84,16 @@ class Org(Base):
 
     memberships: Mapped[list[Membership]] = relationship(back_populates="org")
 
+    @hybrid_property
+    def billed_elsewhere(self) -> bool:
+        """Billed by a cloud marketplace, not by us: `org.billed_elsewhere` in Python,
+        `Org.billed_elsewhere` in a query, one expression for both."""
+        return is_billed_elsewhere(self.aws_account_id, self.azure_subscription_id)
+
     __table_args__ = (
-        # Orgs that still need billing: the backfill pages through this index.
+        # Orgs that still need billing: the backfill pages through this index. The
+        # text is the migration's; Postgres matches it to `orgs.orgs_without_billing`'s
+        # `stripe_subscription_id IS NULL AND NOT Org.billed_elsewhere`.
         Index(
             "ix_orgs_without_billing",
             "id",
@@ -102,7 +127,11 @@ class Membership(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     org_id: Mapped[int] = mapped_column(ForeignKey("orgs.id", ondelete="CASCADE"), nullable=False)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), nullable=False)
-    role: Mapped[str] = mapped_column(String(16), nullable=False, default="member")
+    role: Mapped[MembershipRole] = mapped_column(
+        _string_enum(MembershipRole, "membership_role", 16),
+        nullable=False,
+        default=MembershipRole.MEMBER,
+    )
     created_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), nullable=False, server_default=func.now()
     )
@@ -112,12 +141,12 @@ class Membership(Base):
 
     __table_args__ = (
         UniqueConstraint("org_id", "user_id", name="uq_memberships_org_user"),
-        CheckConstraint("role IN ('owner', 'member')", name="ck_memberships_role"),
+        CheckConstraint(_one_of("role", MembershipRole), name="ck_memberships_role"),
         Index(
             "uq_memberships_one_owner",
             "org_id",
             unique=True,
-            postgresql_where=text("role = 'owner'"),
+            postgresql_where=text(f"role = '{MembershipRole.OWNER.value}'"),
         ),
         Index("ix_memberships_user", "user_id"),
     )
@@ -159,7 +188,11 @@ class UsageLedger(Base):
     identifier: Mapped[str] = mapped_column(String(255), unique=True, nullable=False)
     value: Mapped[int] = mapped_column(BigInteger, nullable=False)
     event_timestamp: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
-    status: Mapped[str] = mapped_column(String(16), nullable=False, default="pending")
+    status: Mapped[LedgerStatus] = mapped_column(
+        _string_enum(LedgerStatus, "ledger_status", 16),
+        nullable=False,
+        default=LedgerStatus.PENDING,
+    )
     reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), nullable=False, server_default=func.now()
@@ -168,7 +201,7 @@ class UsageLedger(Base):
 
     __table_args__ = (
         UniqueConstraint("org_id", "dimension", "period_start", "seq", name="uq_usage_ledger_seq"),
-        CheckConstraint("status IN ('pending', 'sent', 'skipped')", name="ck_usage_ledger_status"),
+        CheckConstraint(_one_of("status", LedgerStatus), name="ck_usage_ledger_status"),
         Index("ix_usage_ledger_org_period", "org_id", "period_start"),
     )
 

@@ -23,7 +23,9 @@ def gateway(emulator: EmulatorServer, catalog: dict[str, str], **values: object)
             **values,
         }
     )
-    return StripeGateway(make_stripe_client(settings), settings)
+    return StripeGateway(
+        make_stripe_client(settings.stripe_secret_key, api_base=settings.stripe_api_base), settings
+    )
 
 
 async def test_promotion_codes_turn_on_the_portal_code_entry(

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 from api.temporal import QUERY_TIMEOUT_SECONDS
 from billing.domain import BillingStatus, OrgBillingState, StripeEventSignal, SubscriptionStatus
-from billing.orchestration import signal_stripe_event
+from billing.orchestration import StartSignal, start_org_workflow
 from tests.api.conftest import Api
 from tests.api.support import bearer, org_workflow_with_state
 from tests.factories.orgs import make_org, make_org_with_member, make_user, unused_org_id
@@ -112,7 +112,12 @@ async def test_org_id_that_is_not_an_id_is_422(api: Api) -> None:
 async def test_workflow_without_a_worker_falls_back_to_the_row(api: Api) -> None:
     org, user = make_org_with_member(api.session_factory, stripe_customer_id="cus_row")
     signal = StripeEventSignal(event_id="evt_1", type="x", created=1, object_id="sub_1")
-    await signal_stripe_event(api.temporal, api.settings.temporal_task_queue, org.id, signal)
+    await start_org_workflow(
+        api.temporal,
+        api.settings.temporal_task_queue,
+        org.id,
+        signal=StartSignal.stripe_event(signal),
+    )
 
     started = time.monotonic()
     response = await api.http.get(_url(org.id), headers=bearer(user.id, org.id))

@@ -13,8 +13,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from temporalio.client import Client
 
 from activities.stripe_activities import StripeActivities
-from billing import services
 from billing.config import Settings
+from billing.db import orgs
 from billing.domain import BillingStatus, OrgBillingState
 from billing.orchestration import query_state
 from billing.stripe_gateway import make_stripe_client
@@ -60,7 +60,7 @@ async def running_worker(
             client,
             settings,
             session_factory,
-            make_stripe_client(settings),
+            make_stripe_client(settings.stripe_secret_key, api_base=settings.stripe_api_base),
             executor,
             stripe_activities=stripe_activities,
         )
@@ -82,7 +82,7 @@ def create_org(
 ) -> int:
     """An org with its owner, the way `billing orgs create` makes it."""
     with session_factory.begin() as session:
-        org = services.create_org_with_owner(
+        org = orgs.create_org_with_owner(
             session,
             name=name,
             owner_email=owner_email or f"owner-{uuid.uuid4().hex[:8]}@example.com",

@@ -25,7 +25,7 @@ from billing.domain import (
     OrgProfile,
     SubscriptionSnapshot,
 )
-from billing.orchestration import ensure_org_workflow, query_state
+from billing.orchestration import RETRY_PROVISIONING, query_state, start_org_workflow
 from billing.search_attributes import BILLING_STATUS_KEY, ORG_ID_KEY, STRIPE_CUSTOMER_ID_KEY
 from billing.stripe_gateway import StripeGateway, make_stripe_client
 from stripe_emulator.server import EmulatorServer
@@ -76,7 +76,9 @@ async def test_new_org_gets_one_customer_and_one_trialing_subscription(
     client = temporal_dev_env.client
     org_id = create_org(session_factory, name="Acme", owner_email="ada@acme.test")
     async with running_worker(client, settings, session_factory):
-        await ensure_org_workflow(client, settings.temporal_task_queue, org_id)
+        await start_org_workflow(
+            client, settings.temporal_task_queue, org_id, signal=RETRY_PROVISIONING
+        )
         state = await wait_for_status(client, org_id, {BillingStatus.TRIALING})
 
     [customer] = customers_of(stripe_client, org_id)
@@ -125,7 +127,9 @@ async def test_crash_after_stripe_created_objects_leaves_exactly_one_of_each(
     """An attempt that created the customer and the subscription, then died, is replayed."""
     client = temporal_dev_env.client
     org_id = create_org(session_factory)
-    gateway = StripeGateway(make_stripe_client(settings), settings)
+    gateway = StripeGateway(
+        make_stripe_client(settings.stripe_secret_key, api_base=settings.stripe_api_base), settings
+    )
     profile = OrgProfile(
         org_id=org_id,
         org_uid=org_row(session_factory, org_id).uid,
@@ -142,7 +146,9 @@ async def test_crash_after_stripe_created_objects_leaves_exactly_one_of_each(
     assert org_row(session_factory, org_id).stripe_customer_id is None
 
     async with running_worker(client, settings, session_factory):
-        await ensure_org_workflow(client, settings.temporal_task_queue, org_id)
+        await start_org_workflow(
+            client, settings.temporal_task_queue, org_id, signal=RETRY_PROVISIONING
+        )
         await wait_for_status(client, org_id, {BillingStatus.TRIALING})
 
     assert [c.id for c in customers_of(stripe_client, org_id)] == [customer_id]
@@ -181,9 +187,17 @@ async def test_activity_retry_after_stripe_created_objects_does_not_duplicate(
     client = temporal_dev_env.client
     org_id = create_org(session_factory)
     CrashAfterStripe.crashes.clear()
-    crashing = CrashAfterStripe(StripeGateway(make_stripe_client(settings), settings), settings)
+    crashing = CrashAfterStripe(
+        StripeGateway(
+            make_stripe_client(settings.stripe_secret_key, api_base=settings.stripe_api_base),
+            settings,
+        ),
+        settings,
+    )
     async with running_worker(client, settings, session_factory, stripe_activities=crashing):
-        await ensure_org_workflow(client, settings.temporal_task_queue, org_id)
+        await start_org_workflow(
+            client, settings.temporal_task_queue, org_id, signal=RETRY_PROVISIONING
+        )
         await wait_for_status(client, org_id, {BillingStatus.TRIALING})
 
     assert CrashAfterStripe.crashes == ["customer", "subscription"]
@@ -203,7 +217,9 @@ async def test_stripe_faults_still_converge_without_duplicates(
     emulator.set_faults(error_rate_429=0.3, error_rate_500=0.2)
     async with running_worker(client, settings, session_factory):
         for org_id in org_ids:
-            await ensure_org_workflow(client, settings.temporal_task_queue, org_id)
+            await start_org_workflow(
+                client, settings.temporal_task_queue, org_id, signal=RETRY_PROVISIONING
+            )
         await asyncio.sleep(3)
         emulator.clear_faults()
         for org_id in org_ids:
@@ -223,7 +239,9 @@ async def test_bad_price_fails_visibly_and_a_fixed_setting_plus_signal_recovers(
     org_id = create_org(session_factory)
     broken = settings.model_copy(update={"stripe_price_id": "price_does_not_exist"})
     async with running_worker(client, broken, session_factory):
-        await ensure_org_workflow(client, settings.temporal_task_queue, org_id)
+        await start_org_workflow(
+            client, settings.temporal_task_queue, org_id, signal=RETRY_PROVISIONING
+        )
         state = await wait_for_status(client, org_id, {BillingStatus.PROVISIONING_FAILED})
     assert state.last_error is not None
     assert "price_does_not_exist" in state.last_error
@@ -233,7 +251,9 @@ async def test_bad_price_fails_visibly_and_a_fixed_setting_plus_signal_recovers(
     assert description.typed_search_attributes.get(BILLING_STATUS_KEY) == "provisioning_failed"
 
     async with running_worker(client, settings, session_factory):
-        await ensure_org_workflow(client, settings.temporal_task_queue, org_id)
+        await start_org_workflow(
+            client, settings.temporal_task_queue, org_id, signal=RETRY_PROVISIONING
+        )
         state = await wait_for_status(client, org_id, {BillingStatus.TRIALING})
     assert state.last_error is None
     [customer] = customers_of(stripe_client, org_id)
@@ -252,7 +272,9 @@ async def test_marketplace_orgs_are_never_billed_through_stripe(
     azure = create_org(session_factory, azure_subscription_id="sub-azure-1")
     async with running_worker(client, settings, session_factory):
         for org_id in (aws, azure):
-            await ensure_org_workflow(client, settings.temporal_task_queue, org_id)
+            await start_org_workflow(
+                client, settings.temporal_task_queue, org_id, signal=RETRY_PROVISIONING
+            )
             await wait_for_status(client, org_id, {BillingStatus.NOT_BILLED})
     for org_id in (aws, azure):
         assert customers_of(stripe_client, org_id) == []
@@ -356,7 +378,7 @@ async def test_failed_provisioning_under_a_flood_of_events_continues_as_new(
 
     from billing.constants import ORG_BILLING_WORKFLOW
     from billing.domain import OrgBillingInput, OrgBillingTuning, StripeEventSignal
-    from billing.orchestration import signal_stripe_event
+    from billing.orchestration import StartSignal
 
     client = temporal_dev_env.client
     org_id = create_org(session_factory)
@@ -376,7 +398,12 @@ async def test_failed_provisioning_under_a_flood_of_events_continues_as_new(
                 created=1_800_000_000 + i,
                 object_id="sub_unknown",
             )
-            await signal_stripe_event(client, settings.temporal_task_queue, org_id, event)
+            await start_org_workflow(
+                client,
+                settings.temporal_task_queue,
+                org_id,
+                signal=StartSignal.stripe_event(event),
+            )
         await asyncio.sleep(3)
         state = await wait_for_status(client, org_id, {BillingStatus.PROVISIONING_FAILED})
         runs = [

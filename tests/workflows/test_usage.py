@@ -13,13 +13,13 @@ from temporalio import activity
 from activities.db_activities import DbActivities
 from activities.models import MeterEventToSend, PlanUsageInput
 from activities.stripe_activities import StripeActivities
-from billing import services
 from billing.config import Settings
 from billing.constants import REPORT_USAGE_UPDATE, org_workflow_id
+from billing.db import orgs
 from billing.db.models import UsageLedger
 from billing.domain import BillingStatus, OrgBillingState, UsageReportResult
-from billing.orchestration import ensure_org_workflow, query_state
-from billing.stripe_gateway import StripeGateway, make_stripe_client
+from billing.orchestration import RETRY_PROVISIONING, query_state, start_org_workflow
+from billing.stripe_gateway import MeterOutcome, StripeGateway, make_stripe_client
 from tests.factories.live import LiveStack
 from tests.factories.stack import create_org, eventually, wait_for_status
 
@@ -34,7 +34,7 @@ class CrashAfterSend(StripeActivities):
     crashed: ClassVar[list[str]] = []
 
     @activity.defn(name="stripe_send_meter_event")
-    async def send_meter_event(self, event: MeterEventToSend) -> str:
+    async def send_meter_event(self, event: MeterEventToSend) -> MeterOutcome:
         outcome = await super().send_meter_event(event)
         if event.dimension == REQUESTS and not self.crashed:
             self.crashed.append(event.identifier)
@@ -44,7 +44,13 @@ class CrashAfterSend(StripeActivities):
 
 def crashing_after_send(settings: Settings) -> StripeActivities:
     CrashAfterSend.crashed.clear()
-    return CrashAfterSend(StripeGateway(make_stripe_client(settings), settings), settings)
+    return CrashAfterSend(
+        StripeGateway(
+            make_stripe_client(settings.stripe_secret_key, api_base=settings.stripe_api_base),
+            settings,
+        ),
+        settings,
+    )
 
 
 def at(ts: int) -> datetime:
@@ -54,7 +60,9 @@ def at(ts: int) -> datetime:
 async def provisioned(stack: LiveStack) -> OrgBillingState:
     """A trialing org with a working card."""
     org_id = create_org(stack.session_factory)
-    await ensure_org_workflow(stack.client, stack.settings.temporal_task_queue, org_id)
+    await start_org_workflow(
+        stack.client, stack.settings.temporal_task_queue, org_id, signal=RETRY_PROVISIONING
+    )
     state = await wait_for_status(stack.client, org_id, {BillingStatus.TRIALING})
     assert state.stripe_customer_id
     stack.attach_card(state.stripe_customer_id, "pm_card_visa")
@@ -85,17 +93,17 @@ def meter_total(stack: LiveStack, customer_id: str, event_name: str, start: int,
 def add_members(stack: LiveStack, org_id: int, *emails: str) -> None:
     with stack.session_factory.begin() as session:
         for email in emails:
-            services.add_member(session, org_id, email)
+            orgs.add_member(session, org_id, email)
 
 
 def remove_member(stack: LiveStack, org_id: int, email: str) -> None:
     with stack.session_factory.begin() as session:
-        services.remove_member(session, org_id, email)
+        orgs.remove_member(session, org_id, email)
 
 
 def record(stack: LiveStack, org_id: int, count: int, when: int) -> None:
     with stack.session_factory.begin() as session:
-        services.record_requests(session, org_id, count, at(when))
+        orgs.record_requests(session, org_id, count, at(when))
 
 
 def ledger(stack: LiveStack, org_id: int, period_start: int) -> list[UsageLedger]:
@@ -313,7 +321,7 @@ async def test_a_period_older_than_stripe_accepts_is_skipped_with_its_reason(
     start = datetime(2026, 1, 1, tzinfo=UTC)
     end = datetime(2026, 2, 1, tzinfo=UTC)
     with session_factory.begin() as session:
-        services.record_requests(session, org_id, 3, start + timedelta(days=2))
+        orgs.record_requests(session, org_id, 3, start + timedelta(days=2))
     plan_input = PlanUsageInput(
         org_id=org_id,
         customer_id="cus_x",

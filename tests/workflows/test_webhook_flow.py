@@ -26,7 +26,7 @@ from billing.domain import (
     OrgBillingTuning,
     ReconcileResult,
 )
-from billing.orchestration import ensure_org_workflow, query_state
+from billing.orchestration import RETRY_PROVISIONING, query_state, start_org_workflow
 from billing.stripe_gateway import subscription_end_of
 from tests.factories.live import LiveStack
 from tests.factories.stack import capture_history, create_org, eventually, wait_for_status
@@ -37,7 +37,9 @@ pytestmark = pytest.mark.asyncio
 
 async def provisioned_org(stack: LiveStack, **kwargs: Any) -> OrgBillingState:
     org_id = create_org(stack.session_factory, **kwargs)
-    await ensure_org_workflow(stack.client, stack.settings.temporal_task_queue, org_id)
+    await start_org_workflow(
+        stack.client, stack.settings.temporal_task_queue, org_id, signal=RETRY_PROVISIONING
+    )
     return await wait_for_status(stack.client, org_id, {BillingStatus.TRIALING})
 
 
@@ -368,7 +370,9 @@ async def test_a_fresh_run_for_a_canceled_org_does_not_subscribe_it_again(
     # An operator terminates the workflow; the next nudge starts a fresh run.
     await stack.client.get_workflow_handle(org_workflow_id(state.org_id)).terminate("test")
 
-    await ensure_org_workflow(stack.client, stack.settings.temporal_task_queue, state.org_id)
+    await start_org_workflow(
+        stack.client, stack.settings.temporal_task_queue, state.org_id, signal=RETRY_PROVISIONING
+    )
 
     fresh = await wait_for_status(stack.client, state.org_id, {BillingStatus.CANCELED})
     assert fresh.stripe_subscription_id == state.stripe_subscription_id

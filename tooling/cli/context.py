@@ -28,8 +28,9 @@ from temporalio.client import Client
 from typer.core import TyperGroup
 
 from billing.config import Settings
+from billing.db.orgs import ServiceError
 from billing.db.session import make_engine, make_session_factory
-from billing.services import ServiceError
+from billing.stripe_gateway import make_stripe_client
 from billing.temporal_client import connect_temporal
 from tooling.home import settings_file
 
@@ -131,12 +132,15 @@ class CliState:
         return await connect(self.settings)
 
     def stripe_client(self) -> stripe.StripeClient:
-        from tooling.catalog import sync_stripe_client
-
         settings = self.settings
         if not settings.stripe_secret_key:
             fail("STRIPE_SECRET_KEY is not set; start `billing dev` or set it in the environment.")
-        return sync_stripe_client(settings.stripe_secret_key, settings.stripe_api_base)
+        return make_stripe_client(
+            settings.stripe_secret_key,
+            api_base=settings.stripe_api_base,
+            max_network_retries=2,
+            blocking=True,
+        )
 
 
 def build_settings(home: Path | None) -> Settings:

@@ -11,7 +11,7 @@ from typing import Annotated
 import stripe
 import typer
 
-from billing import services
+from billing.db import orgs
 from billing.domain import OrgBillingState
 from tooling.cli.context import (
     CliState,
@@ -220,7 +220,7 @@ def card(
         fail("Choose exactly one of --failing and --working.")
     state = state_of(ctx)
     with state.session() as session:
-        customer_id = services.get_org(session, org_id).stripe_customer_id
+        customer_id = orgs.get_org(session, org_id).stripe_customer_id
     if not customer_id:
         fail(f"Org {org_id} has no Stripe customer yet; run `billing provision {org_id}` first.")
     client = state.stripe_client()

@@ -6,7 +6,8 @@ from typing import Annotated
 
 import typer
 
-from billing import services
+from billing.db import orgs
+from billing.domain import MembershipRole
 from tooling.cli.context import out, print_json, state_of
 
 app = typer.Typer(help="Add or remove an org's members.", no_args_is_help=True)
@@ -26,10 +27,17 @@ def add(
 ) -> None:
     """Add a user (created if new) to the org."""
     with state_of(ctx).session() as session:
-        user = services.add_member(session, org_id, email, name)
-        members = len(services.list_members(session, org_id))
+        user = orgs.add_member(session, org_id, email, name)
+        members = len(orgs.list_members(session, org_id))
     if as_json:
-        print_json({"org_id": org_id, "email": user.email, "role": "member", "members": members})
+        print_json(
+            {
+                "org_id": org_id,
+                "email": user.email,
+                "role": MembershipRole.MEMBER,
+                "members": members,
+            }
+        )
         return
     out.print(f"Added {user.email} to org {org_id}; it now has {members} members.")
 
@@ -40,8 +48,8 @@ def remove(
 ) -> None:
     """Remove a member from the org (never its owner)."""
     with state_of(ctx).session() as session:
-        user = services.remove_member(session, org_id, email)
-        members = len(services.list_members(session, org_id))
+        user = orgs.remove_member(session, org_id, email)
+        members = len(orgs.list_members(session, org_id))
     if as_json:
         print_json({"org_id": org_id, "email": user.email, "removed": True, "members": members})
         return

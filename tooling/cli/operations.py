@@ -16,7 +16,6 @@ from temporalio.client import (
 )
 from temporalio.service import RPCError, RPCStatusCode
 
-from billing import services
 from billing.auth import AuthNotConfiguredError, mint_token
 from billing.constants import (
     ORG_BILLING_WORKFLOW,
@@ -24,8 +23,9 @@ from billing.constants import (
     REPORT_USAGE_UPDATE,
     org_workflow_id,
 )
+from billing.db import orgs
 from billing.domain import BillingStatus, OrgBillingState, ReconcileResult, UsageReportResult
-from billing.orchestration import ensure_org_workflow, tuning_of
+from billing.orchestration import RETRY_PROVISIONING, start_org_workflow, tuning_of
 from tooling.cli.context import (
     CliError,
     CliState,
@@ -48,7 +48,7 @@ RECONCILE_CONCURRENCY = 8
 
 def _org_must_exist(state: CliState, org_id: int) -> None:
     with state.session() as session:
-        services.get_org(session, org_id)
+        orgs.get_org(session, org_id)
 
 
 # provision -------------------------------------------------------------------------
@@ -56,8 +56,12 @@ def _org_must_exist(state: CliState, org_id: int) -> None:
 
 async def _provision(state: CliState, org_id: int, timeout: float) -> OrgBillingState:
     client = await state.temporal()
-    await ensure_org_workflow(
-        client, state.settings.temporal_task_queue, org_id, tuning=tuning_of(state.settings)
+    await start_org_workflow(
+        client,
+        state.settings.temporal_task_queue,
+        org_id,
+        signal=RETRY_PROVISIONING,
+        tuning=tuning_of(state.settings),
     )
     deadline = time.monotonic() + timeout
     last_problem: str | None = None
@@ -113,7 +117,13 @@ async def _backfill(state: CliState, org_ids: list[int]) -> list[tuple[int, str 
         task = progress.add_task("Starting org workflows", total=len(org_ids))
         for org_id in org_ids:
             try:
-                await ensure_org_workflow(client, queue, org_id, tuning=tuning_of(state.settings))
+                await start_org_workflow(
+                    client,
+                    queue,
+                    org_id,
+                    signal=RETRY_PROVISIONING,
+                    tuning=tuning_of(state.settings),
+                )
                 outcomes.append((org_id, None))
             except RPCError as error:
                 outcomes.append((org_id, error.message or str(error)))
@@ -125,7 +135,7 @@ def backfill(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """Start the workflow of every org that has no billing yet."""
     state = state_of(ctx)
     with state.session() as session:
-        org_ids = services.orgs_without_billing(session)
+        org_ids = orgs.orgs_without_billing(session)
     outcomes = run(_backfill(state, org_ids)) if org_ids else []
     failed = [(org_id, problem) for org_id, problem in outcomes if problem]
     if as_json:
@@ -236,7 +246,7 @@ def reconcile(
     async def every_org(client: Client) -> tuple[list[ReconcileResult], list[tuple[int, str]]]:
         running = await running_org_ids(client)
         with state.session() as session:
-            ids = services.existing_org_ids(session, running)
+            ids = orgs.existing_org_ids(session, running)
         gate = asyncio.Semaphore(RECONCILE_CONCURRENCY)
         results: list[ReconcileResult] = []
         failures: list[tuple[int, str]] = []
@@ -294,7 +304,7 @@ def token(
     """Mint a bearer token for a member of the org (for local use)."""
     state = state_of(ctx)
     with state.session() as session:
-        membership = services.get_membership(session, org_id, email)
+        membership = orgs.get_membership(session, org_id, email)
         user_id = membership.user_id
     try:
         minted = mint_token(

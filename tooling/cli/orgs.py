@@ -7,10 +7,10 @@ from typing import Annotated, Any
 import typer
 from temporalio.service import RPCError
 
-from billing import services
 from billing.constants import org_workflow_id
+from billing.db import orgs
 from billing.domain import BillingStatus
-from billing.orchestration import ensure_org_workflow, tuning_of
+from billing.orchestration import RETRY_PROVISIONING, start_org_workflow, tuning_of
 from tooling.cli.context import (
     CliState,
     TemporalUnavailableError,
@@ -36,13 +36,17 @@ app = typer.Typer(help="Create, list and inspect orgs.", no_args_is_help=True)
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
 
 
-async def start_org_workflow(state: CliState, org_id: int) -> str | None:
+async def _start_billing(state: CliState, org_id: int) -> str | None:
     """Start provisioning now; return why it could not start (None when it did)."""
     settings = state.settings
     try:
         client = await state.temporal()
-        await ensure_org_workflow(
-            client, settings.temporal_task_queue, org_id, tuning=tuning_of(settings)
+        await start_org_workflow(
+            client,
+            settings.temporal_task_queue,
+            org_id,
+            signal=RETRY_PROVISIONING,
+            tuning=tuning_of(settings),
         )
     except TemporalUnavailableError as error:
         return str(error)
@@ -70,7 +74,7 @@ def create(
     """Create an org and its owner; its billing workflow starts at once."""
     state = state_of(ctx)
     with state.session() as session:
-        org = services.create_org_with_owner(
+        org = orgs.create_org_with_owner(
             session,
             name=name,
             owner_email=owner_email,
@@ -81,8 +85,8 @@ def create(
         )
         org_id = org.id
     with state.session() as session:
-        summary = services.org_summary(session, org_id)
-    problem = run(start_org_workflow(state, org_id))
+        summary = orgs.org_summary(session, org_id)
+    problem = run(_start_billing(state, org_id))
     if problem:
         warn(
             f"{problem.rstrip('.')}; org {org_id} is saved and the `billing-backfill` "
@@ -140,10 +144,10 @@ def list_orgs(
         fail(f"{status!r} is not a billing status; use one of {', '.join(known)}.")
     state = state_of(ctx)
     with state.session() as session:
-        orgs = services.list_orgs(session)
-    lives = run(_lives(state, [o.id for o in orgs]))
+        summaries = orgs.list_orgs(session)
+    lives = run(_lives(state, [o.id for o in summaries]))
     _warn_about_missing_state(lives)
-    rows = [(org, lives[org.id]) for org in orgs]
+    rows = [(org, lives[org.id]) for org in summaries]
     if status:
         rows = [(org, live) for org, live in rows if merged_view(org, live)["status"] == status]
     if as_json:
@@ -167,9 +171,9 @@ def show(
     """One org: its DB row, members, and its workflow's live state."""
     state = state_of(ctx)
     with state.session() as session:
-        summary = services.org_summary(session, org_id)
-        members = services.list_members(session, org_id)
-        requests = services.request_total(session, org_id)
+        summary = orgs.org_summary(session, org_id)
+        members = orgs.list_members(session, org_id)
+        requests = orgs.request_total(session, org_id)
 
     async def fetch() -> Live:
         try:

@@ -7,8 +7,13 @@ from typing import Any
 
 from rich.table import Table
 
-from billing.domain import BillingStatus, OrgBillingState, ReconcileResult, UsageReportResult
-from billing.services import OrgSummary
+from billing.db.orgs import OrgSummary
+from billing.domain import (
+    OrgBillingState,
+    ReconcileResult,
+    UsageReportResult,
+    row_billing_status,
+)
 from tooling.cli.live import Live
 
 
@@ -19,12 +24,12 @@ def when(value: datetime | None) -> str:
 
 
 def db_status(org: OrgSummary) -> str:
-    """What the row alone says; an org without a subscription is still waiting for one."""
-    if org.billed_elsewhere:
-        return BillingStatus.NOT_BILLED.value
-    if not org.stripe_subscription_id:
-        return BillingStatus.PROVISIONING.value
-    return org.subscription_status.value
+    """What the row alone says."""
+    return row_billing_status(
+        billed_elsewhere=org.billed_elsewhere,
+        stripe_subscription_id=org.stripe_subscription_id,
+        subscription_status=org.subscription_status,
+    ).value
 
 
 def org_document(org: OrgSummary) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from billing import services
+from billing.db import orgs
 from tooling.cli.context import CliState, fail, out, print_json, state_of
 
 app = typer.Typer(help="Record requests an org made.", no_args_is_help=True)
@@ -58,8 +58,8 @@ def record(
     state = state_of(ctx)
     when = parse_time(at) if at else _now(state)
     with state.session() as session:
-        row = services.record_requests(session, org_id, count, when)
-        total = services.request_total(session, org_id)
+        row = orgs.record_requests(session, org_id, count, when)
+        total = orgs.request_total(session, org_id)
     if as_json:
         print_json(
             {"org_id": org_id, "count": row.count, "occurred_at": row.occurred_at, "total": total}

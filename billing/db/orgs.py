@@ -1,0 +1,423 @@
+"""Every read and write of orgs, their members and their request log.
+
+The one owner of org data: the API, the CLI and the activities call these
+functions rather than query the tables themselves. Each takes an open
+`Session` and leaves committing to the caller, so one command (or activity) is
+one transaction. Expected failures raise `ServiceError` subclasses whose
+message is one sentence a person can act on.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from billing.db.models import Membership, Org, RequestLog, User
+from billing.domain import (
+    FieldDifference,
+    MembershipRole,
+    OrgProfile,
+    SubscriptionSnapshot,
+    SubscriptionStatus,
+)
+
+
+class ServiceError(Exception):
+    """An expected failure; the message is shown to the user as is."""
+
+
+class NotFoundError(ServiceError):
+    pass
+
+
+class OrgNotFoundError(NotFoundError):
+    def __init__(self, org_id: int) -> None:
+        super().__init__(f"Org {org_id} does not exist.")
+
+
+class OrgWithoutOwnerError(ServiceError):
+    """An org cannot be billed before it has an owner (Stripe's customer is the owner)."""
+
+    def __init__(self, org_id: int) -> None:
+        super().__init__(f"Org {org_id} has no owner: add one before it can be billed.")
+
+
+class ConflictError(ServiceError):
+    pass
+
+
+class InvalidInputError(ServiceError):
+    pass
+
+
+# Users -------------------------------------------------------------------------------
+
+
+def normalize_email(email: str) -> str:
+    """Emails are unique per user; compare them case-insensitively."""
+    value = email.strip().lower()
+    if "@" not in value or value.startswith("@") or value.endswith("@"):
+        raise InvalidInputError(f"{email!r} is not an email address.")
+    return value
+
+
+def split_name(full_name: str | None) -> tuple[str, str]:
+    """`--name "Ada Lovelace"` becomes first and last name; one word is a first name."""
+    if not full_name or not full_name.strip():
+        return "", ""
+    first, _, last = full_name.strip().partition(" ")
+    return first, last.strip()
+
+
+def _get_or_create_user(session: Session, email: str, first_name: str, last_name: str) -> User:
+    user = session.scalar(select(User).where(User.email == email))
+    if user is None:
+        user = User(email=email, first_name=first_name, last_name=last_name)
+        session.add(user)
+        session.flush()
+        return user
+    # Fill in a name the user did not have yet; never overwrite one.
+    if first_name and not user.first_name:
+        user.first_name = first_name
+    if last_name and not user.last_name:
+        user.last_name = last_name
+    return user
+
+
+def find_user(session: Session, email: str) -> User:
+    address = normalize_email(email)
+    user = session.scalar(select(User).where(User.email == address))
+    if user is None:
+        raise NotFoundError(f"No user has the email {address}.")
+    return user
+
+
+# Orgs --------------------------------------------------------------------------------
+
+
+def create_org_with_owner(
+    session: Session,
+    *,
+    name: str,
+    owner_email: str,
+    owner_first_name: str = "",
+    owner_last_name: str = "",
+    aws_account_id: str | None = None,
+    azure_subscription_id: str | None = None,
+) -> Org:
+    """The org, its owner (an existing user is reused) and the owner membership, together."""
+    if not name.strip():
+        raise InvalidInputError("The org name must not be empty.")
+    email = normalize_email(owner_email)
+    owner = _get_or_create_user(session, email, owner_first_name, owner_last_name)
+    org = Org(
+        uid=str(uuid.uuid4()),
+        name=name.strip(),
+        aws_account_id=aws_account_id or None,
+        azure_subscription_id=azure_subscription_id or None,
+    )
+    session.add(org)
+    session.flush()
+    session.add(Membership(org_id=org.id, user_id=owner.id, role=MembershipRole.OWNER))
+    session.flush()
+    return org
+
+
+def find_org(session: Session, org_id: int) -> Org | None:
+    return session.get(Org, org_id)
+
+
+def get_org(session: Session, org_id: int, *, for_update: bool = False) -> Org:
+    """The org's row (locked until the transaction ends with `for_update`)."""
+    org = session.get(Org, org_id, with_for_update=for_update)
+    if org is None:
+        raise OrgNotFoundError(org_id)
+    return org
+
+
+def org_exists(session: Session, org_id: int) -> bool:
+    return session.scalar(select(Org.id).where(Org.id == org_id)) is not None
+
+
+def find_org_by_name(session: Session, name: str) -> Org | None:
+    return session.scalar(select(Org).where(Org.name == name).order_by(Org.id).limit(1))
+
+
+def org_id_for_customer(session: Session, customer_id: str) -> int | None:
+    """The org whose row holds this Stripe customer id (authoritative for routing)."""
+    return session.scalar(select(Org.id).where(Org.stripe_customer_id == customer_id))
+
+
+def existing_org_ids(session: Session, org_ids: list[int]) -> list[int]:
+    """The ids among `org_ids` that have a row (workflows can outlive their org)."""
+    if not org_ids:
+        return []
+    return list(session.scalars(select(Org.id).where(Org.id.in_(org_ids)).order_by(Org.id)))
+
+
+def orgs_without_billing(
+    session: Session, *, after_id: int = 0, limit: int | None = None
+) -> list[int]:
+    """Orgs to provision, in id order: no Stripe subscription and not billed elsewhere.
+
+    The condition is the partial index `ix_orgs_without_billing`'s, so pages
+    (`after_id`, `limit`) read only the index.
+    """
+    query = (
+        select(Org.id)
+        .where(Org.stripe_subscription_id.is_(None), ~Org.billed_elsewhere, Org.id > after_id)
+        .order_by(Org.id)
+    )
+    if limit is not None:
+        query = query.limit(limit)
+    return list(session.scalars(query))
+
+
+def org_profile(session: Session, org_id: int) -> OrgProfile:
+    """The org and its owner, as Stripe needs them."""
+    org = get_org(session, org_id)
+    owner = session.scalars(
+        select(User)
+        .join(Membership, Membership.user_id == User.id)
+        .where(Membership.org_id == org_id, Membership.role == MembershipRole.OWNER)
+    ).first()
+    if owner is None:
+        raise OrgWithoutOwnerError(org_id)
+    return OrgProfile(
+        org_id=org.id,
+        org_uid=org.uid,
+        name=org.name,
+        owner_email=owner.email,
+        owner_first_name=owner.first_name,
+        owner_last_name=owner.last_name,
+        aws_account_id=org.aws_account_id,
+        azure_subscription_id=org.azure_subscription_id,
+        stripe_customer_id=org.stripe_customer_id,
+        stripe_subscription_id=org.stripe_subscription_id,
+    )
+
+
+def save_customer(session: Session, org_id: int, customer_id: str) -> None:
+    get_org(session, org_id, for_update=True).stripe_customer_id = customer_id
+
+
+def _shown(value: object) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat()
+    return str(value)
+
+
+def save_subscription(
+    session: Session, org_id: int, subscription: SubscriptionSnapshot
+) -> list[FieldDifference]:
+    """Bring the org row in line with Stripe's subscription; return what differed."""
+    org = get_org(session, org_id, for_update=True)
+    wanted: dict[str, object] = {
+        "stripe_customer_id": subscription.customer_id,
+        "stripe_subscription_id": subscription.id,
+        "subscription_status": subscription.status,
+        "subscription_end": subscription.subscription_end,
+    }
+    diffs: list[FieldDifference] = []
+    for field, value in wanted.items():
+        before = getattr(org, field)
+        if _shown(before) != _shown(value):
+            diffs.append(FieldDifference(field=field, before=_shown(before), after=_shown(value)))
+            setattr(org, field, value)
+    return diffs
+
+
+# What the CLI shows ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OrgSummary:
+    """An org row with the counts the CLI shows next to it."""
+
+    id: int
+    uid: str
+    name: str
+    stripe_customer_id: str | None
+    stripe_subscription_id: str | None
+    subscription_status: SubscriptionStatus
+    subscription_end: datetime | None
+    aws_account_id: str | None
+    azure_subscription_id: str | None
+    billed_elsewhere: bool
+    owner_email: str | None
+    members: int
+    created_at: datetime
+
+
+def _summaries(session: Session, orgs: list[Org]) -> list[OrgSummary]:
+    if not orgs:
+        return []
+    ids = [o.id for o in orgs]
+    counts: dict[int, int] = {
+        org_id: count
+        for org_id, count in session.execute(
+            select(Membership.org_id, func.count())
+            .where(Membership.org_id.in_(ids))
+            .group_by(Membership.org_id)
+        )
+    }
+    owners: dict[int, str] = {
+        org_id: email
+        for org_id, email in session.execute(
+            select(Membership.org_id, User.email)
+            .join(User, User.id == Membership.user_id)
+            .where(Membership.org_id.in_(ids), Membership.role == MembershipRole.OWNER)
+        )
+    }
+    return [
+        OrgSummary(
+            id=o.id,
+            uid=o.uid,
+            name=o.name,
+            stripe_customer_id=o.stripe_customer_id,
+            stripe_subscription_id=o.stripe_subscription_id,
+            subscription_status=o.subscription_status,
+            subscription_end=o.subscription_end,
+            aws_account_id=o.aws_account_id,
+            azure_subscription_id=o.azure_subscription_id,
+            billed_elsewhere=o.billed_elsewhere,
+            owner_email=owners.get(o.id),
+            members=counts.get(o.id, 0),
+            created_at=o.created_at,
+        )
+        for o in orgs
+    ]
+
+
+def org_summary(session: Session, org_id: int) -> OrgSummary:
+    return _summaries(session, [get_org(session, org_id)])[0]
+
+
+def list_orgs(session: Session) -> list[OrgSummary]:
+    return _summaries(session, list(session.scalars(select(Org).order_by(Org.id))))
+
+
+# Members -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemberView:
+    email: str
+    first_name: str
+    last_name: str
+    role: MembershipRole
+    user_id: int
+
+
+def is_member(session: Session, org_id: int, user_id: int) -> bool:
+    found = session.scalar(
+        select(Membership.id).where(Membership.org_id == org_id, Membership.user_id == user_id)
+    )
+    return found is not None
+
+
+def member_count(session: Session, org_id: int) -> int:
+    """What the users meter counts: every membership, the owner's included."""
+    count = session.scalar(
+        select(func.count()).select_from(Membership).where(Membership.org_id == org_id)
+    )
+    return int(count or 0)
+
+
+def get_membership(session: Session, org_id: int, email: str) -> Membership:
+    """The user's membership in the org; the error says which of the two is missing."""
+    get_org(session, org_id)
+    user = find_user(session, email)
+    membership = session.scalar(
+        select(Membership).where(Membership.org_id == org_id, Membership.user_id == user.id)
+    )
+    if membership is None:
+        raise NotFoundError(f"{user.email} is not a member of org {org_id}.")
+    return membership
+
+
+def add_member(session: Session, org_id: int, email: str, full_name: str | None = None) -> User:
+    """Add a user (created if new) to the org as a plain member."""
+    get_org(session, org_id)
+    first, last = split_name(full_name)
+    user = _get_or_create_user(session, normalize_email(email), first, last)
+    existing = session.scalar(
+        select(Membership).where(Membership.org_id == org_id, Membership.user_id == user.id)
+    )
+    if existing is not None:
+        raise ConflictError(f"{user.email} is already a member of org {org_id}.")
+    session.add(Membership(org_id=org_id, user_id=user.id, role=MembershipRole.MEMBER))
+    try:
+        session.flush()
+    except IntegrityError as err:
+        raise ConflictError(f"{user.email} is already a member of org {org_id}.") from err
+    return user
+
+
+def remove_member(session: Session, org_id: int, email: str) -> User:
+    """Remove a member; the owner stays, because every org must keep one."""
+    membership = get_membership(session, org_id, email)
+    user = membership.user
+    if membership.role == MembershipRole.OWNER:
+        raise ConflictError(f"{user.email} owns org {org_id} and cannot be removed.")
+    session.delete(membership)
+    session.flush()
+    return user
+
+
+def list_members(session: Session, org_id: int) -> list[MemberView]:
+    """Owner first, then members by email."""
+    get_org(session, org_id)
+    rows = session.execute(
+        select(User, Membership.role)
+        .join(Membership, Membership.user_id == User.id)
+        .where(Membership.org_id == org_id)
+        .order_by((Membership.role != MembershipRole.OWNER), User.email)
+    )
+    return [
+        MemberView(
+            email=user.email,
+            first_name=user.first_name,
+            last_name=user.last_name,
+            role=role,
+            user_id=user.id,
+        )
+        for user, role in rows
+    ]
+
+
+# Requests ----------------------------------------------------------------------------
+
+
+def record_requests(
+    session: Session, org_id: int, count: int, at: datetime | None = None
+) -> RequestLog:
+    if count < 1:
+        raise InvalidInputError(f"The request count must be at least 1, not {count}.")
+    get_org(session, org_id)
+    when = at or datetime.now(UTC)
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    row = RequestLog(org_id=org_id, count=count, occurred_at=when)
+    session.add(row)
+    session.flush()
+    return row
+
+
+def request_total(
+    session: Session, org_id: int, *, since: datetime | None = None, until: datetime | None = None
+) -> int:
+    """Requests the org made, all of them or those in [since, until)."""
+    query = select(func.coalesce(func.sum(RequestLog.count), 0)).where(RequestLog.org_id == org_id)
+    if since is not None:
+        query = query.where(RequestLog.occurred_at >= since)
+    if until is not None:
+        query = query.where(RequestLog.occurred_at < until)
+    return int(session.scalar(query) or 0)
