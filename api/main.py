@@ -28,6 +28,7 @@ from api.errors import database_unavailable
 from api.log_limits import BoundedLog
 from api.metrics import CLIENT_CLOSED_STATUS, BillingMetrics, method_label, status_label
 from api.routes import health, orgs, payments, webhooks
+from api.server import BodyTimeoutMiddleware
 from api.temporal import TemporalLink
 from billing.config import Settings, get_settings
 from billing.db.session import make_engine, make_session_factory
@@ -150,6 +151,7 @@ def create_app(
     app.state.webhook_refusals = BoundedLog(
         logging.getLogger("api.routes.webhooks"), "Stripe webhook refused"
     )
+    app.add_middleware(BodyTimeoutMiddleware, timeout=resolved.api_body_timeout_seconds)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
 
     @app.exception_handler(SQLAlchemyError)
