@@ -8,6 +8,7 @@ import typer
 
 from billing import services
 from tooling.cli.context import out, print_json, state_of
+from tooling.cli.text import safe
 
 app = typer.Typer(help="Add or remove an org's members.", no_args_is_help=True)
 
@@ -31,7 +32,7 @@ def add(
     if as_json:
         print_json({"org_id": org_id, "email": user.email, "role": "member", "members": members})
         return
-    out.print(f"Added {user.email} to org {org_id}; it now has {members} members.")
+    out.print(f"Added {safe(user.email)} to org {org_id}; it now has {members} members.")
 
 
 @app.command("remove")
@@ -45,4 +46,4 @@ def remove(
     if as_json:
         print_json({"org_id": org_id, "email": user.email, "removed": True, "members": members})
         return
-    out.print(f"Removed {user.email} from org {org_id}; it now has {members} members.")
+    out.print(f"Removed {safe(user.email)} from org {org_id}; it now has {members} members.")
