@@ -18,14 +18,17 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from temporalio.client import Client
 
 from api import store
 from api.deps import ApiServices
 from api.errors import database_unavailable
-from api.metrics import BillingMetrics
+from api.log_limits import BoundedLog
+from api.metrics import CLIENT_CLOSED_STATUS, BillingMetrics, method_label, status_label
 from api.routes import health, orgs, payments, webhooks
+from api.server import BodyTimeoutMiddleware
 from api.temporal import TemporalLink
 from billing.config import Settings, get_settings
 from billing.db.session import make_engine, make_session_factory
@@ -50,6 +53,7 @@ class RequestMetricsMiddleware:
             return
         started = time.perf_counter()
         status_code = 500
+        client_left = False
 
         async def send_with_status(message: Message) -> None:
             nonlocal status_code
@@ -60,24 +64,32 @@ class RequestMetricsMiddleware:
         with log_context():
             try:
                 await self.app(scope, receive, send_with_status)
+            except ClientDisconnect:
+                # The client's doing, not ours: no traceback, no 500; nobody is left to answer.
+                client_left = True
             finally:
+                status = CLIENT_CLOSED_STATUS if client_left else status_label(status_code)
                 route = scope.get("route")
                 template = getattr(route, "path", None) or UNMATCHED_ROUTE
-                method = str(scope.get("method", ""))
+                method = method_label(str(scope.get("method", "")))
                 elapsed = time.perf_counter() - started
                 self.metrics.http_requests.labels(
-                    method=method, route=template, status=str(status_code)
+                    method=method, route=template, status=status
                 ).inc()
                 self.metrics.http_request_duration.labels(method=method, route=template).observe(
                     elapsed
                 )
-                log.info(
-                    "%s %s %s",
-                    method,
-                    template,
-                    status_code,
-                    extra={"status": status_code, "duration_ms": round(elapsed * 1000, 1)},
-                )
+                if not scope.get("state", {}).get("quiet"):
+                    log.info(
+                        "%s %s %s",
+                        method,
+                        template,
+                        status,
+                        extra={
+                            "status": status if client_left else status_code,
+                            "duration_ms": round(elapsed * 1000, 1),
+                        },
+                    )
 
 
 def _stripe_gateway(
@@ -139,6 +151,10 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.metrics = metrics
+    app.state.webhook_refusals = BoundedLog(
+        logging.getLogger("api.routes.webhooks"), "Stripe webhook refused"
+    )
+    app.add_middleware(BodyTimeoutMiddleware, timeout=resolved.api_body_timeout_seconds)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
 
     @app.exception_handler(SQLAlchemyError)

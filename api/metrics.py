@@ -4,7 +4,8 @@ Each process (and each test app) owns its own `CollectorRegistry`, so two apps i
 one test session never fight over the global default registry.
 
 Exposed names:
-- `billing_http_requests_total{method,route,status}` (route is the template)
+- `billing_http_requests_total{method,route,status}` (route is the template; status
+  `client_closed` when the client left before the answer)
 - `billing_http_request_duration_seconds{method,route}`
 - `billing_webhook_events_total{type,outcome}`
 - `billing_stripe_request_duration_seconds{operation}`
@@ -27,9 +28,32 @@ from prometheus_client import (
     generate_latest,
 )
 
-# Event type label for requests rejected before their signature was checked:
-# unverified input must not create label values.
+# Every label value comes from a closed set: anything a caller can send (a
+# method, a path, an event type) must never create a new series.
 UNVERIFIED_EVENT_TYPE = "unverified"
+OTHER = "other"
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# Answers of requests whose client went away before they were answered.
+CLIENT_CLOSED_STATUS = "client_closed"
+
+
+def method_label(method: str) -> str:
+    """The HTTP method, or `other` for anything outside the standard set."""
+    return method if method in HTTP_METHODS else OTHER
+
+
+def event_type_label(event_type: str, known: frozenset[str]) -> str:
+    """A verified event's type when it is one we know, else `other`.
+
+    Signed events come from Stripe, but Stripe adds types over time and a
+    leaked secret must not grow the page either.
+    """
+    return event_type if event_type in known else OTHER
+
+
+def status_label(status_code: int) -> str:
+    return str(status_code) if 100 <= status_code <= 599 else OTHER
+
 
 _STRIPE_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 

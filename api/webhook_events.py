@@ -121,7 +121,9 @@ def metadata_org_id(obj: Mapping[str, Any]) -> tuple[str, str] | None:
 def parse_org_id(value: str) -> int | None:
     """An org id as written in metadata, or None when it cannot be one."""
     text = value.strip()
-    if not (text.isascii() and text.isdigit()):
+    # Length first: a digit string of thousands of characters is no id (and
+    # int() refuses strings past Python's digit limit).
+    if len(text) > 10 or not (text.isascii() and text.isdigit()):
         return None
     number = int(text)
     return number if 0 < number <= 2**31 - 1 else None

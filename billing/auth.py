@@ -108,5 +108,18 @@ def decode_token(secret: str, token: str) -> Claims:
     return Claims(
         user_id=_positive_int(payload.get("sub"), "sub"),
         org_id=_positive_int(payload.get("org_id"), "org_id"),
-        expires_at=datetime.fromtimestamp(int(payload["exp"]), tz=UTC),
+        expires_at=_expiry(payload.get("exp")),
     )
+
+
+# Tokens live minutes or hours; nothing expires after year 9999 (datetime's limit).
+_LATEST_EXPIRY = int(datetime(9999, 12, 31, tzinfo=UTC).timestamp())
+
+
+def _expiry(value: object) -> datetime:
+    """`exp` as RFC 7519 NumericDate: an integer here (no strings, floats or booleans)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidTokenError("Token claim 'exp' is not an integer timestamp")
+    if not 0 < value <= _LATEST_EXPIRY:
+        raise InvalidTokenError("Token claim 'exp' is out of range")
+    return datetime.fromtimestamp(value, tz=UTC)

@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     usage_report_grace_seconds: int = Field(default=300, ge=0)
     resync_interval_seconds: int = Field(default=86400, ge=60)
     billing_source: str = "org-billing"
+    # A slow client cannot hold the API: headers and each body chunk must arrive in time.
+    api_header_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    api_body_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
     # Emulator only: new customers are attached to this test clock (set by `billing dev`).
     stripe_test_clock: str | None = None
 

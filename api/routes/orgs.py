@@ -61,10 +61,12 @@ async def read_org_billing(
     if claims.org_id != org_id:
         raise forbidden("This token is not valid for this organization")
     bind_log_context(org_id=org_id)
+    # Membership before existence: a token for an org that does not exist gets
+    # the same 403 here as on every other route.
+    await require_member(factory, claims)
     org = await store.read(factory, lambda s: orgs.find_org(s, org_id))
     if org is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail="Organization not found")
-    await require_member(factory, claims)
     state = await workflow_state(link, org_id)
     if state is None:
         return _state_from_row(org)

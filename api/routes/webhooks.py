@@ -8,8 +8,8 @@ while Temporal or the database is down, 4xx for what retrying cannot fix.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
+import time
 from typing import Annotated, Literal
 
 import stripe
@@ -34,7 +34,8 @@ from api.errors import (
     responses,
     temporal_unavailable,
 )
-from api.metrics import UNVERIFIED_EVENT_TYPE, BillingMetrics
+from api.log_limits import BoundedLog
+from api.metrics import UNVERIFIED_EVENT_TYPE, BillingMetrics, event_type_label
 from api.temporal import TemporalLink, TemporalUnavailableError, is_unreachable
 from api.webhook_events import (
     MAX_BODY_BYTES,
@@ -50,7 +51,11 @@ from billing.constants import HANDLED_EVENT_TYPES, org_workflow_id
 from billing.db import orgs
 from billing.logging import bind_log_context, log_context
 from billing.orchestration import StartSignal, start_org_workflow, tuning_of
-from billing.stripe_gateway import StripeGateway, verify_webhook_signature
+from billing.stripe_gateway import (
+    WEBHOOK_TOLERANCE_SECONDS,
+    StripeGateway,
+    verify_webhook_signature,
+)
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +110,30 @@ async def _read_body(request: Request) -> bytes:
     return bytes(body)
 
 
-def _verify(body: bytes, signature: str | None, secret: str) -> StripeEventCreate:
+def _signed_at(signature: str) -> int | None:
+    """The `t=` timestamp of a Stripe-Signature header (None if it has none)."""
+    for part in signature.split(","):
+        key, _, value = part.strip().partition("=")
+        if key == "t" and value.isascii() and value.isdigit() and len(value) <= 12:
+            return int(value)
+    return None
+
+
+def _verify(
+    body: bytes, signature: str | None, secret: str, *, now: float | None = None
+) -> StripeEventCreate:
+    """Signature, freshness (neither stale nor from the future), then the envelope.
+
+    An event's `created` becomes the workflow's ordering watermark, so one dated
+    ahead of its own signature (or of now) would make every real event after it
+    look stale: such events are refused here.
+    """
     if not signature:
         raise _bad_request("Missing Stripe-Signature header")
+    current = time.time() if now is None else now
+    signed_at = _signed_at(signature)
+    if signed_at is not None and signed_at > current + WEBHOOK_TOLERANCE_SECONDS:
+        raise _bad_request("Stripe-Signature timestamp is in the future")
     try:
         parsed = verify_webhook_signature(body, signature, secret)
     except stripe.SignatureVerificationError as err:
@@ -121,15 +147,20 @@ def _verify(body: bytes, signature: str | None, secret: str) -> StripeEventCreat
         raise _bad_request(reason) from None
     except UnicodeDecodeError:
         raise _bad_request("Body is not UTF-8") from None
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):
+        # JSONDecodeError, and integers past Python's digit limit (a ValueError too).
         raise _bad_request("Body is not JSON") from None
     try:
-        return StripeEventCreate.model_validate(parsed)
+        event = StripeEventCreate.model_validate(parsed)
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "event"
         message = str(first["msg"]).removeprefix("Value error, ")
         raise _bad_request(f"Not a Stripe event: {where}: {message}") from None
+    newest = min(current, signed_at if signed_at is not None else current)
+    if event.created > newest + WEBHOOK_TOLERANCE_SECONDS:
+        raise _bad_request("Event `created` is later than its signature")
+    return event
 
 
 async def _org_exists(factory: store.SessionFactory, org_id: int) -> bool:
@@ -207,7 +238,9 @@ async def receive_stripe_event(
         event = _verify(body, stripe_signature, settings.stripe_webhook_secret)
     except _Rejected as rejected:
         metrics.webhook_events.labels(type=UNVERIFIED_EVENT_TYPE, outcome=rejected.outcome).inc()
-        log.warning("Stripe webhook refused: %s", rejected.http.detail)
+        refusals: BoundedLog = request.app.state.webhook_refusals
+        if not refusals.warning(str(rejected.http.detail)):
+            request.state.quiet = True  # counted, not logged again
         raise rejected.http from None
 
     with log_context(event_id=event.id, event_type=event.type):
@@ -215,10 +248,14 @@ async def receive_stripe_event(
             receipt = await _handle(event, gateway, factory, link, settings, metrics)
         except HTTPException as err:
             outcome = "unavailable" if err.status_code == 503 else "failed"
-            metrics.webhook_events.labels(type=event.type, outcome=outcome).inc()
+            metrics.webhook_events.labels(type=_type_label(event), outcome=outcome).inc()
             raise
-        metrics.webhook_events.labels(type=event.type, outcome=receipt.outcome).inc()
+        metrics.webhook_events.labels(type=_type_label(event), outcome=receipt.outcome).inc()
         return receipt
+
+
+def _type_label(event: StripeEventCreate) -> str:
+    return event_type_label(event.type, HANDLED_EVENT_TYPES)
 
 
 async def _handle(

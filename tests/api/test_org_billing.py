@@ -76,13 +76,17 @@ async def test_other_orgs_token_gets_the_same_403_whether_or_not_the_org_exists(
     assert for_existing.content == for_missing.content
 
 
-async def test_token_for_a_missing_org_is_404(api: Api) -> None:
+async def test_token_for_a_missing_org_gets_the_same_403_on_every_route(api: Api) -> None:
     user = make_user(api.session_factory)
     missing = unused_org_id()
+    headers = bearer(user.id, missing)
 
-    response = await api.http.get(_url(missing), headers=bearer(user.id, missing))
+    billing = await api.http.get(_url(missing), headers=headers)
+    portal = await api.http.post("/api/payments/stripe/portal", headers=headers)
 
-    assert (response.status_code, response.json()) == (404, {"detail": "Organization not found"})
+    expected = {"detail": "Not a member of this organization"}
+    assert (billing.status_code, billing.json()) == (403, expected)
+    assert (portal.status_code, portal.json()) == (403, expected)
 
 
 async def test_non_member_with_a_token_for_the_org_is_403(api: Api) -> None:

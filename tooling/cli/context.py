@@ -20,6 +20,7 @@ from psycopg.errors import UndefinedTable
 from pydantic import ValidationError
 from pydantic_core import to_jsonable_python
 from rich.console import Console
+from rich.markup import escape
 from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError
@@ -32,11 +33,13 @@ from billing.db.orgs import ServiceError
 from billing.db.session import make_engine, make_session_factory
 from billing.stripe_gateway import make_stripe_client
 from billing.temporal_client import connect_temporal
+from tooling.cli.text import safe
 from tooling.home import settings_file
 
 T = TypeVar("T")
 
-out = Console(highlight=False, soft_wrap=False)
+# No markup on stdout: what is printed there is data (names, ids), never styling.
+out = Console(highlight=False, soft_wrap=False, markup=False, emoji=False)
 err = Console(stderr=True, highlight=False)
 
 TEMPORAL_CONNECT_TIMEOUT = 5.0
@@ -55,7 +58,7 @@ def fail(message: str) -> NoReturn:
 
 
 def warn(message: str) -> None:
-    err.print(f"[yellow]Warning:[/yellow] {message}", markup=True, highlight=False)
+    err.print(f"[yellow]Warning:[/yellow] {escape(safe(message))}", markup=True, highlight=False)
 
 
 def _stripe_message(error: stripe.StripeError) -> str:
@@ -92,7 +95,12 @@ class BillingGroup(TyperGroup):
             message = _expected_error_message(error)
             if message is None:
                 raise
-            err.print(f"[red]Error:[/red] {message}", markup=True, highlight=False, soft_wrap=True)
+            err.print(
+                f"[red]Error:[/red] {escape(safe(message))}",
+                markup=True,
+                highlight=False,
+                soft_wrap=True,
+            )
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err.print("Interrupted.")

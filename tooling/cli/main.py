@@ -92,6 +92,7 @@ def api(
     import uvicorn
 
     from api.main import create_app
+    from api.server import header_timeout_protocol
     from billing.logging import configure_logging
 
     settings = state_of(ctx).settings
@@ -104,8 +105,11 @@ def api(
         create_app(settings),
         host=host,
         port=port,
+        http=header_timeout_protocol(settings.api_header_timeout_seconds),
         log_config=None,
         log_level=log_level.lower(),
+        # The app logs one JSON line per request itself (with its route template).
+        access_log=False,
         timeout_graceful_shutdown=5,
     )
 

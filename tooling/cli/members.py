@@ -9,6 +9,7 @@ import typer
 from billing.db import orgs
 from billing.domain import MembershipRole
 from tooling.cli.context import out, print_json, state_of
+from tooling.cli.text import safe
 
 app = typer.Typer(help="Add or remove an org's members.", no_args_is_help=True)
 
@@ -39,7 +40,7 @@ def add(
             }
         )
         return
-    out.print(f"Added {user.email} to org {org_id}; it now has {members} members.")
+    out.print(f"Added {safe(user.email)} to org {org_id}; it now has {members} members.")
 
 
 @app.command("remove")
@@ -53,4 +54,4 @@ def remove(
     if as_json:
         print_json({"org_id": org_id, "email": user.email, "removed": True, "members": members})
         return
-    out.print(f"Removed {user.email} from org {org_id}; it now has {members} members.")
+    out.print(f"Removed {safe(user.email)} from org {org_id}; it now has {members} members.")

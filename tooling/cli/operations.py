@@ -38,6 +38,7 @@ from tooling.cli.context import (
 )
 from tooling.cli.live import WORKER_SILENT, live_state
 from tooling.cli.render import key_value_table, reconcile_table, state_fields, usage_table
+from tooling.cli.text import safe
 
 OrgArgument = Annotated[int, typer.Argument(help="The org's id.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
@@ -282,7 +283,7 @@ def reconcile(
     if failures:
         first_org, first_problem = failures[0]
         for failed_org, problem in failures[1:]:
-            err.print(f"org {failed_org}: {problem}", markup=False)
+            err.print(f"org {failed_org}: {safe(problem)}", markup=False)
         fail(
             f"{len(failures)} orgs could not be reconciled; org {first_org}: "
             f"{first_problem.rstrip('.?')}."

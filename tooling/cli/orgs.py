@@ -30,6 +30,7 @@ from tooling.cli.render import (
     orgs_table,
     state_fields,
 )
+from tooling.cli.text import safe
 
 app = typer.Typer(help="Create, list and inspect orgs.", no_args_is_help=True)
 
@@ -104,7 +105,7 @@ def create(
             }
         )
         return
-    out.print(f"Created org {org_id} ({summary.name}), owner {summary.owner_email}.")
+    out.print(f"Created org {org_id} ({safe(summary.name)}), owner {safe(summary.owner_email)}.")
     if problem is None:
         out.print(f"Billing started: workflow {org_workflow_id(org_id)}.")
 

@@ -15,6 +15,7 @@ from billing.domain import (
     row_billing_status,
 )
 from tooling.cli.live import Live
+from tooling.cli.text import safe
 
 
 def when(value: datetime | None) -> str:
@@ -90,12 +91,12 @@ def orgs_table(rows: list[tuple[OrgSummary, Live]]) -> Table:
         view = merged_view(org, live)
         status = view["status"] if view["source"] == "workflow" else f"{view['status']} (db)"
         table.add_row(
-            f"{org.id} {org.name}",
+            f"{org.id} {safe(org.name)}",
             status,
             when(view["subscription_end"]),
-            view["stripe_customer_id"] or "-",
-            view["last_event"] or "-",
-            view["last_error"] or "",
+            safe(view["stripe_customer_id"] or "-"),
+            safe(view["last_event"] or "-"),
+            safe(view["last_error"] or ""),
         )
     return table
 
@@ -110,8 +111,8 @@ def key_value_table(title: str, values: dict[str, Any]) -> Table:
         elif value is None or value == "":
             shown = "-"
         else:
-            shown = str(value)
-        table.add_row(key, shown)
+            shown = safe(value)
+        table.add_row(safe(key), shown)
     return table
 
 
@@ -150,7 +151,7 @@ def usage_table(result: UsageReportResult) -> Table:
             str(period.users),
             str(period.requests),
             str(period.meter_events_sent),
-            period.skipped_reason or "",
+            safe(period.skipped_reason or ""),
         )
     return table
 
@@ -170,7 +171,7 @@ def reconcile_table(results: list[ReconcileResult]) -> Table:
                 str(result.org_id),
                 result.status.value,
                 diff.field,
-                diff.before or "-",
-                diff.after or "-",
+                safe(diff.before or "-"),
+                safe(diff.after or "-"),
             )
     return table
