@@ -127,7 +127,14 @@ def create_app(
         engine: Engine | None = None
         factory = session_factory
         if factory is None:
-            engine = make_engine(resolved.database_url)
+            # Short limits: an API call waits seconds at most, never minutes.
+            engine = make_engine(
+                resolved.database_url,
+                connect_timeout=3,
+                pool_timeout=3.0,
+                statement_timeout_ms=5_000,
+                lock_timeout_ms=2_000,
+            )
             factory = make_session_factory(engine)
         temporal = TemporalLink(resolved, metrics, temporal_client)
         await temporal.startup()

@@ -7,12 +7,14 @@ Org data is read through `billing.db.orgs`, the one owner of it.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
 from sqlalchemy import func, text
 from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
@@ -20,6 +22,26 @@ from billing.db.models import StripeEventLog
 
 SessionFactory = sessionmaker[Session]
 T = TypeVar("T")
+
+# Stripe waits ~10 s for an answer: a database that does not answer within this
+# is reported as unavailable (503, Stripe retries) well before that.
+DB_CALL_TIMEOUT_SECONDS = 3.0
+
+
+class DatabaseTimeoutError(SQLAlchemyTimeoutError):
+    """The database did not answer in time (it may be frozen or overloaded)."""
+
+
+async def bounded(work: Callable[[], T], timeout: float = DB_CALL_TIMEOUT_SECONDS) -> T:
+    """Run blocking database work in the thread pool, giving up after `timeout`.
+
+    A thread stuck on a frozen server stays stuck until the server answers, but
+    the request is answered now; the engine's statement timeout frees it later.
+    """
+    try:
+        return await asyncio.wait_for(run_in_threadpool(work), timeout)
+    except TimeoutError:
+        raise DatabaseTimeoutError(f"no answer from the database within {timeout:.0f} s") from None
 
 
 async def read(factory: SessionFactory, query: Callable[[Session], T]) -> T:
@@ -29,7 +51,7 @@ async def read(factory: SessionFactory, query: Callable[[Session], T]) -> T:
         with factory() as session:
             return query(session)
 
-    return await run_in_threadpool(run)
+    return await bounded(run)
 
 
 @dataclass(frozen=True)

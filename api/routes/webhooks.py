@@ -16,7 +16,6 @@ import stripe
 from fastapi import APIRouter, Header, HTTPException, Request, status
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.exc import SQLAlchemyError
-from starlette.concurrency import run_in_threadpool
 from temporalio.service import RPCError
 
 from api import store
@@ -335,5 +334,5 @@ async def _record(
         outcome=outcome,
         detail=detail,
     )
-    await run_in_threadpool(store.record_event, factory, record)
+    await store.bounded(lambda: store.record_event(factory, record))
     return WebhookReceiptPublic(event_id=event.id, outcome=outcome, org_id=org_id, detail=detail)

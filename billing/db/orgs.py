@@ -9,9 +9,10 @@ message is one sentence a person can act on.
 
 from __future__ import annotations
 
+import unicodedata
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
@@ -55,14 +56,43 @@ class InvalidInputError(ServiceError):
     pass
 
 
+# Input checks ------------------------------------------------------------------------
+# Whoever calls (the CLI, the service API), a value that cannot be stored is refused
+# here with one sentence, before the database would answer with a driver error.
+
+MAX_ID = 2**31 - 1  # ids are Postgres `integer`s
+MAX_NAME = 255
+MAX_EMAIL = 320
+MAX_REQUEST_COUNT = 2**31 - 1
+# Requests are billed by period: a time outside these years is a typo, not usage.
+EARLIEST_REQUEST = datetime(2000, 1, 1, tzinfo=UTC)
+REQUESTS_AHEAD = timedelta(days=5 * 366)
+
+
+def checked_text(value: str, what: str, *, max_length: int = MAX_NAME) -> str:
+    """`value` stripped, refused if it holds control characters or is too long."""
+    text = value.strip()
+    if any(unicodedata.category(char) == "Cc" for char in text):
+        raise InvalidInputError(f"The {what} must not contain control characters.")
+    if len(text) > max_length:
+        raise InvalidInputError(
+            f"The {what} is {len(text)} characters long; at most {max_length} fit."
+        )
+    return text
+
+
+def valid_id(org_id: int) -> bool:
+    return 0 < org_id <= MAX_ID
+
+
 # Users -------------------------------------------------------------------------------
 
 
 def normalize_email(email: str) -> str:
     """Emails are unique per user; compare them case-insensitively."""
-    value = email.strip().lower()
+    value = checked_text(email, "email address", max_length=MAX_EMAIL).lower()
     if "@" not in value or value.startswith("@") or value.endswith("@"):
-        raise InvalidInputError(f"{email!r} is not an email address.")
+        raise InvalidInputError(f"{value!r} is not an email address.")
     return value
 
 
@@ -70,8 +100,8 @@ def split_name(full_name: str | None) -> tuple[str, str]:
     """`--name "Ada Lovelace"` becomes first and last name; one word is a first name."""
     if not full_name or not full_name.strip():
         return "", ""
-    first, _, last = full_name.strip().partition(" ")
-    return first, last.strip()
+    first, _, last = checked_text(full_name, "name", max_length=2 * MAX_NAME).partition(" ")
+    return checked_text(first, "first name"), checked_text(last, "last name")
 
 
 def _get_or_create_user(session: Session, email: str, first_name: str, last_name: str) -> User:
@@ -111,15 +141,22 @@ def create_org_with_owner(
     azure_subscription_id: str | None = None,
 ) -> Org:
     """The org, its owner (an existing user is reused) and the owner membership, together."""
-    if not name.strip():
+    name = checked_text(name, "org name")
+    if not name:
         raise InvalidInputError("The org name must not be empty.")
     email = normalize_email(owner_email)
-    owner = _get_or_create_user(session, email, owner_first_name, owner_last_name)
+    owner = _get_or_create_user(
+        session,
+        email,
+        checked_text(owner_first_name, "owner's first name"),
+        checked_text(owner_last_name, "owner's last name"),
+    )
     org = Org(
         uid=str(uuid.uuid4()),
-        name=name.strip(),
-        aws_account_id=aws_account_id or None,
-        azure_subscription_id=azure_subscription_id or None,
+        name=name,
+        aws_account_id=checked_text(aws_account_id or "", "AWS account id") or None,
+        azure_subscription_id=checked_text(azure_subscription_id or "", "Azure subscription id")
+        or None,
     )
     session.add(org)
     session.flush()
@@ -129,18 +166,20 @@ def create_org_with_owner(
 
 
 def find_org(session: Session, org_id: int) -> Org | None:
-    return session.get(Org, org_id)
+    return session.get(Org, org_id) if valid_id(org_id) else None
 
 
 def get_org(session: Session, org_id: int, *, for_update: bool = False) -> Org:
     """The org's row (locked until the transaction ends with `for_update`)."""
-    org = session.get(Org, org_id, with_for_update=for_update)
+    org = session.get(Org, org_id, with_for_update=for_update) if valid_id(org_id) else None
     if org is None:
         raise OrgNotFoundError(org_id)
     return org
 
 
 def org_exists(session: Session, org_id: int) -> bool:
+    if not valid_id(org_id):
+        return False
     return session.scalar(select(Org.id).where(Org.id == org_id)) is not None
 
 
@@ -399,12 +438,20 @@ def list_members(session: Session, org_id: int) -> list[MemberView]:
 def record_requests(
     session: Session, org_id: int, count: int, at: datetime | None = None
 ) -> RequestLog:
-    if count < 1:
-        raise InvalidInputError(f"The request count must be at least 1, not {count}.")
+    if not 1 <= count <= MAX_REQUEST_COUNT:
+        raise InvalidInputError(
+            f"The request count must be between 1 and {MAX_REQUEST_COUNT}, not {count}."
+        )
     get_org(session, org_id)
-    when = at or datetime.now(UTC)
+    now = datetime.now(UTC)
+    when = at or now
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
+    if not EARLIEST_REQUEST <= when <= now + REQUESTS_AHEAD:
+        raise InvalidInputError(
+            f"{when.isoformat()} is outside any billing period this service can bill "
+            f"(from {EARLIEST_REQUEST.year} to five years ahead)."
+        )
     row = RequestLog(org_id=org_id, count=count, occurred_at=when)
     session.add(row)
     session.flush()

@@ -15,6 +15,8 @@ app = typer.Typer(help="Record requests an org made.", no_args_is_help=True)
 
 def parse_time(value: str) -> datetime:
     """ISO 8601 with a timezone; a time without one is taken as UTC."""
+    if not value.strip():
+        fail("--at is empty; give an ISO 8601 time or leave it out for now.")
     try:
         parsed = datetime.fromisoformat(value.strip())
     except ValueError:
@@ -56,7 +58,7 @@ def record(
     if count < 1:
         fail(f"--count must be at least 1, not {count}.")
     state = state_of(ctx)
-    when = parse_time(at) if at else _now(state)
+    when = parse_time(at) if at is not None else _now(state)
     with state.session() as session:
         row = orgs.record_requests(session, org_id, count, when)
         total = orgs.request_total(session, org_id)
