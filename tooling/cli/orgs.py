@@ -11,9 +11,9 @@ from billing import services
 from billing.constants import org_workflow_id
 from billing.domain import BillingStatus
 from billing.orchestration import ensure_org_workflow, tuning_of
+from billing.temporal_client import TemporalUnavailableError
 from tooling.cli.context import (
     CliState,
-    TemporalUnavailableError,
     fail,
     out,
     print_json,
