@@ -230,78 +230,77 @@ def data_converter(settings: Settings) -> DataConverter:
     )
 
 
+# What the SDK's core says when the server's certificate or our credentials are refused.
+_SERVER_CERT_UNTRUSTED = ("UnknownIssuer", "UnknownCA", "BadSignature")
+_CLIENT_CERT_REFUSED = (
+    "CertificateRequired",
+    "BadCertificate",
+    "CertificateUnknown",
+    "AccessDenied",
+    "HandshakeFailure",
+)
+# The connection dropped just after the handshake: with TLS 1.3 that is how a
+# server that refuses the client certificate looks from the client.
+_DROPPED = (
+    "close_notify",
+    "UnexpectedEof",
+    "BrokenPipe",
+    "ConnectionReset",
+    "connection closed",
+)
+
+
 def _reason(message: str, target: TemporalTarget) -> tuple[str, bool]:
     """One sentence for a failed connect, and whether it is the configuration's fault."""
-    has_cert = isinstance(target.tls, TLSConfig) and target.tls.client_cert is not None
-    checks: list[tuple[tuple[str, ...], str, bool]] = [
-        (
-            ("UnknownIssuer", "UnknownCA", "BadSignature"),
+
+    def has(*needles: str) -> bool:
+        return any(needle in message for needle in needles)
+
+    tls = target.tls is not False
+    if has(*_SERVER_CERT_UNTRUSTED):
+        return (
             "the server's certificate is not signed by a CA this process trusts; set "
             "TEMPORAL_TLS_SERVER_CA_CERT_PATH to the CA that signed it",
             True,
-        ),
-        (
-            ("NotValidForName",),
+        )
+    if has("NotValidForName"):
+        return (
             "the server's certificate is not valid for that name; set TEMPORAL_TLS_SERVER_NAME "
             "to a name the certificate holds",
             True,
-        ),
-        (("Expired",), "a certificate has expired", True),
-        (("KeyMismatch",), "the client key does not match the client certificate", True),
-        (
-            ("InvalidContentType", "CorruptMessage", "InvalidMessage"),
-            "the server does not speak TLS; set TEMPORAL_TLS=false (or drop the TLS settings)",
-            True,
-        ),
-        (
-            ("Unauthenticated", "PermissionDenied"),
-            (
+        )
+    if has("Expired"):
+        return "a certificate has expired", True
+    if has("KeyMismatch"):
+        return "the client key does not match the client certificate", True
+    if has("InvalidContentType", "CorruptMessage", "InvalidMessage"):
+        return "the server does not speak TLS; set TEMPORAL_TLS=false", True
+    if has("Unauthenticated", "PermissionDenied"):
+        if target.api_key:
+            return (
                 "the server refused the API key (TEMPORAL_API_KEY): it is wrong, expired or "
-                f"not allowed on namespace {target.namespace}"
-                if target.api_key
-                else "the server refused this client's credentials"
-            ),
-            True,
-        ),
-    ]
-    if has_cert:
-        rejected = "the server refused our client certificate (is it signed by the CA it trusts?)"
-    else:
-        rejected = (
+                f"not allowed on namespace {target.namespace}",
+                True,
+            )
+        return "the server refused this client's credentials", True
+    if tls and (has(*_CLIENT_CERT_REFUSED) or (has("after connection") and has(*_DROPPED))):
+        if isinstance(target.tls, TLSConfig) and target.tls.client_cert is not None:
+            return (
+                "the server refused our client certificate (is it signed by the CA the server "
+                "trusts for clients?)",
+                True,
+            )
+        return (
             "the server closed the TLS handshake: it requires a client certificate; set "
-            "TEMPORAL_TLS_CLIENT_CERT_PATH and TEMPORAL_TLS_CLIENT_KEY_PATH"
+            "TEMPORAL_TLS_CLIENT_CERT_PATH and TEMPORAL_TLS_CLIENT_KEY_PATH",
+            True,
         )
-    if target.tls is not False:
-        checks.append(
-            (
-                (
-                    "CertificateRequired",
-                    "BadCertificate",
-                    "CertificateUnknown",
-                    "AccessDenied",
-                    "HandshakeFailure",
-                    "close_notify",
-                    "UnexpectedEof",
-                ),
-                rejected,
-                True,
-            )
-        )
-    else:
-        checks.append(
-            (
-                ("BrokenPipe", "broken pipe", "ConnectionReset"),
-                "the server closed the connection; if it requires TLS set TEMPORAL_TLS=true",
-                True,
-            )
-        )
-    checks += [
-        (("ConnectionRefused", "Connection refused"), "nothing is listening there", False),
-        (("dns error",), "the host name does not resolve", False),
-    ]
-    for needles, sentence, config_fault in checks:
-        if any(needle in message for needle in needles):
-            return sentence, config_fault
+    if not tls and has("after connection") and has(*_DROPPED, "broken pipe"):
+        return "the server closed the connection; if it requires TLS set TEMPORAL_TLS=true", True
+    if has("ConnectionRefused", "Connection refused"):
+        return "nothing is listening there", False
+    if has("dns error"):
+        return "the host name does not resolve", False
     detail = message.removeprefix("Failed client connect: ").splitlines()[0][:200]
     return detail or "the connection failed", False
 

@@ -16,6 +16,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -204,19 +208,18 @@ class TlsProxy:
             await self._server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Runs only after a handshake with a trusted client certificate."""
         task = asyncio.current_task()
         assert task is not None
         self._pipes.add(task)
+        self.accepted += 1
         try:
-            self.accepted += 1
-            try:
-                up_reader, up_writer = await asyncio.open_connection(*self._backend)
-            except OSError:
-                writer.close()
-                return
+            up_reader, up_writer = await asyncio.open_connection(*self._backend)
             await asyncio.gather(
                 _pipe(reader, up_writer), _pipe(up_reader, writer), return_exceptions=True
             )
+        except (OSError, asyncio.CancelledError):
+            pass  # the backend is gone, or the proxy is stopping
         finally:
             self._pipes.discard(task)
             with contextlib.suppress(Exception):
@@ -231,3 +234,70 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
     finally:
         with contextlib.suppress(Exception):
             writer.close()
+
+
+class RefusingGrpcServer:
+    """A TLS gRPC endpoint that refuses every call's credentials, as Temporal Cloud refuses
+    a revoked or mistyped API key: HTTP/2, `grpc-status` 16 (UNAUTHENTICATED).
+
+    It records the `authorization` header it was sent, so a test can see the key arrived.
+    """
+
+    def __init__(self, files: TlsFiles) -> None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(files.server_cert, files.server_key)
+        context.set_alpn_protocols(["h2"])
+        self._context = context
+        self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+        self.authorizations: list[str] = []
+
+    @property
+    def address(self) -> str:
+        assert self._server is not None
+        port = self._server.sockets[0].getsockname()[1]
+        return f"{PROXY_HOST}:{port}"
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, PROXY_HOST, 0, ssl=self._context)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._connections):
+            task.cancel()
+        await asyncio.gather(*self._connections, return_exceptions=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        connection = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
+        )
+        connection.initiate_connection()
+        try:
+            writer.write(connection.data_to_send())
+            while data := await reader.read(65536):
+                for event in connection.receive_data(data):
+                    if isinstance(event, h2.events.RequestReceived):
+                        headers = {str(k): str(v) for k, v in event.headers or []}
+                        self.authorizations.append(headers.get("authorization", ""))
+                        connection.send_headers(
+                            event.stream_id,
+                            [
+                                (":status", "200"),
+                                ("content-type", "application/grpc"),
+                                ("grpc-status", "16"),
+                                ("grpc-message", "Request unauthorized."),
+                            ],
+                            end_stream=True,
+                        )
+                writer.write(connection.data_to_send())
+                await writer.drain()
+        except (OSError, asyncio.CancelledError, h2.exceptions.ProtocolError):
+            pass
+        finally:
+            self._connections.discard(task)
+            with contextlib.suppress(Exception):
+                writer.close()
