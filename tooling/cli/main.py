@@ -177,6 +177,10 @@ def dev(
     temporal_port: Annotated[int, typer.Option("--temporal-port")] = 7233,
     ui_port: Annotated[int, typer.Option("--ui-port")] = 8233,
     emulator_port: Annotated[int, typer.Option("--emulator-port")] = 12111,
+    codec_port: Annotated[
+        int,
+        typer.Option("--codec-port", help="The codec server's port, when encryption keys are set."),
+    ] = 8888,
     home: Annotated[
         Path | None,
         typer.Option("--home", help="Folder for all data (default: the global --home)."),
@@ -190,7 +194,13 @@ def dev(
 
     options = DevOptions(
         home=(home or state_of(ctx).home).resolve(),
-        ports=DevPorts(api=api_port, temporal=temporal_port, ui=ui_port, emulator=emulator_port),
+        ports=DevPorts(
+            api=api_port,
+            temporal=temporal_port,
+            ui=ui_port,
+            emulator=emulator_port,
+            codec=codec_port,
+        ),
         demo=demo,
     )
     code = run_dev(options, state_of(ctx).settings)
