@@ -394,7 +394,8 @@ class DevStack:
 
     @property
     def _encrypting(self) -> bool:
-        return self.env_settings.billing_encryption_keys is not None
+        keys = self.env_settings.billing_encryption_keys
+        return keys is not None and bool(keys.get_secret_value().strip())
 
     @property
     def _codec_endpoint(self) -> str:
@@ -405,7 +406,7 @@ class DevStack:
     def _codec_values(self) -> dict[str, str]:
         """Keys go to the home's settings, so commands in other terminals read the payloads."""
         keys = self.env_settings.billing_encryption_keys
-        if keys is None:
+        if keys is None or not self._encrypting:
             return {}
         ui = self.options.ports.ui
         return {
