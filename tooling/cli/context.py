@@ -29,6 +29,7 @@ from typer.core import TyperGroup
 
 from billing.config import Settings
 from billing.db.session import make_engine, make_session_factory
+from billing.encryption import PayloadDecryptionError
 from billing.services import ServiceError
 from billing.temporal_client import TemporalUnavailableError, connect_client
 from tooling.home import settings_file
@@ -62,7 +63,9 @@ def _stripe_message(error: stripe.StripeError) -> str:
 
 def _expected_error_message(error: BaseException) -> str | None:
     """One sentence for errors a user can cause or fix; None means a bug (keep the traceback)."""
-    if isinstance(error, CliError | ServiceError | TemporalUnavailableError):
+    if isinstance(
+        error, CliError | ServiceError | TemporalUnavailableError | PayloadDecryptionError
+    ):
         return str(error)
     if isinstance(error, OperationalError):
         return "The database is not reachable (check DATABASE_URL, or start `billing dev`)."
