@@ -45,7 +45,7 @@ from billing.db.session import make_engine, make_session_factory
 from billing.domain import BackfillInput
 from billing.orchestration import tuning_of
 from billing.stripe_gateway import StripeGateway, make_stripe_client
-from billing.temporal_client import connect_temporal
+from billing.temporal_client import TemporalUnavailableError, connect_client
 from workflows import ALL_WORKFLOWS
 
 log = logging.getLogger("billing.worker")
@@ -122,7 +122,7 @@ async def ensure_backfill_schedule(client: Client, settings: Settings) -> None:
 async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     """Run until `stop` is set (or SIGINT/SIGTERM when run as a process)."""
     settings.require_stripe()
-    client = await connect_temporal(settings.temporal_address, settings.temporal_namespace)
+    client = await connect_client(settings)
     engine = make_engine(settings.database_url, pool_size=10)
     stripe_client = make_stripe_client(
         settings.stripe_secret_key, api_base=settings.stripe_api_base
@@ -137,7 +137,8 @@ async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -
             "worker started",
             extra={
                 "task_queue": settings.temporal_task_queue,
-                "temporal_address": settings.temporal_address,
+                "temporal_address": client.service_client.config.target_host,
+                "temporal_namespace": client.namespace,
             },
         )
         try:
@@ -169,7 +170,11 @@ def main() -> None:
             loop.add_signal_handler(sig, stop.set)
         await run_worker(settings, stop=stop)
 
-    asyncio.run(_run())
+    try:
+        asyncio.run(_run())
+    except TemporalUnavailableError as err:
+        print(f"Error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

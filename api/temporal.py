@@ -1,7 +1,9 @@
 """The API's one Temporal client, and what the API knows about its health.
 
-If the server is down when the API starts, the API still serves (readyz says
-so, webhooks answer 503) and connects on first use. Once a call has failed for
+If the server is down when the API starts, or the connection settings are
+wrong (a certificate file missing, a key refused), the API still serves: it
+logs the reason once, readyz names it, webhooks answer 503, and it connects on
+first use after that. Once a call has failed for
 lack of a server, the next webhook asks for a cheap health check first, so an
 outage costs Stripe a fast 503 instead of a request held through the SDK's
 retries.
@@ -22,7 +24,8 @@ from billing.config import Settings
 from billing.constants import org_workflow_id
 from billing.domain import OrgBillingState
 from billing.orchestration import query_state
-from billing.temporal_client import connect_temporal
+from billing.temporal_client import TemporalConfigError, connect_client
+from billing.temporal_client import TemporalUnavailableError as TemporalUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +35,6 @@ HEALTH_TIMEOUT = timedelta(seconds=2)
 
 # Codes that mean "no server to talk to", as opposed to a server answering no.
 _UNREACHABLE_CODES = frozenset({RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED})
-
-
-class TemporalUnavailableError(RuntimeError):
-    """No Temporal server can be reached right now; the message says why."""
 
 
 def is_unreachable(err: BaseException) -> bool:
@@ -58,6 +57,7 @@ class TemporalLink:
         self._lock = asyncio.Lock()
         self._last_attempt = 0.0
         self._last_error = "not connected yet"
+        self._config_error = False
         # Unknown until the startup check; until then a webhook checks health first.
         self._available = False
 
@@ -75,7 +75,11 @@ class TemporalLink:
     async def startup(self) -> None:
         """Connect (unless given a client) and check the server once; failure is only logged."""
         reason = await self.check()
-        if reason is not None:
+        if reason is None:
+            return
+        if self._config_error:
+            log.error("Temporal cannot be used with these settings: %s", reason)
+        else:
             log.warning("Temporal not reachable at startup; will retry on use: %s", reason)
 
     async def client(self) -> Client:
@@ -89,18 +93,15 @@ class TemporalLink:
             if self._last_attempt and since < RECONNECT_INTERVAL_SECONDS:
                 raise TemporalUnavailableError(self._last_error)
             self._last_attempt = time.monotonic()
-            address = self._settings.temporal_address
             try:
-                self._client = await asyncio.wait_for(
-                    connect_temporal(address, self._settings.temporal_namespace),
-                    CONNECT_TIMEOUT_SECONDS,
-                )
-            except (RuntimeError, OSError, TimeoutError) as err:
-                detail = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
-                reason = f"cannot connect to {address}: {detail}"
-                self.mark(False, reason)
-                raise TemporalUnavailableError(reason) from err
-            log.info("Connected to Temporal", extra={"temporal_address": address})
+                self._client = await connect_client(self._settings, timeout=CONNECT_TIMEOUT_SECONDS)
+            except TemporalUnavailableError as err:
+                self._config_error = isinstance(err, TemporalConfigError)
+                self.mark(False, str(err))
+                raise
+            self._config_error = False
+            target = self._client.service_client.config.target_host
+            log.info("Connected to Temporal", extra={"temporal_address": target})
             self.mark(True)
             return self._client
 

@@ -70,6 +70,7 @@ from billing.db.session import make_engine, make_session_factory
 from billing.domain import BackfillInput, BackfillResult
 from billing.search_attributes import SEARCH_ATTRIBUTE_KEYS
 from billing.stripe_gateway import make_stripe_client
+from billing.temporal_client import connect_client
 from stripe_emulator.faults import STRIPE_TEST_MODE_RATE
 from stripe_emulator.server import EmulatorConfig, EmulatorServer
 from tooling.binaries import temporal_cli_path
@@ -363,6 +364,7 @@ async def open_stack() -> AsyncIterator[Stack]:
         try:
             settings = Settings.model_validate(
                 {
+                    "temporal_address": env.client.service_client.config.target_host,
                     "database_url": database_url,
                     "temporal_task_queue": TASK_QUEUE,
                     "stripe_secret_key": "sk_test_bench",
@@ -374,9 +376,11 @@ async def open_stack() -> AsyncIterator[Stack]:
                     "auth_jwt_secret": "bench",
                 }
             )
+            # The product's own client: encrypted when BILLING_ENCRYPTION_KEYS is set.
+            client = await connect_client(settings, runtime=metrics.runtime)
             yield Stack(
                 settings=settings,
-                client=env.client,
+                client=client,
                 emulator=emulator,
                 engine=engine,
                 sessions=make_session_factory(engine),

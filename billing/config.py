@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -24,6 +24,24 @@ class Settings(BaseSettings):
     temporal_address: str = "localhost:7233"
     temporal_namespace: str = "default"
     temporal_task_queue: str = "billing"
+    # Temporal's own environment configuration, read by the SDK as the Temporal CLI
+    # reads it (billing/temporal_client.py; docs/temporal-connection.md).
+    temporal_api_key: SecretStr | None = None
+    temporal_tls: str | None = None
+    temporal_tls_client_cert_path: str | None = None
+    temporal_tls_client_cert_data: str | None = None
+    temporal_tls_client_key_path: str | None = None
+    temporal_tls_client_key_data: SecretStr | None = None
+    temporal_tls_server_ca_cert_path: str | None = None
+    temporal_tls_server_ca_cert_data: str | None = None
+    temporal_tls_server_name: str | None = None
+    temporal_config_file: str | None = None
+    temporal_profile: str | None = None
+    # Payload encryption: "kid2:BASE64,kid1:BASE64", the first encrypts, all decrypt.
+    billing_encryption_keys: SecretStr | None = None
+    # `billing codec-server`: the bearer token it demands, and the web origins it answers.
+    billing_codec_server_token: SecretStr | None = None
+    billing_codec_cors_origins: str = "http://localhost:8233,http://127.0.0.1:8233"
     auth_jwt_secret: str = ""
 
     stripe_secret_key: str = ""

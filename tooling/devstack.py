@@ -63,6 +63,7 @@ class DevPorts:
     temporal: int = 7233
     ui: int = 8233
     emulator: int = 12111
+    codec: int = 8888
 
 
 @dataclass(frozen=True)
@@ -255,6 +256,8 @@ class DevStack:
         if not os.environ.get("TEMPORAL_ADDRESS"):
             wanted["Temporal, --temporal-port"] = ports.temporal
             wanted["Temporal UI, --ui-port"] = ports.ui
+        if self._encrypting:
+            wanted["codec server, --codec-port"] = ports.codec
         check_ports(wanted)
         self.logs.mkdir(parents=True, exist_ok=True)
         previous = read_settings_file(self.home)
@@ -279,7 +282,10 @@ class DevStack:
         out.print("Applying database migrations…")
         _migrate(database_url)
 
-        self._wait_for(f"Temporal at {temporal_address}", lambda: _temporal_up(temporal_address))
+        temporal_settings = self.env_settings.model_copy(
+            update={"temporal_address": temporal_address}
+        )
+        self._wait_for(f"Temporal at {temporal_address}", lambda: _temporal_up(temporal_settings))
         self._wait_for(
             f"the Stripe emulator at {emulator_url}",
             lambda: _http_ok(f"{emulator_url}/_emulator/health"),
@@ -294,8 +300,10 @@ class DevStack:
                 "AUTH_JWT_SECRET": previous.get("AUTH_JWT_SECRET") or secrets.token_urlsafe(32),
             }
         )
+        self.values.update(self._codec_values())
         self.values = dict(sorted(self.values.items()))
         write_settings_file(self.home, self.values)
+        self._start_codec_server()
 
         self._spawn("worker", billing_command("worker"))
         self._spawn("API", billing_command("api", "--host", HOST, "--port", str(ports.api)))
@@ -377,8 +385,45 @@ class DevStack:
         ]
         for name in SEARCH_ATTRIBUTES:
             argv += ["--search-attribute", f"{name}=Keyword"]
+        if self._encrypting:
+            argv += ["--ui-codec-endpoint", self._codec_endpoint]
         self._spawn("Temporal", argv)
         return f"{HOST}:{ports.temporal}"
+
+    # -- payload encryption ------------------------------------------------------------
+
+    @property
+    def _encrypting(self) -> bool:
+        keys = self.env_settings.billing_encryption_keys
+        return keys is not None and bool(keys.get_secret_value().strip())
+
+    @property
+    def _codec_endpoint(self) -> str:
+        """Where the UI and CLI send payloads to decode (the namespace is in the path)."""
+        namespace = self.env_settings.temporal_namespace
+        return f"http://{HOST}:{self.options.ports.codec}/{namespace}"
+
+    def _codec_values(self) -> dict[str, str]:
+        """Keys go to the home's settings, so commands in other terminals read the payloads."""
+        keys = self.env_settings.billing_encryption_keys
+        if keys is None or not self._encrypting:
+            return {}
+        ui = self.options.ports.ui
+        return {
+            "BILLING_ENCRYPTION_KEYS": keys.get_secret_value(),
+            "BILLING_CODEC_CORS_ORIGINS": f"http://{HOST}:{ui},http://localhost:{ui}",
+        }
+
+    def _start_codec_server(self) -> None:
+        if not self._encrypting:
+            return
+        port = self.options.ports.codec
+        self._spawn(
+            "codec server", billing_command("codec-server", "--host", HOST, "--port", str(port))
+        )
+        self._wait_for(
+            f"the codec server on port {port}", lambda: _http_ok(f"http://{HOST}:{port}/healthz")
+        )
 
     def _start_postgres(self) -> str:
         external = os.environ.get("DATABASE_URL")
@@ -506,6 +551,19 @@ class DevStack:
         table.add_row("Temporal", temporal)
         table.add_row("Stripe emulator", self.values["STRIPE_API_BASE"])
         table.add_row("Database", self.values["DATABASE_URL"])
+        if self._encrypting:
+            table.add_row(
+                "Codec server",
+                f"{self._codec_endpoint}  (the UI decodes through it; CLI: temporal workflow "
+                f"show --codec-endpoint {self._codec_endpoint} ...)",
+            )
+        else:
+            table.add_row(
+                "Encryption",
+                'off. To encrypt payloads: BILLING_ENCRYPTION_KEYS="k1:$(openssl rand -base64 '
+                '32)" billing dev  (the UI then decodes through a codec server on port '
+                f"{self.options.ports.codec})",
+            )
         table.add_row("Settings", str(settings_file(self.home)))
         table.add_row("Logs", str(self.logs))
         table.add_row(
@@ -572,17 +630,24 @@ def _migrate(database_url: str) -> None:
         raise DevError(f"The database is not reachable: {error.orig}".rstrip() + ".") from None
 
 
-def _temporal_up(address: str) -> bool:
-    host, port = _split_address(address)
+def _temporal_up(settings: Settings) -> bool:
+    """The server answers; a configuration it refuses is an error at once, not a wait."""
+    from billing.temporal_client import (
+        TemporalConfigError,
+        TemporalUnavailableError,
+        connect_client,
+    )
+
+    host, port = _split_address(settings.temporal_address)
     if not _tcp_open(host, port):
         return False
 
     async def probe() -> bool:
-        from billing.temporal_client import connect_temporal
-
         try:
-            await asyncio.wait_for(connect_temporal(address, "default"), 2)
-        except (RuntimeError, TimeoutError, OSError):
+            await connect_client(settings, timeout=2)
+        except TemporalConfigError as error:
+            raise DevError(str(error)) from None
+        except TemporalUnavailableError:
             return False
         return True
 
@@ -656,9 +721,9 @@ def create_demo_data(settings: Settings) -> list[str]:
 
 async def _start_workflows(settings: Settings, org_ids: list[int]) -> None:
     from billing.orchestration import RETRY_PROVISIONING, start_org_workflow, tuning_of
-    from billing.temporal_client import connect_temporal
+    from billing.temporal_client import connect_client
 
-    client = await connect_temporal(settings.temporal_address, settings.temporal_namespace)
+    client = await connect_client(settings)
     for org_id in org_ids:
         await start_org_workflow(
             client,

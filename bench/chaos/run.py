@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.runtime import LoggingConfig, Runtime, TelemetryConfig, TelemetryFilter
 
+from billing.config import Settings
 from billing.db.session import make_engine, make_session_factory
+from billing.temporal_client import TemporalConfigError, TemporalUnavailableError, connect_client
 
 from .checks import Checker
 from .faults import PLANS, EmulatorControl, FaultInjector
@@ -53,17 +54,16 @@ def _quiet_runtime() -> Runtime:
 
 
 async def _connect(address: str, timeout: float = 60) -> Client:
+    """The product's own client (encryption keys from the environment, as the stack's)."""
     deadline = time.monotonic() + timeout
     runtime = _quiet_runtime()
+    settings = Settings(temporal_address=address, temporal_namespace="default")
     while True:
         try:
-            return await Client.connect(
-                address,
-                namespace="default",
-                data_converter=pydantic_data_converter,
-                runtime=runtime,
-            )
-        except Exception:
+            return await connect_client(settings, runtime=runtime)
+        except TemporalConfigError:
+            raise
+        except TemporalUnavailableError:
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.5)

@@ -49,7 +49,7 @@ def _clean_env(home: Path) -> dict[str, str]:
 
 
 class DevProcess:
-    def __init__(self, home: Path, ports: list[int], env: dict[str, str]) -> None:
+    def __init__(self, home: Path, ports: list[int], env: dict[str, str], *extra: str) -> None:
         api, temporal, ui, emulator = ports
         self.api_url = f"http://127.0.0.1:{api}"
         self.home = home
@@ -67,6 +67,7 @@ class DevProcess:
                 str(ui),
                 "--emulator-port",
                 str(emulator),
+                *extra,
             ],
             env=env,
             stdout=self.output.open("wb"),
@@ -321,3 +322,56 @@ def test_one_advance_across_a_period_end_bills_the_usage_of_that_period(dev_home
         assert quantities[settings["STRIPE_REQUESTS_PRICE_ID"]] == 7
     finally:
         assert dev.interrupt() == 0, dev.output.read_text()
+
+
+def test_with_encryption_keys_dev_runs_a_codec_server_for_its_ui(dev_home: Path) -> None:
+    from billing.encryption import new_key_entry
+
+    ports = _free_ports(5)
+    env = {**_clean_env(dev_home), "BILLING_ENCRYPTION_KEYS": new_key_entry("dev1")}
+    dev = DevProcess(dev_home, ports[:4], env, "--codec-port", str(ports[4]))
+    try:
+        dev.wait_ready()
+        codec = f"http://127.0.0.1:{ports[4]}"
+        health = httpx.get(f"{codec}/healthz", timeout=2)
+        ui_origin = f"http://127.0.0.1:{ports[2]}"
+        preflight = httpx.options(
+            f"{codec}/default/decode",
+            headers={"Origin": ui_origin, "Access-Control-Request-Method": "POST"},
+            timeout=2,
+        )
+        argv = [" ".join(p.cmdline()) for p in dev.processes() if "start-dev" in p.cmdline()]
+        ui_settings = httpx.get(f"{ui_origin}/api/v1/settings", timeout=5).json()
+        # Another terminal, same home, no keys exported: it reads them from the home's
+        # settings, so it decodes the state the worker wrote.
+        terminal = _clean_env(dev_home)
+        created = _billing(
+            terminal, "orgs", "create", "--name", "Sealed", "--owner-email", "ada@sealed.test",
+            "--json",
+        )  # fmt: skip
+        assert created.returncode == 0, created.stderr
+        org_id = int(json.loads(created.stdout)["org"]["id"])
+        shown = _wait_for_status(terminal, org_id, "trialing")
+    finally:
+        assert dev.interrupt() == 0, dev.output.read_text()
+    output = dev.output.read_text()
+    assert health.status_code == 200
+    assert preflight.headers.get("access-control-allow-origin") == ui_origin
+    assert len(argv) == 1 and f"--ui-codec-endpoint {codec}/default" in argv[0], argv
+    assert ui_settings["Codec"]["Endpoint"] == f"{codec}/default", ui_settings
+    assert f"{codec}/default" in output
+    assert _dev_settings(dev_home)["BILLING_ENCRYPTION_KEYS"] == env["BILLING_ENCRYPTION_KEYS"]
+    workflow = shown["workflow"]
+    assert isinstance(workflow, dict) and workflow["state"]["status"] == "trialing"
+
+
+def test_without_keys_dev_says_how_to_turn_encryption_on(dev_home: Path) -> None:
+    ports = _free_ports(4)
+    dev = DevProcess(dev_home, ports, _clean_env(dev_home))
+    try:
+        dev.wait_ready()
+        argv = [" ".join(p.cmdline()) for p in dev.processes() if "start-dev" in p.cmdline()]
+    finally:
+        assert dev.interrupt() == 0, dev.output.read_text()
+    assert "BILLING_ENCRYPTION_KEYS=" in dev.output.read_text()
+    assert argv and "--ui-codec-endpoint" not in argv[0]

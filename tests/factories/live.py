@@ -143,9 +143,14 @@ async def live_stack(
     catalog: dict[str, str],
     *,
     stripe_activities: Callable[[Settings], StripeActivities] | None = None,
+    api_connects: bool = False,
     **overrides: object,
 ) -> AsyncIterator[LiveStack]:
-    """`stripe_activities` builds the worker's Stripe activities from the stack's settings."""
+    """`stripe_activities` builds the worker's Stripe activities from the stack's settings.
+
+    With `api_connects` the API builds its own Temporal client from the settings,
+    as in production, instead of sharing the test's.
+    """
     port = free_port()
     api_url = f"http://127.0.0.1:{port}"
     clock = stripe_client.v1.test_helpers.test_clocks.create(
@@ -167,7 +172,11 @@ async def live_stack(
         stripe_test_clock=clock.id,
         **overrides,
     )
-    app = create_app(settings, temporal_client=client, session_factory=session_factory)
+    app = create_app(
+        settings,
+        temporal_client=None if api_connects else client,
+        session_factory=session_factory,
+    )
     worker = WorkerControl(
         client,
         settings,

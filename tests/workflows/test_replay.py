@@ -14,6 +14,9 @@ from temporalio.client import WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
+from billing.config import Settings
+from billing.encryption import new_key_entry
+from billing.temporal_client import data_converter
 from workflows import ALL_WORKFLOWS
 
 HISTORIES = sorted((Path(__file__).parent.parent / "histories").glob("*.json"))
@@ -28,4 +31,17 @@ def test_histories_are_present() -> None:
 async def test_history_replays(path: Path) -> None:
     history = WorkflowHistory.from_json(path.stem, path.read_text())
     replayer = Replayer(workflows=ALL_WORKFLOWS, data_converter=pydantic_data_converter)
+    await replayer.replay_workflow(history)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])
+async def test_history_replays_with_encryption_on(path: Path) -> None:
+    """Turning `BILLING_ENCRYPTION_KEYS` on keeps runs written in plaintext replaying.
+
+    Encrypted histories replay too: tests/temporal/test_encrypted_histories.py.
+    """
+    history = WorkflowHistory.from_json(path.stem, path.read_text())
+    settings = Settings.model_validate({"billing_encryption_keys": new_key_entry("kid1")})
+    replayer = Replayer(workflows=ALL_WORKFLOWS, data_converter=data_converter(settings))
     await replayer.replay_workflow(history)

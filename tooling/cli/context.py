@@ -31,8 +31,9 @@ from typer.core import TyperGroup
 from billing.config import Settings
 from billing.db.orgs import ServiceError
 from billing.db.session import make_engine, make_session_factory
+from billing.encryption import PayloadDecryptionError
 from billing.stripe_gateway import make_stripe_client
-from billing.temporal_client import connect_temporal
+from billing.temporal_client import TemporalUnavailableError, connect_client
 from tooling.cli.text import safe
 from tooling.home import settings_file
 
@@ -47,10 +48,6 @@ TEMPORAL_CONNECT_TIMEOUT = 5.0
 
 class CliError(Exception):
     """An expected failure: the message is printed on stderr, without a traceback."""
-
-
-class TemporalUnavailableError(CliError):
-    pass
 
 
 def fail(message: str) -> NoReturn:
@@ -70,7 +67,9 @@ def _stripe_message(error: stripe.StripeError) -> str:
 
 def _expected_error_message(error: BaseException) -> str | None:
     """One sentence for errors a user can cause or fix; None means a bug (keep the traceback)."""
-    if isinstance(error, CliError | ServiceError):
+    if isinstance(
+        error, CliError | ServiceError | TemporalUnavailableError | PayloadDecryptionError
+    ):
         return str(error)
     if isinstance(error, OperationalError):
         return "The database is not reachable (check DATABASE_URL, or start `billing dev`)."
@@ -172,16 +171,8 @@ def state_of(ctx: typer.Context) -> CliState:
 
 
 async def connect(settings: Settings) -> Client:
-    """Connect with a bound, and say where we tried when it fails."""
-    try:
-        return await asyncio.wait_for(
-            connect_temporal(settings.temporal_address, settings.temporal_namespace),
-            TEMPORAL_CONNECT_TIMEOUT,
-        )
-    except (RuntimeError, TimeoutError, OSError) as error:
-        raise TemporalUnavailableError(
-            f"Temporal is not reachable at {settings.temporal_address}."
-        ) from error
+    """Connect with a bound; the error says where we tried and what to fix."""
+    return await connect_client(settings, timeout=TEMPORAL_CONNECT_TIMEOUT)
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:

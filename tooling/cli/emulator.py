@@ -13,9 +13,9 @@ import typer
 
 from billing.db import orgs
 from billing.domain import OrgBillingState
+from billing.temporal_client import TemporalUnavailableError
 from tooling.cli.context import (
     CliState,
-    TemporalUnavailableError,
     err,
     fail,
     out,

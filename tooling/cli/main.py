@@ -135,16 +135,43 @@ def worker(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        try:
-            await run_worker(settings, stop=stop)
-        except RuntimeError as error:
-            if "client connect" in str(error).lower():
-                raise CliError(
-                    f"Temporal is not reachable at {settings.temporal_address}."
-                ) from None
-            raise
+        await run_worker(settings, stop=stop)
 
     asyncio.run(_run())
+
+
+@app.command("codec-server")
+def codec_server(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Option("--host", help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8888,
+    log_level: Annotated[str, typer.Option("--log-level")] = "info",
+) -> None:
+    """Decrypt and encrypt payloads for the Temporal UI and CLI (BILLING_ENCRYPTION_KEYS)."""
+    import uvicorn
+
+    from billing.logging import configure_logging
+    from tooling.codec_server import CodecServerError, check_startup, create_codec_app
+
+    settings = state_of(ctx).settings
+    try:
+        codec = check_startup(settings, host)
+    except CodecServerError as error:
+        raise CliError(str(error)) from None
+    configure_logging(log_level.upper())
+    namespace = settings.temporal_namespace
+    out.print(
+        f"Codec server for keys {', '.join(codec.key_ids)} on http://{host}:{port}; "
+        f"point the UI or CLI at http://{host}:{port}/{namespace}."
+    )
+    uvicorn.run(
+        create_codec_app(settings, codec),
+        host=host,
+        port=port,
+        log_config=None,
+        log_level=log_level.lower(),
+        timeout_graceful_shutdown=5,
+    )
 
 
 @app.command("dev")
@@ -154,6 +181,10 @@ def dev(
     temporal_port: Annotated[int, typer.Option("--temporal-port")] = 7233,
     ui_port: Annotated[int, typer.Option("--ui-port")] = 8233,
     emulator_port: Annotated[int, typer.Option("--emulator-port")] = 12111,
+    codec_port: Annotated[
+        int,
+        typer.Option("--codec-port", help="The codec server's port, when encryption keys are set."),
+    ] = 8888,
     home: Annotated[
         Path | None,
         typer.Option("--home", help="Folder for all data (default: the global --home)."),
@@ -167,7 +198,13 @@ def dev(
 
     options = DevOptions(
         home=(home or state_of(ctx).home).resolve(),
-        ports=DevPorts(api=api_port, temporal=temporal_port, ui=ui_port, emulator=emulator_port),
+        ports=DevPorts(
+            api=api_port,
+            temporal=temporal_port,
+            ui=ui_port,
+            emulator=emulator_port,
+            codec=codec_port,
+        ),
         demo=demo,
     )
     code = run_dev(options, state_of(ctx).settings)

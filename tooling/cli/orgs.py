@@ -11,9 +11,9 @@ from billing.constants import org_workflow_id
 from billing.db import orgs
 from billing.domain import BillingStatus
 from billing.orchestration import RETRY_PROVISIONING, start_org_workflow, tuning_of
+from billing.temporal_client import TemporalUnavailableError
 from tooling.cli.context import (
     CliState,
-    TemporalUnavailableError,
     fail,
     out,
     print_json,
