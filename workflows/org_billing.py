@@ -13,18 +13,14 @@ import contextlib
 from collections import deque
 from collections.abc import Awaitable
 from datetime import datetime, timedelta
-from typing import Any
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from activities.db_activities import DbActivities
     from activities.models import (
         EnsureSubscriptionInput,
         FetchSubscriptionInput,
-        MarkSentInput,
         PlanUsageInput,
         SaveCustomerInput,
         SaveSubscriptionInput,
@@ -38,7 +34,6 @@ with workflow.unsafe.imports_passed_through():
         RETRY_PROVISIONING_SIGNAL,
         STATE_QUERY,
         STRIPE_EVENT_SIGNAL,
-        stripe_task_queue,
     )
     from billing.domain import (
         LIVE_SUBSCRIPTION_STATUSES,
@@ -57,15 +52,14 @@ with workflow.unsafe.imports_passed_through():
     from billing.periods import periods_between
     from billing.search_attributes import BILLING_STATUS_KEY, ORG_ID_KEY, STRIPE_CUSTOMER_ID_KEY
 
-DB_TIMEOUT = timedelta(seconds=30)
-STRIPE_TIMEOUT = timedelta(seconds=30)
-# Transient failures (Stripe 429/5xx, connection, DB down) retry with backoff for
-# as long as it takes; errors retrying cannot fix are raised non-retryable.
-RETRY = RetryPolicy(
-    initial_interval=timedelta(seconds=1),
-    backoff_coefficient=2.0,
-    maximum_interval=timedelta(minutes=1),
+from workflows.calls import (
+    Refused,
+    db_activity,
+    send_meter_events,
+    stripe_activity,
+    unless_refused,
 )
+
 USAGE_STATUSES = frozenset(
     {
         SubscriptionStatus.TRIALING,
@@ -84,7 +78,6 @@ NOT_BILLED_RECHECK = "not-billed-recheck"
 class OrgBillingWorkflow:
     @workflow.init
     def __init__(self, input: OrgBillingInput) -> None:
-        self._input = input
         self._tuning = input.tuning
         self._state = input.state or OrgBillingState(org_id=input.org_id)
         self._pending: deque[StripeEventSignal] = deque(input.pending_events)
@@ -186,29 +179,24 @@ class OrgBillingWorkflow:
             )
         )
 
-    async def _kept_alive(self, step: str, work: Awaitable[object], *, usage: bool = False) -> bool:
+    async def _kept_alive(self, step: str, work: Awaitable[object], *, usage: bool = False) -> None:
         """An error retrying cannot fix is shown in the state, never fails the workflow.
 
         The org stays with its one writer; the next wake (or an operator's
         reconcile) tries again. A refused usage report pauses usage work for
-        `failed_retry_seconds`, so nothing spins. Returns whether `work` succeeded.
+        `failed_retry_seconds`, so nothing spins.
         """
-        try:
-            await work
-        except ActivityError as err:
-            cause = err.cause
-            if not (isinstance(cause, ApplicationError) and cause.non_retryable):
-                raise
-            self._state.last_error = f"{step}: {cause.message}"
-            if usage:
-                self._state.usage_retry_after = workflow.now() + timedelta(
-                    seconds=self._tuning.failed_retry_seconds
-                )
-            workflow.logger.error(
-                f"{step} failed", extra={"org_id": self._state.org_id, "error": cause.message}
+        outcome = await unless_refused(work)
+        if not isinstance(outcome, Refused):
+            return
+        self._state.last_error = f"{step}: {outcome.message}"
+        if usage:
+            self._state.usage_retry_after = workflow.now() + timedelta(
+                seconds=self._tuning.failed_retry_seconds
             )
-            return False
-        return True
+        workflow.logger.error(
+            f"{step} failed", extra={"org_id": self._state.org_id, "error": outcome.message}
+        )
 
     def _should_continue_as_new(self) -> bool:
         return self._period_rolled or self._history_too_long()
@@ -265,54 +253,52 @@ class OrgBillingWorkflow:
     async def _provision_once(self) -> bool:
         """One attempt; False (with the error kept in state) if retrying cannot help."""
         self._set_status(BillingStatus.PROVISIONING)
-        try:
-            org = await self._db(DbActivities.load_org, self._state.org_id)
-            if org.billed_elsewhere:
-                self._state.last_error = None
-                self._set_status(BillingStatus.NOT_BILLED)
-                return True
-            customer_id = org.stripe_customer_id
-            if not customer_id:
-                customer_id = await self._stripe(StripeActivities.ensure_customer, org)
-                await self._db(
-                    DbActivities.save_customer,
-                    SaveCustomerInput(org_id=org.org_id, customer_id=customer_id),
-                )
-            self._state.stripe_customer_id = customer_id
-            self._upsert_attributes()
-            snapshot: SubscriptionSnapshot | None = None
-            if org.stripe_subscription_id:
-                # Billed before (a fresh run after a reset): follow Stripe, and never
-                # subscribe an org that canceled again on our own.
-                snapshot = await self._stripe(
-                    StripeActivities.fetch_subscription,
-                    FetchSubscriptionInput(
-                        subscription_id=org.stripe_subscription_id, customer_id=customer_id
-                    ),
-                )
-            if snapshot is None:
-                snapshot = await self._stripe(
-                    StripeActivities.ensure_subscription,
-                    EnsureSubscriptionInput(customer_id=customer_id, org=org),
-                )
-            await self._apply(snapshot, adopt=True)
-            self._state.last_error = None
-            workflow.logger.info(
-                "org provisioned",
-                extra={"org_id": org.org_id, "subscription_id": snapshot.id},
-            )
+        outcome = await unless_refused(self._provision())
+        if not isinstance(outcome, Refused):
             return True
-        except ActivityError as err:
-            cause = err.cause
-            if isinstance(cause, ApplicationError) and cause.non_retryable:
-                self._state.last_error = cause.message
-                self._set_status(BillingStatus.PROVISIONING_FAILED)
-                workflow.logger.error(
-                    "provisioning failed",
-                    extra={"org_id": self._state.org_id, "error": cause.message},
-                )
-                return False
-            raise
+        self._state.last_error = outcome.message
+        self._set_status(BillingStatus.PROVISIONING_FAILED)
+        workflow.logger.error(
+            "provisioning failed",
+            extra={"org_id": self._state.org_id, "error": outcome.message},
+        )
+        return False
+
+    async def _provision(self) -> None:
+        org = await db_activity(DbActivities.load_org, self._state.org_id)
+        if org.billed_elsewhere:
+            self._state.last_error = None
+            self._set_status(BillingStatus.NOT_BILLED)
+            return
+        customer_id = org.stripe_customer_id
+        if not customer_id:
+            customer_id = await stripe_activity(StripeActivities.ensure_customer, org)
+            await db_activity(
+                DbActivities.save_customer,
+                SaveCustomerInput(org_id=org.org_id, customer_id=customer_id),
+            )
+        self._state.stripe_customer_id = customer_id
+        self._upsert_attributes()
+        snapshot: SubscriptionSnapshot | None = None
+        if org.stripe_subscription_id:
+            # Billed before (a fresh run after a reset): follow Stripe, and never
+            # subscribe an org that canceled again on our own.
+            snapshot = await stripe_activity(
+                StripeActivities.fetch_subscription,
+                FetchSubscriptionInput(
+                    subscription_id=org.stripe_subscription_id, customer_id=customer_id
+                ),
+            )
+        if snapshot is None:
+            snapshot = await stripe_activity(
+                StripeActivities.ensure_subscription,
+                EnsureSubscriptionInput(customer_id=customer_id, org=org),
+            )
+        await self._apply(snapshot, adopt=True)
+        self._state.last_error = None
+        workflow.logger.info(
+            "org provisioned", extra={"org_id": org.org_id, "subscription_id": snapshot.id}
+        )
 
     # Events and re-sync ---------------------------------------------------------
 
@@ -322,14 +308,10 @@ class OrgBillingWorkflow:
             event = self._pending.popleft()
             if event.event_id in self._state.seen_event_ids:
                 continue
-            try:
-                await self._apply_event(event)
-            except ActivityError as err:
-                cause = err.cause
-                if not (isinstance(cause, ApplicationError) and cause.non_retryable):
-                    raise
+            outcome = await unless_refused(self._apply_event(event))
+            if isinstance(outcome, Refused):
                 # E.g. the subscription was deleted from Stripe: keep the error visible.
-                self._state.last_error = f"event {event.event_id}: {cause.message}"
+                self._state.last_error = f"event {event.event_id}: {outcome.message}"
             self._remember(event)
 
     def _remember(self, event: StripeEventSignal) -> None:
@@ -359,7 +341,7 @@ class OrgBillingWorkflow:
         )
         if fetch.subscription_id is None and fetch.customer_id is None:
             return
-        snapshot = await self._stripe(StripeActivities.fetch_subscription, fetch)
+        snapshot = await stripe_activity(StripeActivities.fetch_subscription, fetch)
         if snapshot is None:
             return
         await self._apply(snapshot, adopt=True)
@@ -383,13 +365,13 @@ class OrgBillingWorkflow:
         if self._state.status == BillingStatus.NOT_BILLED:
             if workflow.patched(NOT_BILLED_RECHECK):
                 # Marketplace billing removed from the org: bill it through Stripe.
-                org = await self._db(DbActivities.load_org, self._state.org_id)
+                org = await db_activity(DbActivities.load_org, self._state.org_id)
                 if not org.billed_elsewhere:
                     self._retry_requested = True
             return []
         if not (self._state.stripe_subscription_id or self._state.stripe_customer_id):
             return []
-        snapshot = await self._stripe(
+        snapshot = await stripe_activity(
             StripeActivities.fetch_subscription,
             FetchSubscriptionInput(
                 subscription_id=self._state.stripe_subscription_id,
@@ -424,7 +406,7 @@ class OrgBillingWorkflow:
                     extra={"org_id": state.org_id, "subscription_id": snapshot.id},
                 )
                 return []
-        diffs: list[FieldDifference] = await self._db(
+        diffs = await db_activity(
             DbActivities.save_subscription,
             SaveSubscriptionInput(org_id=state.org_id, subscription=snapshot),
         )
@@ -555,7 +537,7 @@ class OrgBillingWorkflow:
         """Send what the period still owes Stripe; returns its report and how many were sent."""
         customer_id = self._state.stripe_customer_id
         assert customer_id is not None
-        plan = await self._db(
+        plan = await db_activity(
             DbActivities.plan_usage,
             PlanUsageInput(
                 org_id=self._state.org_id,
@@ -565,16 +547,7 @@ class OrgBillingWorkflow:
                 report_time=report_time,
             ),
         )
-        sent: list[str] = []
-        try:
-            for event in plan.events:
-                await self._stripe(StripeActivities.send_meter_event, event)
-                sent.append(event.identifier)
-        finally:
-            # What went through is recorded even when a later event fails, so it is
-            # never sent again after Stripe's identifier dedupe window has passed.
-            if sent:
-                await self._db(DbActivities.mark_usage_sent, MarkSentInput(identifiers=sent))
+        sent = await send_meter_events(plan.events)
         entry = self._usage_entry(start)
         if entry is None:
             entry = UsagePeriodReport(period_start=start, period_end=end)
@@ -582,7 +555,7 @@ class OrgBillingWorkflow:
             del self._state.usage[: max(0, len(self._state.usage) - KEPT_USAGE_PERIODS)]
         entry.users = plan.users
         entry.requests = plan.requests
-        entry.meter_events_sent += len(sent)
+        entry.meter_events_sent += sent
         entry.skipped_reason = plan.skipped_reason or entry.skipped_reason
         entry.last_reported_at = workflow.now()
         workflow.logger.info(
@@ -590,10 +563,10 @@ class OrgBillingWorkflow:
             extra={
                 "org_id": self._state.org_id,
                 "period_start": start.isoformat(),
-                "meter_events": len(sent),
+                "meter_events": sent,
             },
         )
-        return entry.model_copy(), len(sent)
+        return entry.model_copy(), sent
 
     # Plumbing -------------------------------------------------------------------
 
@@ -618,19 +591,3 @@ class OrgBillingWorkflow:
             updates.append(STRIPE_CUSTOMER_ID_KEY.value_set(wanted[STRIPE_CUSTOMER_ID_KEY.name]))
         workflow.upsert_search_attributes(updates)
         self._last_attributes = wanted
-
-    async def _db(self, fn: Any, arg: Any) -> Any:
-        """Run a DB activity; its return type comes from the method's annotations."""
-        return await workflow.execute_activity_method(
-            fn, arg, start_to_close_timeout=DB_TIMEOUT, retry_policy=RETRY
-        )
-
-    async def _stripe(self, fn: Any, arg: Any) -> Any:
-        """Run a Stripe activity on the rate-limited Stripe task queue."""
-        return await workflow.execute_activity_method(
-            fn,
-            arg,
-            task_queue=stripe_task_queue(workflow.info().task_queue),
-            start_to_close_timeout=STRIPE_TIMEOUT,
-            retry_policy=RETRY,
-        )
