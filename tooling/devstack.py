@@ -38,7 +38,14 @@ from rich.console import Console
 from rich.table import Table
 
 from billing.config import Settings
-from tooling.home import DEFAULT_HOME, read_settings_file, settings_file, write_settings_file
+from tooling.home import (
+    DEFAULT_HOME,
+    PID_FILE,
+    read_settings_file,
+    running_dev,
+    settings_file,
+    write_settings_file,
+)
 from tooling.supervise import (
     HOST,
     STOP_TIMEOUT,
@@ -411,18 +418,13 @@ class DevStack:
     def _lock_home(self) -> None:
         """One supervisor per home: a second one would fight the first over its data."""
         self.home.mkdir(parents=True, exist_ok=True)
-        pid_file = self.home / "dev.pid"
-        if pid_file.exists():
-            try:
-                other = int(pid_file.read_text().strip())
-            except ValueError:
-                other = 0
-            if other and other != os.getpid() and _is_billing_dev(other):
-                raise DevError(f"`billing dev` is already running for {self.home} (pid {other}).")
-        pid_file.write_text(str(os.getpid()))
+        other = running_dev(self.home)
+        if other is not None and other != os.getpid():
+            raise DevError(f"`billing dev` is already running for {self.home} (pid {other}).")
+        (self.home / PID_FILE).write_text(str(os.getpid()))
 
     def _unlock_home(self) -> None:
-        pid_file = self.home / "dev.pid"
+        pid_file = self.home / PID_FILE
         with contextlib.suppress(OSError, ValueError):
             if int(pid_file.read_text().strip()) == os.getpid():
                 pid_file.unlink()
@@ -481,14 +483,6 @@ def _home_flag(home: Path) -> str:
 def _tail_block(child: Supervised) -> str:
     tail = log_tail(child.log_path)
     return f"\n{tail}" if tail else ""
-
-
-def _is_billing_dev(pid: int) -> bool:
-    try:
-        cmdline = " ".join(psutil.Process(pid).cmdline())
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
-    return "billing" in cmdline and " dev" in cmdline
 
 
 def _as_fields(values: Mapping[str, str]) -> dict[str, str]:

@@ -31,7 +31,7 @@ from billing.config import Settings
 from billing.db.session import make_engine, make_session_factory
 from billing.services import ServiceError
 from billing.temporal_client import connect_temporal
-from tooling.home import settings_file
+from tooling.home import running_dev, settings_file
 
 T = TypeVar("T")
 
@@ -64,11 +64,16 @@ def _stripe_message(error: stripe.StripeError) -> str:
     return f"Stripe refused the request: {text.rstrip('.')}."
 
 
-def _expected_error_message(error: BaseException) -> str | None:
+def _expected_error_message(error: BaseException, home: Path | None) -> str | None:
     """One sentence for errors a user can cause or fix; None means a bug (keep the traceback)."""
     if isinstance(error, CliError | ServiceError):
         return str(error)
     if isinstance(error, OperationalError):
+        if home is not None and running_dev(home) is not None:
+            return (
+                f"The database is not reachable; `billing dev` runs for {home} and starts its "
+                "Postgres again by itself, so try again in a few seconds."
+            )
         return "The database is not reachable (check DATABASE_URL, or start `billing dev`)."
     if isinstance(error, ProgrammingError) and isinstance(error.orig, UndefinedTable):
         return "The database has no billing tables yet; run `billing migrate`."
@@ -88,7 +93,8 @@ class BillingGroup(TyperGroup):
         except (typer.Exit, typer.Abort):
             raise
         except Exception as error:
-            message = _expected_error_message(error)
+            home = ctx.obj.home if isinstance(ctx.obj, CliState) else None
+            message = _expected_error_message(error, home)
             if message is None:
                 raise
             err.print(f"[red]Error:[/red] {message}", markup=True, highlight=False, soft_wrap=True)
