@@ -11,7 +11,6 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-import psutil  # type: ignore[import-untyped]
 from dotenv import dotenv_values
 
 HOME_ENV_VAR = "BILLING_HOME"
@@ -34,6 +33,8 @@ def read_settings_file(home: Path) -> dict[str, str]:
 
 def running_dev(home: Path) -> int | None:
     """The pid of the `billing dev` that runs for this home, if one does."""
+    import psutil  # type: ignore[import-untyped]  # only here: every command imports this module
+
     try:
         pid = int((home / PID_FILE).read_text().strip())
     except (OSError, ValueError):
