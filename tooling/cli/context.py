@@ -35,7 +35,7 @@ from billing.encryption import PayloadDecryptionError
 from billing.stripe_gateway import make_stripe_client
 from billing.temporal_client import TemporalUnavailableError, connect_client
 from tooling.cli.text import safe
-from tooling.home import settings_file
+from tooling.home import running_dev, settings_file
 
 T = TypeVar("T")
 
@@ -65,13 +65,18 @@ def _stripe_message(error: stripe.StripeError) -> str:
     return f"Stripe refused the request: {text.rstrip('.')}."
 
 
-def _expected_error_message(error: BaseException) -> str | None:
+def _expected_error_message(error: BaseException, home: Path | None) -> str | None:
     """One sentence for errors a user can cause or fix; None means a bug (keep the traceback)."""
     if isinstance(
         error, CliError | ServiceError | TemporalUnavailableError | PayloadDecryptionError
     ):
         return str(error)
     if isinstance(error, OperationalError):
+        if home is not None and running_dev(home) is not None:
+            return (
+                f"The database is not reachable; `billing dev` runs for {home} and starts its "
+                "Postgres again by itself, so try again in a few seconds."
+            )
         return "The database is not reachable (check DATABASE_URL, or start `billing dev`)."
     if isinstance(error, ProgrammingError) and isinstance(error.orig, UndefinedTable):
         return "The database has no billing tables yet; run `billing migrate`."
@@ -91,7 +96,8 @@ class BillingGroup(TyperGroup):
         except (typer.Exit, typer.Abort):
             raise
         except Exception as error:
-            message = _expected_error_message(error)
+            home = ctx.obj.home if isinstance(ctx.obj, CliState) else None
+            message = _expected_error_message(error, home)
             if message is None:
                 raise
             err.print(
