@@ -230,6 +230,7 @@ class DevStack:
     def run(self) -> int:
         self.signals.install()
         code = 0
+        new_home = not self.home.exists()
         try:
             self._lock_home()
             self.start()
@@ -247,6 +248,9 @@ class DevStack:
             self.signals.ignore()
             self.stop()
             self._unlock_home()
+            if new_home and code:
+                # A start that failed early (a busy port) leaves no empty home behind.
+                _remove_empty_folders(self.home)
             self.signals.restore()
         return code
 
@@ -597,6 +601,12 @@ def _home_flag(home: Path) -> str:
     if home == default and not os.environ.get("BILLING_HOME"):
         return ""
     return f" --home {home}"
+
+
+def _remove_empty_folders(home: Path) -> None:
+    for folder in (home / "logs", home):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def _tail_block(child: Child) -> str:

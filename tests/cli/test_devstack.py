@@ -192,7 +192,7 @@ def test_a_busy_port_is_a_clear_error(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert f"Port {ports[3]} (Stripe emulator" in result.stderr
     assert "Traceback" not in result.stderr
-    assert not (tmp_path / "home" / "pgdata").exists()
+    assert not (tmp_path / "home").exists()
 
 
 def _show(env: dict[str, str], org_id: int) -> dict[str, object]:

@@ -26,7 +26,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError
 from sqlalchemy.orm import Session
 from temporalio.client import Client
-from typer.core import TyperGroup
+from typer.core import TyperGroup, TyperOption
 
 from billing.config import Settings
 from billing.db.orgs import ServiceError
@@ -44,6 +44,29 @@ out = Console(highlight=False, soft_wrap=False, markup=False, emoji=False)
 err = Console(stderr=True, highlight=False)
 
 TEMPORAL_CONNECT_TIMEOUT = 5.0
+
+
+def _hide_flag_types() -> None:
+    """Help pages list `--json`, `--help` and every other flag without a `<bool>` value.
+
+    Typer's rich help prints a type after each option, flags included, although a
+    flag takes no value (its plain-text help already leaves it out). The check is
+    tests/cli/test_help_pages.py.
+    """
+    shown = TyperOption.display_type_rich
+    if getattr(shown, "hides_flag_types", False):
+        return
+
+    def display_type_rich(self: TyperOption, ctx: Any) -> str | None:
+        if self.is_flag or self.count:
+            return None
+        return shown(self, ctx)
+
+    display_type_rich.hides_flag_types = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_hide_flag_types()
 
 
 class CliError(Exception):
