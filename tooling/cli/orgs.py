@@ -75,6 +75,7 @@ def create(
     """Create an org and its owner; its billing workflow starts at once."""
     state = state_of(ctx)
     with state.session() as session:
+        twins = orgs.orgs_with_name_and_owner(session, name, owner_email)
         org = orgs.create_org_with_owner(
             session,
             name=name,
@@ -87,6 +88,12 @@ def create(
         org_id = org.id
     with state.session() as session:
         summary = orgs.org_summary(session, org_id)
+    if twins:
+        same = ", ".join(str(twin) for twin in twins)
+        warn(
+            f"Org {same} already has the name {summary.name!r} and the owner "
+            f"{summary.owner_email}; org {org_id} is a second one, billed separately."
+        )
     problem = run(_start_billing(state, org_id))
     if problem:
         warn(
@@ -97,6 +104,7 @@ def create(
         print_json(
             {
                 "org": org_document(summary),
+                "same_name_and_owner": twins,
                 "workflow": {
                     "id": org_workflow_id(org_id),
                     "started": problem is None,
