@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Any, NoReturn, TypeVar
 
 import stripe
 import typer
+from dotenv import dotenv_values
 from psycopg.errors import UndefinedTable
 from pydantic import ValidationError
 from pydantic_core import to_jsonable_python
@@ -88,15 +90,26 @@ def _stripe_message(error: stripe.StripeError) -> str:
     return f"Stripe refused the request: {text.rstrip('.')}."
 
 
-def _expected_error_message(error: BaseException) -> str | None:
+def _expected_error_message(error: BaseException, state: CliState | None = None) -> str | None:
     """One sentence for errors a user can cause or fix; None means a bug (keep the traceback)."""
     if isinstance(
         error, CliError | ServiceError | TemporalUnavailableError | PayloadDecryptionError
     ):
         return str(error)
     if isinstance(error, OperationalError):
+        if state is not None and state.database_is_default():
+            return (
+                f"The default database {state.default_database()} is not reachable; "
+                f"{state.how_to_name()}."
+            )
         return "The database is not reachable (check DATABASE_URL, or start `billing dev`)."
     if isinstance(error, ProgrammingError) and isinstance(error.orig, UndefinedTable):
+        if state is not None and state.database_is_default():
+            # Not a database the user named: never suggest migrating it.
+            return (
+                f"The default database {state.default_database()} has no billing tables, so "
+                f"it is not this product's database; {state.how_to_name()}."
+            )
         return "The database has no billing tables yet; run `billing migrate`."
     if isinstance(error, DBAPIError) and error.connection_invalidated:
         return "The database connection was lost."
@@ -114,7 +127,8 @@ class BillingGroup(TyperGroup):
         except (typer.Exit, typer.Abort):
             raise
         except Exception as error:
-            message = _expected_error_message(error)
+            obj = ctx.obj if isinstance(ctx.obj, CliState) else None
+            message = _expected_error_message(error, obj)
             if message is None:
                 raise
             err.print(
@@ -142,7 +156,39 @@ class CliState:
     def settings(self) -> Settings:
         if self._settings is None:
             self._settings = build_settings(self.home if self.load_home_settings else None)
+            if self.load_home_settings and self.database_is_default():
+                temporal = self._settings.temporal_address
+                note(f"{self.no_home_sentence()} and Temporal at {temporal}.")
         return self._settings
+
+    def origin(self, variable: str) -> str | None:
+        """Where a setting comes from: the environment, `.env`, the home; None: the default."""
+        if any(key.upper() == variable for key in os.environ):
+            return "the environment"
+        if variable in _file_keys(Path(".env")):
+            return str(Path(".env").resolve())
+        if self.load_home_settings and variable in _file_keys(settings_file(self.home)):
+            return str(settings_file(self.home))
+        return None
+
+    def database_is_default(self) -> bool:
+        """No one named a database: no home here, no DATABASE_URL in the environment or `.env`."""
+        return self.origin("DATABASE_URL") is None
+
+    def default_database(self) -> str:
+        return safe_url(str(Settings.model_fields["database_url"].default))
+
+    def no_home_sentence(self) -> str:
+        return (
+            f"No `billing dev` home at {self.home} (no {settings_file(self.home).name} there) and "
+            f"no DATABASE_URL, so this command uses the default database {self.default_database()}"
+        )
+
+    def how_to_name(self) -> str:
+        return (
+            "run it in the folder where `billing dev` runs, pass --home DIR (or BILLING_HOME), "
+            "or set DATABASE_URL"
+        )
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -171,6 +217,17 @@ class CliState:
             max_network_retries=2,
             blocking=True,
         )
+
+
+def _file_keys(path: Path) -> set[str]:
+    if not path.is_file():
+        return set()
+    return {key.upper() for key in dotenv_values(path)}
+
+
+def note(message: str) -> None:
+    """Context for the user on stderr (stdout stays data)."""
+    err.print(f"Note: {escape(safe(message))}", highlight=False, soft_wrap=True)
 
 
 def build_settings(home: Path | None) -> Settings:
