@@ -230,3 +230,19 @@ def test_advance_refuses_what_it_cannot_read(
         invoke("emulator", "advance", "--to", "period-end", "--org", "9", env=env),
         "org 9's subscription is not on test clock",
     )
+
+
+def test_an_advance_that_stops_before_the_invoice_hour_says_what_is_left(
+    invoke: Invoke, emulator: EmulatorServer, stripe_client: stripe.StripeClient
+) -> None:
+    clock_id = _clock(stripe_client, datetime(2031, 1, 30, 9, 15, tzinfo=UTC))
+    env = _stripe_env(emulator, STRIPE_TEST_CLOCK=clock_id)
+    _subscribed_org(stripe_client, clock_id, 45, trial_days=1)
+
+    moved = invoke("emulator", "advance", "--by", "1d30m", env=env)
+
+    assert moved.exit_code == 0, moved.output
+    assert moved.stdout.strip().splitlines()[1] == (
+        "Crossed the trial end of org 45 (2031-01-31 09:15 UTC); the invoice finalizes at "
+        "2031-01-31 10:15 UTC: advance past that to bill it."
+    )

@@ -61,7 +61,8 @@ def test_dev_env_prints_export_lines_a_shell_reads_back(invoke: Invoke, cli_home
     lines = result.stdout.splitlines()
     assert lines[0] == f"# The settings of `billing dev` in {cli_home}"
     assert all(line.startswith("export ") for line in lines[1:]), lines
-    script = result.stdout + 'printf "%s\\n" "$TEMPORAL_ADDRESS" "$DATABASE_URL" "$STRIPE_SECRET_KEY"'
+    echo = 'printf "%s\\n" "$TEMPORAL_ADDRESS" "$DATABASE_URL" "$STRIPE_SECRET_KEY"'
+    script = result.stdout + echo
     echoed = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True)
     assert echoed.stdout.splitlines() == list(values.values())
 

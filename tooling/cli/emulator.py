@@ -107,11 +107,19 @@ def _readable(timestamp: int) -> str:
 
 @dataclass(frozen=True)
 class Boundary:
-    """A period (or trial) end on the clock, and the orgs whose subscription it ends."""
+    """Period (or trial) ends on the clock close enough to cross in one stop.
+
+    `at` is the first of them; `ends` says when each org's period ends (orgs
+    created a few seconds apart end a few seconds apart).
+    """
 
     at: int
-    org_ids: list[int]
+    ends: dict[int, int]
     trial: bool
+
+    @property
+    def org_ids(self) -> list[int]:
+        return sorted(self.ends)
 
     @property
     def kind(self) -> str:
@@ -192,16 +200,17 @@ def advance(
         ending = _next_period_end(client, clock_id, frozen)
         if ending is None or ending.at + REPORT_STOP >= target:
             if ending is not None and ending.at <= target:
-                crossed.append(ending)
+                reached = {o: end for o, end in ending.ends.items() if end <= target}
+                crossed.append(Boundary(ending.at, reached, ending.trial))
             frozen = _advance_clock(client, clock_id, target)
             break
         crossed.append(ending)
         frozen = _advance_clock(client, clock_id, ending.at + REPORT_STOP)
-        late = run(_await_final_reports(state, ending.org_ids, ending.at))
+        late = run(_await_final_reports(state, ending.ends))
         for late_org in late:
             err.print(
-                f"Org {late_org}: no final usage report for the period ending {_at(ending.at)} "
-                f"within {REPORT_WAIT:.0f} s (is the worker running?)."
+                f"Org {late_org}: no final usage report for the period ending "
+                f"{_at(ending.ends[late_org])} within {REPORT_WAIT:.0f} s (is the worker running?)."
             )
     upcoming = _next_period_end(client, clock_id, frozen)
     if as_json:
@@ -232,9 +241,10 @@ def _crossing_summary(crossed: list[Boundary], frozen: int, upcoming: Boundary |
         return f"Crossed no period or trial end, so nothing was billed; {after}."
     last = crossed[-1]
     passed = "; ".join(b.describe() for b in crossed)
-    if last.at + FINALIZATION > frozen:
+    finalizes = max(last.ends.values()) + FINALIZATION
+    if finalizes > frozen:
         return (
-            f"Crossed {passed}; its invoice finalizes at {_readable(last.at + FINALIZATION)}, "
+            f"Crossed {passed}; the invoice finalizes at {_readable(finalizes)}: "
             "advance past that to bill it."
         )
     return f"Crossed {passed}; the invoices are finalized."
@@ -259,8 +269,9 @@ def _advance_clock(client: stripe.StripeClient, clock_id: str, to: int) -> int:
 def _next_period_end(
     client: stripe.StripeClient, clock_id: str, after: int, org_id: int | None = None
 ) -> Boundary | None:
-    """The first period (or trial) end after `after` on the clock, and the orgs it ends for."""
-    ends: dict[int, list[int]] = {}
+    """The first period (or trial) end after `after` on the clock, with every other end
+    that one stop just past it (`REPORT_STOP`) crosses too."""
+    ends: dict[int, int] = {}
     trials: set[int] = set()
     customers = client.v1.customers.list({"test_clock": clock_id, "limit": 100})
     for customer in customers.auto_paging_iter():
@@ -277,27 +288,28 @@ def _next_period_end(
                 continue
             if org_id is not None and int(owner) != org_id:
                 continue
-            ends.setdefault(int(end), []).append(int(owner))
+            ends[int(owner)] = min(int(end), ends.get(int(owner), int(end)))
             if trial_end:
-                trials.add(int(end))
+                trials.add(int(owner))
     if not ends:
         return None
-    first = min(ends)
-    return Boundary(first, sorted(ends[first]), first in trials)
+    first = min(ends.values())
+    near = {owner: end for owner, end in ends.items() if end < first + REPORT_STOP}
+    return Boundary(first, near, all(owner in trials for owner in near))
 
 
-async def _await_final_reports(state: CliState, org_ids: list[int], boundary: int) -> list[int]:
-    """The orgs whose workflow has not reported the period ending at `boundary` in time."""
+async def _await_final_reports(state: CliState, ends: dict[int, int]) -> list[int]:
+    """The orgs whose workflow has not reported the period ending at `ends[org]` in time."""
     try:
         client = await state.temporal()
     except TemporalUnavailableError:
-        return org_ids
-    ended = datetime.fromtimestamp(boundary, tz=UTC)
-    pending = set(org_ids)
+        return sorted(ends)
+    pending = set(ends)
     deadline = time.monotonic() + REPORT_WAIT
     with err.status(f"Waiting for the usage reports of {len(pending)} org(s)…", spinner="dots"):
         while pending and time.monotonic() < deadline:
             for org_id, live in (await live_states(client, sorted(pending))).items():
+                ended = datetime.fromtimestamp(ends[org_id], tz=UTC)
                 if live.state is not None and _final_report_done(live.state, ended):
                     pending.discard(org_id)
             if pending:
