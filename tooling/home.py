@@ -16,6 +16,7 @@ from dotenv import dotenv_values
 HOME_ENV_VAR = "BILLING_HOME"
 DEFAULT_HOME = Path(".billing")
 SETTINGS_FILE = "settings.env"
+PID_FILE = "dev.pid"
 
 
 def settings_file(home: Path) -> Path:
@@ -28,6 +29,21 @@ def read_settings_file(home: Path) -> dict[str, str]:
     if not path.is_file():
         return {}
     return {key: value for key, value in dotenv_values(path).items() if value is not None}
+
+
+def running_dev(home: Path) -> int | None:
+    """The pid of the `billing dev` that runs for this home, if one does."""
+    import psutil  # type: ignore[import-untyped]  # only here: every command imports this module
+
+    try:
+        pid = int((home / PID_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    try:
+        cmdline = " ".join(psutil.Process(pid).cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+    return pid if "billing" in cmdline and " dev" in cmdline else None
 
 
 def _quote(value: str) -> str:

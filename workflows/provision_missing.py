@@ -17,7 +17,7 @@ with workflow.unsafe.imports_passed_through():
     from billing.constants import PROVISION_MISSING_WORKFLOW
     from billing.domain import BackfillInput, BackfillResult
 
-from workflows.org_billing import RETRY
+from workflows.calls import RETRY, db_activity
 
 
 @workflow.defn(name=PROVISION_MISSING_WORKFLOW)
@@ -26,11 +26,9 @@ class ProvisionMissingOrgsWorkflow:
     async def run(self, input: BackfillInput) -> BackfillResult:
         after_id, started = input.after_id, input.started
         while True:
-            org_ids = await workflow.execute_activity_method(
+            org_ids = await db_activity(
                 DbActivities.orgs_without_billing,
                 OrgPage(after_id=after_id, limit=input.page_size),
-                start_to_close_timeout=timedelta(seconds=30),
-                retry_policy=RETRY,
             )
             if not org_ids:
                 return BackfillResult(started=started)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import psutil  # type: ignore[import-untyped]
 from prometheus_client.parser import text_string_to_metric_families
 
-from .processes import Service
+from tooling.supervise import Child
 
 WEBHOOK_ROUTE = "/api/webhooks/stripe"
 DURATION_METRIC = "billing_http_request_duration_seconds"
@@ -71,7 +71,7 @@ class WebhookLatency:
 class RssSampler:
     """Samples the resident memory of the worker processes; keeps the peak."""
 
-    def __init__(self, services: Callable[[], list[Service]], interval: float = 0.5) -> None:
+    def __init__(self, services: Callable[[], list[Child]], interval: float = 0.5) -> None:
         self._services = services
         self._interval = interval
         self._stop = threading.Event()

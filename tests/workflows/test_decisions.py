@@ -1,0 +1,517 @@
+"""The org workflow's decisions, as plain functions: no server, no clock, no database."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from activities.models import FetchSubscriptionInput, UsagePlan
+from billing.domain import (
+    BillingPeriod,
+    BillingStatus,
+    OrgBillingState,
+    OrgBillingTuning,
+    StripeEventSignal,
+    SubscriptionSnapshot,
+    SubscriptionStatus,
+    UsagePeriodReport,
+)
+from billing.search_attributes import BILLING_STATUS_KEY, ORG_ID_KEY, STRIPE_CUSTOMER_ID_KEY
+from workflows import decisions
+from workflows.decisions import KEPT_USAGE_PERIODS, TRIAL_WILL_END, Refusal, UsageStep
+
+TUNING = OrgBillingTuning(
+    resync_interval_seconds=86400,
+    usage_lead_seconds=3600,
+    usage_grace_seconds=300,
+    failed_retry_seconds=3600,
+    max_history_events=2000,
+    seen_events_limit=3,
+)
+LEAD = timedelta(seconds=TUNING.usage_lead_seconds)
+GRACE = timedelta(seconds=TUNING.usage_grace_seconds)
+DAY = timedelta(seconds=TUNING.resync_interval_seconds)
+JAN = datetime(2026, 1, 15, tzinfo=UTC)
+FEB = datetime(2026, 2, 15, tzinfo=UTC)
+MAR = datetime(2026, 3, 15, tzinfo=UTC)
+APR = datetime(2026, 4, 15, tzinfo=UTC)
+
+
+def billed(
+    status: SubscriptionStatus = SubscriptionStatus.ACTIVE,
+    start: datetime | None = JAN,
+    end: datetime | None = FEB,
+    **changes: object,
+) -> OrgBillingState:
+    """An org billed through Stripe on subscription sub_1 of customer cus_1."""
+    state = OrgBillingState(
+        org_id=7,
+        status=BillingStatus.of(status),
+        stripe_customer_id="cus_1",
+        stripe_subscription_id="sub_1",
+        subscription_status=status,
+        current_period_start=start,
+        current_period_end=end,
+    )
+    return state.model_copy(update=changes)
+
+
+def snapshot(
+    status: SubscriptionStatus = SubscriptionStatus.ACTIVE,
+    start: datetime | None = FEB,
+    end: datetime | None = MAR,
+    **changes: object,
+) -> SubscriptionSnapshot:
+    snap = SubscriptionSnapshot(
+        id="sub_1",
+        customer_id="cus_1",
+        status=status,
+        subscription_end=None,
+        trial_end=None,
+        current_period_start=start,
+        current_period_end=end,
+    )
+    return snap.model_copy(update=changes)
+
+
+def event(
+    event_id: str = "evt_1",
+    type: str = "customer.subscription.updated",
+    created: int = 100,
+    object_id: str = "sub_1",
+    **changes: object,
+) -> StripeEventSignal:
+    signal = StripeEventSignal(event_id=event_id, type=type, created=created, object_id=object_id)
+    return signal.model_copy(update=changes)
+
+
+def periods(state: OrgBillingState, snap: SubscriptionSnapshot) -> list[tuple[datetime, datetime]]:
+    return [(p.start, p.end) for p in decisions.ended_periods(state, snap)]
+
+
+# Run length ---------------------------------------------------------------------------
+
+
+def test_history_is_too_long_at_the_bound_or_when_temporal_suggests() -> None:
+    assert not decisions.history_too_long(1999, False, TUNING)
+    assert decisions.history_too_long(2000, False, TUNING)
+    assert decisions.history_too_long(10, True, TUNING)
+
+
+@pytest.mark.parametrize(
+    ("status", "pending", "retry_allowed"),
+    [
+        (BillingStatus.PROVISIONING, True, False),
+        (BillingStatus.PROVISIONING_FAILED, True, True),
+        (BillingStatus.NOT_BILLED, False, True),
+        (BillingStatus.TRIALING, False, False),
+        (BillingStatus.CANCELED, False, False),
+        (BillingStatus.INCOMPLETE_EXPIRED, False, False),
+    ],
+)
+def test_provisioning_runs_first_and_again_only_for_an_org_stripe_does_not_bill(
+    status: BillingStatus, pending: bool, retry_allowed: bool
+) -> None:
+    state = OrgBillingState(org_id=7, status=status)
+    assert decisions.provisioning_pending(state) is pending
+    assert decisions.retry_provisioning_allowed(state) is retry_allowed
+
+
+def test_resync_is_due_when_never_synced_and_a_day_after_the_last() -> None:
+    assert decisions.resync_due(billed(), TUNING, JAN)
+    synced = billed(last_synced_at=JAN)
+    assert not decisions.resync_due(synced, TUNING, JAN + DAY - timedelta(seconds=1))
+    assert decisions.resync_due(synced, TUNING, JAN + DAY)
+
+
+def test_resync_reads_the_subscription_else_the_customer_and_nothing_before_either() -> None:
+    assert decisions.resync_read(billed()) == FetchSubscriptionInput(
+        subscription_id="sub_1", customer_id="cus_1"
+    )
+    customer_only = billed(stripe_subscription_id=None)
+    assert decisions.resync_read(customer_only) == FetchSubscriptionInput(customer_id="cus_1")
+    assert decisions.resync_read(OrgBillingState(org_id=7)) is None
+
+
+# Usage schedule -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "billable"),
+    [
+        (SubscriptionStatus.TRIALING, True),
+        (SubscriptionStatus.ACTIVE, True),
+        (SubscriptionStatus.PAST_DUE, True),
+        (SubscriptionStatus.UNPAID, True),
+        (SubscriptionStatus.PAUSED, False),
+        (SubscriptionStatus.CANCELED, False),
+        (SubscriptionStatus.INCOMPLETE, False),
+        (SubscriptionStatus.INCOMPLETE_EXPIRED, False),
+    ],
+)
+def test_usage_is_billed_in_usage_statuses_only(status: SubscriptionStatus, billable: bool) -> None:
+    assert decisions.billable_period(billed(status)) == ((JAN, FEB) if billable else None)
+
+
+def test_no_billable_period_without_a_customer_or_a_known_period() -> None:
+    assert decisions.billable_period(billed(stripe_customer_id=None)) is None
+    assert decisions.billable_period(billed(start=None)) is None
+    assert decisions.billable_period(billed(end=None)) is None
+    assert decisions.billable_period(OrgBillingState(org_id=7)) is None
+    with pytest.raises(AssertionError):
+        decisions.current_period(billed(SubscriptionStatus.CANCELED))
+    assert decisions.current_period(billed()) == (JAN, FEB)
+
+
+def test_pre_end_report_is_owed_until_one_is_made_within_the_lead() -> None:
+    state = billed()
+    assert decisions.needs_pre_end_report(state, TUNING, JAN, FEB)
+    entry = UsagePeriodReport(period_start=JAN, period_end=FEB)
+    state.usage.append(entry)
+    assert decisions.needs_pre_end_report(state, TUNING, JAN, FEB)
+    entry.last_reported_at = FEB - LEAD - timedelta(seconds=1)  # before the window: usage grew
+    assert decisions.needs_pre_end_report(state, TUNING, JAN, FEB)
+    entry.last_reported_at = FEB - LEAD
+    assert not decisions.needs_pre_end_report(state, TUNING, JAN, FEB)
+    # Another period's report does not count for this one.
+    assert decisions.needs_pre_end_report(state, TUNING, FEB, MAR)
+
+
+def test_usage_is_quiet_strictly_before_retry_after() -> None:
+    assert not decisions.usage_quiet(billed(), JAN)
+    waiting = billed(usage_retry_after=JAN + timedelta(hours=1))
+    assert decisions.usage_quiet(waiting, JAN)
+    assert not decisions.usage_quiet(waiting, JAN + timedelta(hours=1))
+
+
+def test_usage_step_over_the_period() -> None:
+    state = billed()
+    assert decisions.usage_step(state, TUNING, JAN + timedelta(days=3)) is UsageStep.NONE
+    assert decisions.usage_step(state, TUNING, FEB - LEAD) is UsageStep.REPORT
+    state.usage.append(
+        UsagePeriodReport(period_start=JAN, period_end=FEB, last_reported_at=FEB - LEAD)
+    )
+    assert decisions.usage_step(state, TUNING, FEB - LEAD) is UsageStep.NONE
+    assert decisions.usage_step(state, TUNING, FEB + GRACE - timedelta(seconds=1)) is (
+        UsageStep.NONE
+    )
+    assert decisions.usage_step(state, TUNING, FEB + GRACE) is UsageStep.RESYNC
+
+
+def test_a_refused_report_quiets_every_usage_step_and_no_period_means_none() -> None:
+    quiet = billed(usage_retry_after=FEB + timedelta(hours=1))
+    assert decisions.usage_step(quiet, TUNING, FEB + GRACE) is UsageStep.QUIET
+    assert decisions.usage_step(quiet, TUNING, FEB + timedelta(hours=1)) is UsageStep.RESYNC
+    canceled = billed(SubscriptionStatus.CANCELED)
+    assert decisions.usage_step(canceled, TUNING, FEB + GRACE) is UsageStep.NONE
+
+
+def test_renewal_unseen_while_stripe_still_shows_the_period_and_nothing_was_queued() -> None:
+    state = billed()
+    assert decisions.renewal_unseen(state, JAN)
+    assert not decisions.renewal_unseen(billed(start=FEB, end=MAR), JAN)
+    state.to_finalize.append(BillingPeriod(start=JAN, end=FEB))
+    assert not decisions.renewal_unseen(state, JAN)
+
+
+def test_next_wake_without_anything_scheduled_is_the_resync_interval() -> None:
+    assert decisions.next_wake(OrgBillingState(org_id=7), TUNING, JAN) == DAY
+
+
+def test_next_wake_is_the_next_resync_when_not_billable() -> None:
+    state = billed(SubscriptionStatus.CANCELED, last_synced_at=JAN)
+    assert decisions.next_wake(state, TUNING, JAN + timedelta(hours=1)) == DAY - timedelta(hours=1)
+
+
+def test_next_wake_steps_through_the_period() -> None:
+    now = FEB - timedelta(hours=12)
+    state = billed(last_synced_at=now)
+    assert decisions.next_wake(state, TUNING, now) == FEB - LEAD - now  # the lead window opens
+    # Within the lead with the report owed: now (never less than a second).
+    assert decisions.next_wake(state, TUNING, FEB - LEAD) == timedelta(seconds=1)
+    state.usage.append(
+        UsagePeriodReport(period_start=JAN, period_end=FEB, last_reported_at=FEB - LEAD)
+    )
+    assert decisions.next_wake(state, TUNING, FEB - LEAD) == LEAD + GRACE  # the renewal check
+    state.to_finalize.append(BillingPeriod(start=JAN - DAY, end=JAN))
+    assert decisions.next_wake(state, TUNING, FEB - LEAD) == timedelta(seconds=1)
+
+
+def test_retry_after_holds_usage_wakes_but_not_the_resync() -> None:
+    now = FEB + GRACE  # the renewal check is due
+    retry_after = now + timedelta(hours=2)
+    state = billed(last_synced_at=now - DAY + timedelta(hours=1), usage_retry_after=retry_after)
+    assert decisions.next_wake(state, TUNING, now) == timedelta(hours=1)  # the re-sync
+    state.last_synced_at = now
+    assert decisions.next_wake(state, TUNING, now) == timedelta(hours=2)  # usage waits
+    state.usage_retry_after = now  # the window has passed: no hold
+    assert decisions.next_wake(state, TUNING, now) == timedelta(seconds=1)
+
+
+def test_retry_after_never_synced_holds_every_wake() -> None:
+    now = FEB + GRACE
+    state = billed(usage_retry_after=now + timedelta(minutes=10))
+    state.to_finalize.append(BillingPeriod(start=JAN, end=FEB))
+    assert decisions.next_wake(state, TUNING, now) == timedelta(minutes=10)
+
+
+# Periods owed a final report --------------------------------------------------------------
+
+
+def test_a_renewal_owes_the_ended_period() -> None:
+    assert periods(billed(), snapshot()) == [(JAN, FEB)]
+
+
+def test_no_period_is_owed_while_stripe_shows_the_same_one() -> None:
+    assert periods(billed(), snapshot(start=JAN, end=FEB)) == []
+    # A stale read showing an older period owes nothing either.
+    assert periods(billed(start=FEB, end=MAR), snapshot(start=JAN, end=FEB)) == []
+
+
+def test_a_trial_ended_early_cuts_the_trial_period_short() -> None:
+    trial_end = JAN + timedelta(days=5)
+    state = billed(SubscriptionStatus.TRIALING)
+    renewed = snapshot(start=trial_end, end=trial_end + timedelta(days=31))
+    assert periods(state, renewed) == [(JAN, trial_end)]
+
+
+def test_an_outage_owes_every_period_it_skipped_on_the_anchor_day() -> None:
+    state = billed(start=datetime(2026, 1, 31, tzinfo=UTC), end=datetime(2026, 2, 28, tzinfo=UTC))
+    renewed = snapshot(
+        start=datetime(2026, 4, 30, tzinfo=UTC),
+        end=datetime(2026, 5, 31, tzinfo=UTC),
+        billing_cycle_anchor=datetime(2025, 12, 31, tzinfo=UTC),
+    )
+    assert periods(state, renewed) == [
+        (datetime(2026, 1, 31, tzinfo=UTC), datetime(2026, 2, 28, tzinfo=UTC)),
+        (datetime(2026, 2, 28, tzinfo=UTC), datetime(2026, 3, 31, tzinfo=UTC)),
+        (datetime(2026, 3, 31, tzinfo=UTC), datetime(2026, 4, 30, tzinfo=UTC)),
+    ]
+
+
+def test_an_outage_without_an_anchor_steps_on_the_later_day() -> None:
+    """A period clamped in February (30th -> 28th) does not move the anchor day."""
+    jan30, feb28, mar30, apr30 = (
+        datetime(2026, m, d, tzinfo=UTC) for m, d in ((1, 30), (2, 28), (3, 30), (4, 30))
+    )
+    renewed = snapshot(start=apr30, end=datetime(2026, 5, 30, tzinfo=UTC))
+    assert periods(billed(start=jan30, end=feb28), renewed) == [
+        (jan30, feb28),
+        (feb28, mar30),
+        (mar30, apr30),
+    ]
+    renewed = snapshot(start=APR, end=APR + timedelta(days=30))
+    assert periods(billed(), renewed) == [(JAN, FEB), (FEB, MAR), (MAR, APR)]
+
+
+def test_canceled_without_renewal_owes_usage_up_to_the_subscription_end() -> None:
+    ended_at = JAN + timedelta(days=10)
+    canceled = snapshot(SubscriptionStatus.CANCELED, start=JAN, end=FEB, subscription_end=ended_at)
+    assert periods(billed(), canceled) == [(JAN, ended_at)]
+    # Canceled at the period's end (or with no end known): the whole period.
+    at_end = snapshot(SubscriptionStatus.CANCELED, start=JAN, end=FEB, subscription_end=MAR)
+    assert periods(billed(), at_end) == [(JAN, FEB)]
+    no_end = snapshot(SubscriptionStatus.CANCELED, start=JAN, end=FEB)
+    assert periods(billed(), no_end) == [(JAN, FEB)]
+    # Canceled at the very start: nothing was used.
+    at_start = snapshot(SubscriptionStatus.CANCELED, start=JAN, end=FEB, subscription_end=JAN)
+    assert periods(billed(), at_start) == []
+
+
+def test_a_pause_owes_the_period_so_far() -> None:
+    paused = snapshot(SubscriptionStatus.PAUSED, start=JAN, end=FEB)
+    assert periods(billed(), paused) == [(JAN, FEB)]
+
+
+def test_nothing_is_owed_unless_the_state_billed_usage_for_a_known_period() -> None:
+    assert periods(billed(SubscriptionStatus.CANCELED), snapshot()) == []
+    assert periods(billed(SubscriptionStatus.PAUSED), snapshot()) == []
+    assert periods(billed(start=None), snapshot()) == []
+    assert periods(billed(end=None), snapshot()) == []
+
+
+def test_a_period_already_queued_is_not_queued_twice() -> None:
+    state = billed()
+    state.to_finalize.append(BillingPeriod(start=JAN, end=FEB))
+    assert periods(state, snapshot(start=APR, end=APR + timedelta(days=30))) == [
+        (FEB, MAR),
+        (MAR, APR),
+    ]
+
+
+# Usage bookkeeping --------------------------------------------------------------------------
+
+
+def test_a_report_is_kept_per_period_and_counts_add_up() -> None:
+    state = billed()
+    first = decisions.record_usage_report(
+        state, JAN, FEB, UsagePlan(events=[], users=2, requests=10), 2, JAN + DAY
+    )
+    assert first == UsagePeriodReport(
+        period_start=JAN,
+        period_end=FEB,
+        users=2,
+        requests=10,
+        meter_events_sent=2,
+        last_reported_at=JAN + DAY,
+    )
+    skipped = UsagePlan(events=[], users=3, requests=12, skipped_reason="no usage price")
+    decisions.record_usage_report(state, JAN, FEB, skipped, 1, JAN + 2 * DAY)
+    again = decisions.record_usage_report(
+        state, JAN, FEB, UsagePlan(events=[], users=3, requests=12), 0, JAN + 3 * DAY
+    )
+    assert (again.users, again.requests, again.meter_events_sent) == (3, 12, 3)
+    assert again.skipped_reason == "no usage price"  # kept once given
+    assert again.last_reported_at == JAN + 3 * DAY
+    assert len(state.usage) == 1
+    again.users = 99  # a copy: the state keeps its own
+    assert state.usage[0].users == 3
+
+
+def test_only_the_last_periods_are_kept() -> None:
+    state = billed()
+    starts = [JAN + timedelta(days=31 * i) for i in range(KEPT_USAGE_PERIODS + 2)]
+    for start in starts:
+        plan = UsagePlan(events=[], users=1, requests=1)
+        decisions.record_usage_report(state, start, start + DAY, plan, 0, start)
+    assert [u.period_start for u in state.usage] == starts[2:]
+
+
+# Stripe events --------------------------------------------------------------------------
+
+
+def test_a_subscription_event_is_keyed_and_read_by_its_object() -> None:
+    plan = decisions.plan_event(billed(), event(object_id="sub_2"))
+    assert plan.key == "sub_2"
+    assert plan.fetch == FetchSubscriptionInput(subscription_id="sub_2")
+    assert not plan.stale and not plan.late_trial_notice
+
+
+def test_an_invoice_event_is_keyed_by_its_subscription() -> None:
+    invoice = event(type="invoice.paid", object_id="in_1", subscription_id="sub_1")
+    plan = decisions.plan_event(billed(), invoice)
+    assert (plan.key, plan.fetch) == ("sub_1", FetchSubscriptionInput(subscription_id="sub_1"))
+
+
+def test_a_customer_event_reads_the_customers_live_subscription() -> None:
+    from_event = event(type="customer.updated", object_id="cus_2", customer_id="cus_2")
+    plan = decisions.plan_event(billed(), from_event)
+    assert (plan.key, plan.fetch) == ("cus_2", FetchSubscriptionInput(customer_id="cus_2"))
+    bare = event(type="invoice.created", object_id="in_1")
+    plan = decisions.plan_event(billed(), bare)
+    assert (plan.key, plan.fetch) == ("cus_1", FetchSubscriptionInput(customer_id="cus_1"))
+
+
+def test_an_event_naming_nothing_reads_nothing() -> None:
+    plan = decisions.plan_event(OrgBillingState(org_id=7), event(type="invoice.created"))
+    assert (plan.key, plan.fetch, plan.stale) == ("org", None, False)
+
+
+def test_an_event_older_than_its_watermark_is_stale() -> None:
+    state = billed(watermarks={"sub_1": 100, "sub_2": 500})
+    assert decisions.plan_event(state, event(created=99)).stale
+    assert not decisions.plan_event(state, event(created=100)).stale  # same second: applied
+    # Watermarks are per subscription.
+    assert not decisions.plan_event(state, event(created=99, object_id="sub_3")).stale
+
+
+def test_a_late_trial_notice_counts_only_for_the_orgs_own_subscription() -> None:
+    state = billed(watermarks={"sub_1": 100, "sub_2": 100})
+    assert decisions.plan_event(state, event(type=TRIAL_WILL_END, created=50)).late_trial_notice
+    other = event(type=TRIAL_WILL_END, created=50, object_id="sub_2")
+    assert not decisions.plan_event(state, other).late_trial_notice
+    fresh = decisions.plan_event(state, event(type=TRIAL_WILL_END, created=150))
+    assert not fresh.late_trial_notice
+
+
+def test_watermarks_only_move_forward() -> None:
+    state = billed()
+    decisions.advance_watermark(state, "sub_1", 100)
+    decisions.advance_watermark(state, "sub_1", 90)
+    decisions.advance_watermark(state, "cus_1", 5)
+    assert state.watermarks == {"sub_1": 100, "cus_1": 5}
+
+
+def test_seen_events_are_bounded_to_the_newest() -> None:
+    state = billed()
+    for n in range(5):
+        decisions.remember(state, event(f"evt_{n}", type=f"type.{n}"), TUNING.seen_events_limit)
+    assert state.seen_event_ids == ["evt_2", "evt_3", "evt_4"]
+    assert (state.last_event_id, state.last_event_type) == ("evt_4", "type.4")
+
+
+def test_a_trial_end_is_noted_once() -> None:
+    state = billed(SubscriptionStatus.TRIALING)
+    assert decisions.note_trial_will_end(state, None) is None
+    assert decisions.note_trial_will_end(state, FEB) == FEB
+    assert decisions.note_trial_will_end(state, FEB) is None  # redelivered
+    assert decisions.note_trial_will_end(state, MAR) == MAR  # a new trial end
+    assert state.trial_will_end_noted_for == MAR
+
+
+# Adopting a Stripe read -------------------------------------------------------------------
+
+
+def test_another_customers_subscription_is_refused() -> None:
+    state = billed()
+    foreign = snapshot(id="sub_9", customer_id="cus_9")
+    assert decisions.refusal(state, foreign) is Refusal.FOREIGN_CUSTOMER
+    assert decisions.foreign_customer_error(state, foreign) == (
+        "subscription sub_9 belongs to customer cus_9, not to this org's cus_1; ignored"
+    )
+    # Before the org has a customer, the first read names it.
+    assert decisions.refusal(OrgBillingState(org_id=7), foreign) is None
+
+
+def test_the_orgs_own_subscription_is_applied() -> None:
+    assert decisions.refusal(billed(), snapshot()) is None
+    assert decisions.refusal(billed(), snapshot(SubscriptionStatus.CANCELED)) is None
+
+
+def test_another_subscription_replaces_ours_only_when_ours_is_over_and_it_bills() -> None:
+    other_live = snapshot(id="sub_2")
+    other_dead = snapshot(SubscriptionStatus.INCOMPLETE_EXPIRED, id="sub_2")
+    assert decisions.refusal(billed(), other_live) is Refusal.OTHER_SUBSCRIPTION
+    assert decisions.refusal(billed(SubscriptionStatus.PAUSED), other_live) is (
+        Refusal.OTHER_SUBSCRIPTION
+    )
+    canceled = billed(SubscriptionStatus.CANCELED)
+    assert decisions.refusal(canceled, other_dead) is Refusal.OTHER_SUBSCRIPTION
+    assert decisions.refusal(canceled, other_live) is None
+
+
+def test_adopting_a_read_follows_stripe() -> None:
+    state = billed(SubscriptionStatus.TRIALING)
+    snap = snapshot(
+        SubscriptionStatus.PAST_DUE,
+        id="sub_2",
+        subscription_end=APR,
+        trial_end=FEB,
+        pause_collection=True,
+    )
+    decisions.adopt(state, snap)
+    assert state.stripe_subscription_id == "sub_2"
+    assert state.subscription_status is SubscriptionStatus.PAST_DUE
+    assert state.status is BillingStatus.PAST_DUE
+    assert (state.current_period_start, state.current_period_end) == (FEB, MAR)
+    assert (state.subscription_end, state.trial_end, state.pause_collection) == (APR, FEB, True)
+
+
+# Search attributes -----------------------------------------------------------------------
+
+
+def test_search_attributes_name_the_customer_once_known() -> None:
+    fresh = OrgBillingState(org_id=7)
+    assert decisions.wanted_attributes(fresh) == {"OrgId": "7", "BillingStatus": "provisioning"}
+    assert decisions.attribute_updates(decisions.wanted_attributes(fresh)) == [
+        ORG_ID_KEY.value_set("7"),
+        BILLING_STATUS_KEY.value_set("provisioning"),
+    ]
+    wanted = decisions.wanted_attributes(billed())
+    assert wanted == {"OrgId": "7", "BillingStatus": "active", "StripeCustomerId": "cus_1"}
+    assert decisions.attribute_updates(wanted) == [
+        ORG_ID_KEY.value_set("7"),
+        BILLING_STATUS_KEY.value_set("active"),
+        STRIPE_CUSTOMER_ID_KEY.value_set("cus_1"),
+    ]

@@ -1,0 +1,437 @@
+"""What the `OrgBilling` workflow decides, as plain functions of (state, tuning, now).
+
+The workflow class only orchestrates: it calls activities, waits, logs and
+upserts search attributes. Every choice it makes between those steps is here,
+so each rule can be read and unit-tested without a Temporal server. Nothing
+here does I/O or reads a clock: `now` is always a parameter (the workflow passes
+`workflow.now()`). Queries return answers; the few functions that change the
+state say so and change only the in-memory `OrgBillingState`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import Enum
+
+from temporalio import workflow
+from temporalio.common import SearchAttributeUpdate
+
+# Workflow code runs in the sandbox (which would catch a clock or I/O here);
+# the shared types come from the worker's own modules.
+with workflow.unsafe.imports_passed_through():
+    from activities.models import FetchSubscriptionInput, UsagePlan
+    from billing.domain import (
+        LIVE_SUBSCRIPTION_STATUSES,
+        BillingPeriod,
+        BillingStatus,
+        OrgBillingState,
+        OrgBillingTuning,
+        StripeEventSignal,
+        SubscriptionSnapshot,
+        SubscriptionStatus,
+        UsagePeriodReport,
+    )
+    from billing.periods import periods_between
+    from billing.search_attributes import BILLING_STATUS_KEY, ORG_ID_KEY, STRIPE_CUSTOMER_ID_KEY
+
+# Statuses in which Stripe bills metered usage: their periods get usage reports.
+USAGE_STATUSES = frozenset(
+    {
+        SubscriptionStatus.TRIALING,
+        SubscriptionStatus.ACTIVE,
+        SubscriptionStatus.PAST_DUE,
+        SubscriptionStatus.UNPAID,
+    }
+)
+KEPT_USAGE_PERIODS = 12
+TRIAL_WILL_END = "customer.subscription.trial_will_end"
+# When the grace after a period's end has passed and Stripe still shows that
+# period, look again this much later (Stripe renews a little after the end).
+RENEWAL_RECHECK = timedelta(minutes=10)
+
+
+# Run length ---------------------------------------------------------------------
+
+
+def history_too_long(history_length: int, suggested: bool, tuning: OrgBillingTuning) -> bool:
+    """Continue as new when Temporal suggests it or the run reached its own bound.
+
+    The bound keeps replay cheap and lets tests exercise continue-as-new with a
+    small `max_history_events`.
+    """
+    return suggested or history_length >= tuning.max_history_events
+
+
+def provisioning_pending(state: OrgBillingState) -> bool:
+    """A run starts by provisioning an org never provisioned, or whose last attempt failed."""
+    return state.status in (BillingStatus.PROVISIONING, BillingStatus.PROVISIONING_FAILED)
+
+
+def retry_provisioning_allowed(state: OrgBillingState) -> bool:
+    """An operator's retry provisions again only an org Stripe does not bill yet.
+
+    That is one whose attempt failed, or one billed elsewhere (the attempt
+    re-checks that); an org with a subscription is never provisioned twice.
+    """
+    return state.status in (BillingStatus.NOT_BILLED, BillingStatus.PROVISIONING_FAILED)
+
+
+def resync_due(state: OrgBillingState, tuning: OrgBillingTuning, now: datetime) -> bool:
+    """A daily re-read from Stripe heals whatever a lost webhook left behind."""
+    last = state.last_synced_at
+    return last is None or now >= last + timedelta(seconds=tuning.resync_interval_seconds)
+
+
+def resync_read(state: OrgBillingState) -> FetchSubscriptionInput | None:
+    """What a re-sync re-reads from Stripe: the subscription, else the customer's live one.
+
+    None when the org knows neither yet (still provisioning, or never billed).
+    """
+    if not (state.stripe_subscription_id or state.stripe_customer_id):
+        return None
+    return FetchSubscriptionInput(
+        subscription_id=state.stripe_subscription_id, customer_id=state.stripe_customer_id
+    )
+
+
+# Usage schedule -----------------------------------------------------------------
+
+
+def billable_period(state: OrgBillingState) -> tuple[datetime, datetime] | None:
+    """The current period if Stripe bills usage for it, else None.
+
+    Only a subscription in a usage status, with a customer to report for and a
+    known period, is owed usage reports.
+    """
+    start, end = state.current_period_start, state.current_period_end
+    if (
+        state.subscription_status in USAGE_STATUSES
+        and state.stripe_customer_id is not None
+        and start is not None
+        and end is not None
+    ):
+        return start, end
+    return None
+
+
+def current_period(state: OrgBillingState) -> tuple[datetime, datetime]:
+    """The current period of a state `billable_period` accepted."""
+    period = billable_period(state)
+    assert period is not None, "no billable period"
+    return period
+
+
+def usage_entry(state: OrgBillingState, start: datetime) -> UsagePeriodReport | None:
+    """The report kept for the period starting at `start`, if any."""
+    return next((u for u in state.usage if u.period_start == start), None)
+
+
+def needs_pre_end_report(
+    state: OrgBillingState, tuning: OrgBillingTuning, start: datetime, end: datetime
+) -> bool:
+    """A period is reported once within the lead before its end (and again if that was earlier).
+
+    The pre-end report lets Stripe's invoice include the period's usage; one
+    made before the lead window started does not count, usage has grown since.
+    """
+    entry = usage_entry(state, start)
+    lead = timedelta(seconds=tuning.usage_lead_seconds)
+    return entry is None or entry.last_reported_at is None or entry.last_reported_at < end - lead
+
+
+def usage_quiet(state: OrgBillingState, now: datetime) -> bool:
+    """After Stripe refused a usage report, usage work waits until `usage_retry_after`.
+
+    So a refusal is retried later instead of spinning.
+    """
+    retry_after = state.usage_retry_after
+    return retry_after is not None and now < retry_after
+
+
+class UsageStep(Enum):
+    """What the usage schedule asks for at one wake (ended periods come after it)."""
+
+    QUIET = "quiet"  # a refused report holds all usage work back, ended periods too
+    RESYNC = "resync"  # the period ended over a grace ago: re-read Stripe to see the renewal
+    REPORT = "report"  # within the lead before the end: the pre-end report is due
+    NONE = "none"  # nothing for the current period
+
+
+def usage_step(state: OrgBillingState, tuning: OrgBillingTuning, now: datetime) -> UsageStep:
+    """Decide the current period's usage work at `now`.
+
+    Past the period's end plus the grace, Stripe has renewed: a re-read shows the
+    new period and queues the old one's final report (see `ended_periods`).
+    Within the lead before the end, the period is reported once before Stripe
+    invoices it.
+    """
+    if usage_quiet(state, now):
+        return UsageStep.QUIET
+    period = billable_period(state)
+    if period is None:
+        return UsageStep.NONE
+    start, end = period
+    if now >= end + timedelta(seconds=tuning.usage_grace_seconds):
+        return UsageStep.RESYNC
+    lead = timedelta(seconds=tuning.usage_lead_seconds)
+    if now >= end - lead and needs_pre_end_report(state, tuning, start, end):
+        return UsageStep.REPORT
+    return UsageStep.NONE
+
+
+def renewal_unseen(state: OrgBillingState, start: datetime) -> bool:
+    """After an overdue re-read: Stripe still shows the period starting at `start`.
+
+    Then nothing was queued and the usage work waits `RENEWAL_RECHECK` instead of
+    re-reading at every wake.
+    """
+    return state.current_period_start == start and not state.to_finalize
+
+
+def next_wake(state: OrgBillingState, tuning: OrgBillingTuning, now: datetime) -> timedelta:
+    """How long the run loop sleeps when no signal wakes it.
+
+    It wakes for the daily re-sync, the start of the lead window, a pre-end
+    report still owed, the period's end plus the grace, and ended periods owed a
+    final report. After a refused usage report, usage wakes wait for
+    `usage_retry_after`; the daily re-sync does not. Never less than a second.
+    """
+    candidates: list[datetime] = []
+    if state.last_synced_at is not None:
+        candidates.append(state.last_synced_at + timedelta(seconds=tuning.resync_interval_seconds))
+    period = billable_period(state)
+    if period is not None:
+        start, end = period
+        lead = timedelta(seconds=tuning.usage_lead_seconds)
+        grace = timedelta(seconds=tuning.usage_grace_seconds)
+        if now < end - lead:
+            candidates.append(end - lead)
+        elif needs_pre_end_report(state, tuning, start, end):
+            candidates.append(now)
+        candidates.append(end + grace)
+    if state.to_finalize:
+        candidates.append(now)
+    retry_after = state.usage_retry_after
+    if retry_after is not None and retry_after > now:
+        resync_at = candidates[0] if state.last_synced_at is not None else None
+        candidates = [max(c, retry_after) for c in candidates]
+        if resync_at is not None:
+            candidates.append(resync_at)
+    if not candidates:
+        return timedelta(seconds=tuning.resync_interval_seconds)
+    return max(min(candidates) - now, timedelta(seconds=1))
+
+
+def ended_periods(state: OrgBillingState, snapshot: SubscriptionSnapshot) -> list[BillingPeriod]:
+    """The periods a fresh read of the same subscription shows to be over, not yet queued.
+
+    Each is owed a final usage report. A renewal ends the old period; a trial
+    ended early (or a reset anchor) cuts it short, and periods a worker outage
+    skipped over entirely come after it, stepped on the billing anchor day. A
+    cancel (or pause) without renewal ends it at the subscription's end, since
+    Stripe bills usage up to there. Nothing is owed unless the state was in a
+    usage status with a known period.
+    """
+    old_start, old_end = state.current_period_start, state.current_period_end
+    if old_start is None or old_end is None or state.subscription_status not in USAGE_STATUSES:
+        return []
+    owed: list[tuple[datetime, datetime]] = []
+    new_start = snapshot.current_period_start
+    if new_start is not None and new_start > old_start:
+        owed.append((old_start, min(old_end, new_start)))
+        if new_start > old_end:
+            anchor = snapshot.billing_cycle_anchor
+            anchor_day = anchor.day if anchor else max(old_end.day, new_start.day)
+            owed.extend(periods_between(old_end, new_start, anchor_day))
+    elif snapshot.status not in USAGE_STATUSES:
+        ended = min(old_end, snapshot.subscription_end or old_end)
+        if ended > old_start:
+            owed.append((old_start, ended))
+    queued = {p.start for p in state.to_finalize}
+    periods: list[BillingPeriod] = []
+    for start, end in owed:
+        if start not in queued:
+            queued.add(start)
+            periods.append(BillingPeriod(start=start, end=end))
+    return periods
+
+
+def record_usage_report(
+    state: OrgBillingState,
+    start: datetime,
+    end: datetime,
+    plan: UsagePlan,
+    sent: int,
+    now: datetime,
+) -> UsagePeriodReport:
+    """Changes the state: keep what a report sent for the period; returns a copy of its entry.
+
+    Only the last `KEPT_USAGE_PERIODS` periods are kept, so the state (carried
+    across continue-as-new) stays small.
+    """
+    entry = usage_entry(state, start)
+    if entry is None:
+        entry = UsagePeriodReport(period_start=start, period_end=end)
+        state.usage.append(entry)
+        del state.usage[: max(0, len(state.usage) - KEPT_USAGE_PERIODS)]
+    entry.users = plan.users
+    entry.requests = plan.requests
+    entry.meter_events_sent += sent
+    entry.skipped_reason = plan.skipped_reason or entry.skipped_reason
+    entry.last_reported_at = now
+    return entry.model_copy()
+
+
+# Stripe events --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EventPlan:
+    """How one Stripe event is handled, decided before anything is read from Stripe."""
+
+    # The watermark the event is ordered by: its subscription, else its customer.
+    key: str
+    # An event older than the newest applied one for its key changes nothing.
+    stale: bool
+    # A stale "trial will end" notice of the org's own subscription still counts.
+    late_trial_notice: bool
+    # What to re-read from Stripe; None when the event names nothing to read.
+    fetch: FetchSubscriptionInput | None
+
+
+def plan_event(state: OrgBillingState, event: StripeEventSignal) -> EventPlan:
+    """Key, staleness and the re-read of an event.
+
+    Events are only hints: the workflow re-reads the subscription they name
+    (by id, else the customer's live one). Stripe delivers out of order, so
+    each key keeps the `created` of the newest event applied and older ones
+    are skipped.
+    """
+    sub_id = event.subscription_id
+    if sub_id is None and event.type.startswith("customer.subscription."):
+        sub_id = event.object_id
+    key = sub_id or event.customer_id or state.stripe_customer_id or "org"
+    stale = event.created < state.watermarks.get(key, 0)
+    customer_id = None if sub_id else (event.customer_id or state.stripe_customer_id)
+    fetch = (
+        None
+        if sub_id is None and customer_id is None
+        else FetchSubscriptionInput(subscription_id=sub_id, customer_id=customer_id)
+    )
+    return EventPlan(
+        key=key,
+        stale=stale,
+        late_trial_notice=(
+            stale and event.type == TRIAL_WILL_END and sub_id == state.stripe_subscription_id
+        ),
+        fetch=fetch,
+    )
+
+
+def advance_watermark(state: OrgBillingState, key: str, created: int) -> None:
+    """Changes the state: an applied event moves its key's watermark forward, never back."""
+    state.watermarks[key] = max(created, state.watermarks.get(key, 0))
+
+
+def remember(state: OrgBillingState, event: StripeEventSignal, limit: int) -> None:
+    """Changes the state: keep the event id for dedupe, bounded to the newest `limit`.
+
+    Stripe redelivers for days; the bound keeps the state small, and the
+    watermarks catch the redeliveries older than it.
+    """
+    seen = state.seen_event_ids
+    seen.append(event.event_id)
+    del seen[: max(0, len(seen) - limit)]
+    state.last_event_id = event.event_id
+    state.last_event_type = event.type
+
+
+def note_trial_will_end(state: OrgBillingState, trial_end: datetime | None) -> datetime | None:
+    """Changes the state: note a trial end once, however often Stripe redelivers the notice.
+
+    Returns the trial end if it is newly noted (the hook for a notice), else None.
+    """
+    if trial_end is None or state.trial_will_end_noted_for == trial_end:
+        return None
+    state.trial_will_end_noted_for = trial_end
+    return trial_end
+
+
+# Adopting a Stripe read -------------------------------------------------------------
+
+
+class Refusal(Enum):
+    """Why a fresh Stripe read is not applied to the org."""
+
+    # The subscription belongs to another customer: never another org's, whatever
+    # an event's metadata said.
+    FOREIGN_CUSTOMER = "foreign customer"
+    # Another subscription of the org, while ours still bills (or the other is dead).
+    OTHER_SUBSCRIPTION = "other subscription"
+
+
+def refusal(state: OrgBillingState, snapshot: SubscriptionSnapshot) -> Refusal | None:
+    """Whether a snapshot may be applied; None means yes.
+
+    A different subscription of the org's own customer replaces ours only when
+    ours no longer bills and the new one does (made elsewhere, e.g. after a
+    cancel); otherwise the org keeps the one it has.
+    """
+    if state.stripe_customer_id and snapshot.customer_id != state.stripe_customer_id:
+        return Refusal.FOREIGN_CUSTOMER
+    if state.stripe_subscription_id and snapshot.id != state.stripe_subscription_id:
+        current_live = state.subscription_status in LIVE_SUBSCRIPTION_STATUSES
+        if current_live or snapshot.status not in LIVE_SUBSCRIPTION_STATUSES:
+            return Refusal.OTHER_SUBSCRIPTION
+    return None
+
+
+def foreign_customer_error(state: OrgBillingState, snapshot: SubscriptionSnapshot) -> str:
+    """The error kept in the state when a read names another customer's subscription."""
+    return (
+        f"subscription {snapshot.id} belongs to customer {snapshot.customer_id}, "
+        f"not to this org's {state.stripe_customer_id}; ignored"
+    )
+
+
+def adopt(state: OrgBillingState, snapshot: SubscriptionSnapshot) -> None:
+    """Changes the state: it follows the snapshot (Stripe is the source of truth)."""
+    state.stripe_subscription_id = snapshot.id
+    state.stripe_customer_id = snapshot.customer_id
+    state.subscription_status = snapshot.status
+    state.subscription_end = snapshot.subscription_end
+    state.trial_end = snapshot.trial_end
+    state.current_period_start = snapshot.current_period_start
+    state.current_period_end = snapshot.current_period_end
+    state.pause_collection = snapshot.pause_collection
+    state.status = BillingStatus.of(snapshot.status)
+
+
+# Search attributes ------------------------------------------------------------------
+
+
+def wanted_attributes(state: OrgBillingState) -> dict[str, str]:
+    """The search attributes the org's workflow should show (the customer once known).
+
+    The workflow upserts only when this changes, so a run does not fill its
+    history with identical upserts.
+    """
+    wanted = {
+        ORG_ID_KEY.name: str(state.org_id),
+        BILLING_STATUS_KEY.name: state.status.value,
+    }
+    if state.stripe_customer_id:
+        wanted[STRIPE_CUSTOMER_ID_KEY.name] = state.stripe_customer_id
+    return wanted
+
+
+def attribute_updates(wanted: dict[str, str]) -> list[SearchAttributeUpdate[str]]:
+    """The upsert that sets `wanted`: every key, in the order the saved histories have."""
+    updates = [
+        ORG_ID_KEY.value_set(wanted[ORG_ID_KEY.name]),
+        BILLING_STATUS_KEY.value_set(wanted[BILLING_STATUS_KEY.name]),
+    ]
+    if STRIPE_CUSTOMER_ID_KEY.name in wanted:
+        updates.append(STRIPE_CUSTOMER_ID_KEY.value_set(wanted[STRIPE_CUSTOMER_ID_KEY.name]))
+    return updates
