@@ -514,7 +514,7 @@ class DevStack:
         table.add_column("what", style="bold")
         table.add_column("where", overflow="fold")
         table.add_row("API", f"{api}  (docs: {api}/docs)")
-        table.add_row("Temporal UI", self._ui_links() or "-")
+        table.add_row("Temporal UI", self._ui_url or "-")
         table.add_row("Temporal", temporal)
         table.add_row("Stripe emulator", self.values["STRIPE_API_BASE"])
         table.add_row("Database", self.values["DATABASE_URL"])
@@ -541,15 +541,18 @@ class DevStack:
             ),
         )
         out.print(table)
+        link = self._running_orgs_link()
+        if link:
+            # Below the table, on one line: a folded URL cannot be clicked or copied.
+            out.print(f"Running org workflows in the Temporal UI: {link}", soft_wrap=True)
         if self.ready_after is not None:
             out.print(f"Ready in {self.ready_after:.1f} s. Press Ctrl-C to stop.")
 
-    def _ui_links(self) -> str | None:
+    def _running_orgs_link(self) -> str | None:
         ui = self._ui_url
         if ui is None:
             return None
-        namespace = self.env_settings.temporal_namespace
-        return f"{ui}\nrunning orgs: {workflows_link(ui, namespace, RUNNING_ORGS_QUERY)}"
+        return workflows_link(ui, self.env_settings.temporal_namespace, RUNNING_ORGS_QUERY)
 
 
 RUNNING_ORGS_QUERY = f'ExecutionStatus="Running" AND WorkflowType="{ORG_BILLING_WORKFLOW}"'

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from billing.domain import OrgBillingState, UsagePeriodReport
+from billing.domain import BillingPeriod, OrgBillingState, UsagePeriodReport
 from tooling.cli.render import ended_period_fields, last_ended_period
 
 
@@ -54,3 +54,29 @@ def test_the_rows_show_the_invoice_or_why_there_is_none() -> None:
     assert (billed["users"], billed["requests"]) == (3, 320)
     assert billed["invoice"] == "in_1  $67.20  paid"
     assert missing["invoice"].startswith("none yet")
+
+
+def test_an_advance_waits_for_no_renewal_of_a_subscription_that_ended_on_the_way() -> None:
+    from billing.domain import BillingStatus, SubscriptionStatus
+    from tooling.cli.emulator import _final_report_done
+
+    renewal = _at(4)
+    canceled = OrgBillingState(
+        org_id=2,
+        status=BillingStatus.CANCELED,
+        subscription_status=SubscriptionStatus.CANCELED,
+        current_period_start=_at(3),
+        usage=[_report(_at(3), _at(3, 16), 1, 0)],
+    )
+    still_owed = canceled.model_copy(
+        update={"to_finalize": [BillingPeriod(start=_at(3), end=_at(3, 16))]}
+    )
+    waiting = OrgBillingState(org_id=1, status=BillingStatus.ACTIVE, current_period_start=_at(3))
+    renewed = waiting.model_copy(
+        update={"current_period_start": renewal, "usage": [_report(_at(3), renewal, 3, 320)]}
+    )
+
+    assert _final_report_done(canceled, renewal)
+    assert not _final_report_done(still_owed, renewal)
+    assert not _final_report_done(waiting, renewal)
+    assert _final_report_done(renewed, renewal)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import stripe
 import typer
@@ -200,12 +201,18 @@ def advance(
         ending = _next_period_end(client, clock_id, frozen)
         if ending is None or ending.at + REPORT_STOP >= target:
             if ending is not None and ending.at <= target:
-                reached = {o: end for o, end in ending.ends.items() if end <= target}
-                crossed.append(Boundary(ending.at, reached, ending.trial))
+                frozen = _advance_clock(client, clock_id, target)
+                renewed = _renewed(client, clock_id, ending)
+                if renewed.ends:
+                    crossed.append(renewed)
+                break
             frozen = _advance_clock(client, clock_id, target)
             break
-        crossed.append(ending)
         frozen = _advance_clock(client, clock_id, ending.at + REPORT_STOP)
+        ending = _renewed(client, clock_id, ending)
+        if not ending.ends:
+            continue
+        crossed.append(ending)
         late = run(_await_final_reports(state, ending.ends))
         for late_org in late:
             err.print(
@@ -247,7 +254,8 @@ def _crossing_summary(crossed: list[Boundary], frozen: int, upcoming: Boundary |
             f"Crossed {passed}; the invoice finalizes at {_readable(finalizes)}: "
             "advance past that to bill it."
         )
-    return f"Crossed {passed}; the invoices are finalized."
+    invoices = "the invoices are" if sum(len(b.ends) for b in crossed) > 1 else "the invoice is"
+    return f"Crossed {passed}; {invoices} finalized."
 
 
 def _advance_clock(client: stripe.StripeClient, clock_id: str, to: int) -> int:
@@ -266,6 +274,20 @@ def _advance_clock(client: stripe.StripeClient, clock_id: str, to: int) -> int:
             time.sleep(0.2)
 
 
+def _clock_subscriptions(
+    client: stripe.StripeClient, clock_id: str
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Every subscription on the clock that belongs to an org, with the org's id."""
+    customers = client.v1.customers.list({"test_clock": clock_id, "limit": 100})
+    for customer in customers.auto_paging_iter():
+        subs = client.v1.subscriptions.list({"customer": customer.id, "limit": 100})
+        for sub in subs.auto_paging_iter():
+            data = sub.to_dict()
+            owner = (data.get("metadata") or {}).get("org_id")
+            if owner and str(owner).isdigit():
+                yield int(owner), data
+
+
 def _next_period_end(
     client: stripe.StripeClient, clock_id: str, after: int, org_id: int | None = None
 ) -> Boundary | None:
@@ -273,29 +295,41 @@ def _next_period_end(
     that one stop just past it (`REPORT_STOP`) crosses too."""
     ends: dict[int, int] = {}
     trials: set[int] = set()
-    customers = client.v1.customers.list({"test_clock": clock_id, "limit": 100})
-    for customer in customers.auto_paging_iter():
-        subs = client.v1.subscriptions.list({"customer": customer.id, "limit": 100})
-        for sub in subs.auto_paging_iter():
-            data = sub.to_dict()
-            if data["status"] not in BILLED_STATUSES:
-                continue
-            items = data["items"]["data"]
-            trial_end = data.get("trial_end") if data["status"] == "trialing" else None
-            end = trial_end or (items[0]["current_period_end"] if items else None)
-            owner = (data.get("metadata") or {}).get("org_id")
-            if not (end and end > after and owner and str(owner).isdigit()):
-                continue
-            if org_id is not None and int(owner) != org_id:
-                continue
-            ends[int(owner)] = min(int(end), ends.get(int(owner), int(end)))
-            if trial_end:
-                trials.add(int(owner))
+    for owner, data in _clock_subscriptions(client, clock_id):
+        if data["status"] not in BILLED_STATUSES:
+            continue
+        if org_id is not None and owner != org_id:
+            continue
+        items = data["items"]["data"]
+        trial_end = data.get("trial_end") if data["status"] == "trialing" else None
+        end = trial_end or (items[0]["current_period_end"] if items else None)
+        if not end or end <= after:
+            continue
+        ends[owner] = min(int(end), ends.get(owner, int(end)))
+        if trial_end:
+            trials.add(owner)
     if not ends:
         return None
     first = min(ends.values())
     near = {owner: end for owner, end in ends.items() if end < first + REPORT_STOP}
     return Boundary(first, near, all(owner in trials for owner in near))
+
+
+def _renewed(client: stripe.StripeClient, clock_id: str, boundary: Boundary) -> Boundary:
+    """The boundary's orgs whose subscription did renew there.
+
+    One that ended on the way (a failed payment's retries ran out and Stripe
+    canceled it, say) crossed no period end, and no renewal report will come.
+    """
+    kept: dict[int, int] = {}
+    for owner, data in _clock_subscriptions(client, clock_id):
+        items = data["items"]["data"]
+        end = boundary.ends.get(owner)
+        if end is None or not items or data["status"] not in BILLED_STATUSES:
+            continue
+        if int(items[0]["current_period_start"]) >= end:
+            kept[owner] = end
+    return Boundary(boundary.at, kept, boundary.trial)
 
 
 async def _await_final_reports(state: CliState, ends: dict[int, int]) -> list[int]:
@@ -318,6 +352,10 @@ async def _await_final_reports(state: CliState, ends: dict[int, int]) -> list[in
 
 
 def _final_report_done(billing: OrgBillingState, ended: datetime) -> bool:
+    if billing.status.value not in BILLED_STATUSES and not billing.to_finalize:
+        # The subscription ended on the way (a failed payment's retries ran out, say):
+        # its last period was reported up to its end, and no renewal will come.
+        return True
     if billing.current_period_start is None or billing.current_period_start < ended:
         return False  # the renewal has not reached the workflow yet
     report = next((u for u in billing.usage if u.period_end == ended), None)
