@@ -96,7 +96,8 @@ EXPECTED = [
     Expect(r"^billing emulator card 2 --failing", _has("now pays with a failing card")),
     Expect(
         r"^billing emulator advance --to period-end$",
-        _has("Crossed the trial end of orgs 1, 2", "the invoices are finalized"),
+        # The clock started on CLOCK_START: the 30-day trial ends on March 1st.
+        _has("Crossed the trial end of orgs 1, 2 (2031-03-01 09:15 UTC)", "invoices are finalized"),
     ),
     Expect(
         r"^billing orgs list$",

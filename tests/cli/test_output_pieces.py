@@ -1,4 +1,4 @@
-"""`orgs show`: the last ended period, picked from the workflow's state (no servers)."""
+"""Pure pieces of the CLI output: the ended period in `orgs show`, advance waits, ready table."""
 
 from __future__ import annotations
 
@@ -80,3 +80,19 @@ def test_an_advance_waits_for_no_renewal_of_a_subscription_that_ended_on_the_way
     assert not _final_report_done(still_owed, renewal)
     assert not _final_report_done(waiting, renewal)
     assert _final_report_done(renewed, renewal)
+
+
+def test_the_ready_table_suggests_creating_orgs_only_on_a_new_home() -> None:
+    from tooling.devstack import RUNNING_ORGS_QUERY, KnownOrg, try_commands, workflows_link
+
+    fresh = try_commands([])
+    restarted = try_commands([KnownOrg(7, "Acme", "ada@acme.test"), KnownOrg(8, "Globex", None)])
+
+    assert fresh[0].startswith("orgs create")
+    assert not any(c.startswith("orgs create") for c in restarted)
+    assert "orgs show 7" in restarted and "token 7 --email ada@acme.test" in restarted
+    assert fresh[-1] == restarted[-1] == "emulator advance --to period-end"
+    assert workflows_link("http://127.0.0.1:8233", "default", RUNNING_ORGS_QUERY) == (
+        "http://127.0.0.1:8233/namespaces/default/workflows?query="
+        "ExecutionStatus%3D%22Running%22%20AND%20WorkflowType%3D%22OrgBilling%22"
+    )
