@@ -24,6 +24,7 @@ from temporalio.client import Client
 
 from api import store
 from api.deps import ApiServices
+from api.docs_pages import add_offline_docs
 from api.errors import database_unavailable
 from api.log_limits import BoundedLog
 from api.metrics import CLIENT_CLOSED_STATUS, BillingMetrics, method_label, status_label
@@ -156,7 +157,11 @@ def create_app(
         version="0.1.0",
         summary="Stripe webhooks in, billing portal links and billing state out.",
         lifespan=lifespan,
+        # Served by add_offline_docs from this process, not from a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
+    add_offline_docs(app)
     app.state.metrics = metrics
     app.state.webhook_refusals = BoundedLog(
         logging.getLogger("api.routes.webhooks"), "Stripe webhook refused"

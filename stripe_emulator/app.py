@@ -13,6 +13,7 @@ import html
 import json
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -360,11 +361,7 @@ class EmulatorApp:
                 for s in self.state.collection("subscription").values()
                 if s["customer"] == session["customer"]
             ]
-            rows = "".join(
-                f"<li>{html.escape(s['id'])}: {html.escape(s['status'])}, renews "
-                f"{engine.period_end(s)}</li>"
-                for s in subs
-            )
+            rows = "".join(f"<li>{_subscription_line(s)}</li>" for s in subs)
         name = html.escape(
             str(customer.get("name") or customer.get("email") or session["customer"])
         )
@@ -379,3 +376,21 @@ class EmulatorApp:
             + "</body></html>"
         )
         return HTMLResponse(page)
+
+
+def _readable(timestamp: int) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _subscription_line(sub: Obj) -> str:
+    """One subscription as a person reads it: its status and the next date that matters."""
+    status = str(sub["status"])
+    if status in ("canceled", "incomplete_expired"):
+        when = f"ended {_readable(int(sub.get('ended_at') or engine.period_end(sub)))}"
+    elif status == "trialing" and sub.get("trial_end"):
+        when = f"trial ends {_readable(int(sub['trial_end']))}"
+    elif sub.get("cancel_at_period_end") or sub.get("cancel_at"):
+        when = f"ends {_readable(int(sub.get('cancel_at') or engine.period_end(sub)))}"
+    else:
+        when = f"renews {_readable(engine.period_end(sub))}"
+    return f"{html.escape(str(sub['id']))}: {html.escape(status)}, {when}"

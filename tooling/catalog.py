@@ -219,8 +219,13 @@ def ensure_webhook_endpoint(
     return WebhookEndpoint(created.id, created.secret)
 
 
-def ensure_test_clock(client: stripe.StripeClient, known_id: str | None) -> str:
-    """The dev stack's test clock: the one it made before, if it still exists."""
+def ensure_test_clock(
+    client: stripe.StripeClient, known_id: str | None, start: int | None = None
+) -> str:
+    """The dev stack's test clock: the one it made before, if it still exists.
+
+    A new clock starts at `start` (epoch seconds), or now.
+    """
     clocks = client.v1.test_helpers.test_clocks
     if known_id:
         try:
@@ -228,5 +233,6 @@ def ensure_test_clock(client: stripe.StripeClient, known_id: str | None) -> str:
             return known_id
         except stripe.InvalidRequestError:
             pass
-    clock = clocks.create({"frozen_time": int(time.time()), "name": "billing dev"})
+    frozen = int(time.time()) if start is None else start
+    clock = clocks.create({"frozen_time": frozen, "name": "billing dev"})
     return clock.id

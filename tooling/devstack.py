@@ -28,16 +28,18 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any
+from urllib.parse import quote
 
 import psutil  # type: ignore[import-untyped]
 from rich.console import Console
 from rich.table import Table
 
 from billing.config import Settings
+from billing.constants import ORG_BILLING_WORKFLOW
 from tooling.home import (
     DEFAULT_HOME,
     PID_FILE,
@@ -94,6 +96,8 @@ class DevOptions:
     ports: DevPorts = field(default_factory=DevPorts)
     demo: bool = False
     ready_timeout: float = READY_TIMEOUT
+    # Where a new home's test clock starts (epoch seconds); None: now.
+    clock_start: int | None = None
 
 
 # Signals ---------------------------------------------------------------------------
@@ -197,6 +201,7 @@ class DevStack:
     def run(self) -> int:
         self.signals.install()
         code = 0
+        new_home = not self.home.exists()
         try:
             self._lock_home()
             self.start()
@@ -214,6 +219,9 @@ class DevStack:
             self.signals.ignore()
             self.stop()
             self._unlock_home()
+            if new_home and code:
+                # A start that failed early (a busy port) leaves no empty home behind.
+                _remove_empty_folders(self.home)
             self.signals.restore()
         return code
 
@@ -267,6 +275,10 @@ class DevStack:
                 "TEMPORAL_NAMESPACE": self.env_settings.temporal_namespace,
                 "TEMPORAL_TASK_QUEUE": self.env_settings.temporal_task_queue,
                 "AUTH_JWT_SECRET": previous.get("AUTH_JWT_SECRET") or secrets.token_urlsafe(32),
+                # Not settings of the product: where `curl` and a browser reach the stack
+                # (`billing dev env` prints them with the rest).
+                "BILLING_API_URL": f"http://{HOST}:{ports.api}",
+                **({"TEMPORAL_UI_URL": self._ui_url} if self._ui_url else {}),
             }
         )
         self.values.update(self._codec_values())
@@ -441,8 +453,14 @@ class DevStack:
         endpoint = ensure_webhook_endpoint(
             client, webhook_url, previous.get("STRIPE_WEBHOOK_SECRET")
         )
-        clock = ensure_test_clock(client, previous.get("STRIPE_TEST_CLOCK"))
+        known_clock = previous.get("STRIPE_TEST_CLOCK")
+        clock = ensure_test_clock(client, known_clock, self.options.clock_start)
         self.clock_time = client.v1.test_helpers.test_clocks.retrieve(clock).frozen_time
+        if self.options.clock_start is not None and clock == known_clock:
+            out.print(
+                f"The test clock {clock} of this home is kept where it is "
+                f"({_readable(self.clock_time)}); --clock-start applies to a new home."
+            )
         return {
             "STRIPE_API_BASE": emulator_url,
             "STRIPE_SECRET_KEY": key,
@@ -480,17 +498,23 @@ class DevStack:
 
     # -- output ------------------------------------------------------------------------
 
+    @property
+    def _ui_url(self) -> str | None:
+        """The Temporal UI of the dev server we start (none for an external Temporal)."""
+        if os.environ.get("TEMPORAL_ADDRESS"):
+            return None
+        return f"http://{HOST}:{self.options.ports.ui}"
+
     def _report(self) -> None:
         ports = self.options.ports
         api = f"http://{HOST}:{ports.api}"
         temporal = self.values["TEMPORAL_ADDRESS"]
-        ui = f"http://{HOST}:{ports.ui}" if not os.environ.get("TEMPORAL_ADDRESS") else "-"
         home_flag = _home_flag(self.home)
         table = Table(title="billing dev is ready", title_justify="left", show_header=False)
         table.add_column("what", style="bold")
         table.add_column("where", overflow="fold")
         table.add_row("API", f"{api}  (docs: {api}/docs)")
-        table.add_row("Temporal UI", ui)
+        table.add_row("Temporal UI", self._ui_url or "-")
         table.add_row("Temporal", temporal)
         table.add_row("Stripe emulator", self.values["STRIPE_API_BASE"])
         table.add_row("Database", self.values["DATABASE_URL"])
@@ -507,32 +531,83 @@ class DevStack:
                 '32)" billing dev  (the UI then decodes through a codec server on port '
                 f"{self.options.ports.codec})",
             )
-        table.add_row("Settings", str(settings_file(self.home)))
+        table.add_row("Settings", f"{settings_file(self.home)}  (billing{home_flag} dev env)")
         table.add_row("Logs", str(self.logs))
         table.add_row(
             "Try",
             "\n".join(
                 f"billing{home_flag} {command}"
-                for command in (
-                    "orgs create --name Acme --owner-email ada@acme.test",
-                    "orgs list",
-                    "members add 1 --email grace@acme.test",
-                    "requests record 1 --count 100",
-                    "usage report 1",
-                    "token 1 --email ada@acme.test",
-                    f"emulator advance --to {_a_month_after(self.clock_time)}",
-                )
+                for command in try_commands(_existing_orgs(self.values["DATABASE_URL"]))
             ),
         )
         out.print(table)
+        link = self._running_orgs_link()
+        if link:
+            # Below the table, on one line: a folded URL cannot be clicked or copied.
+            out.print(f"Running org workflows in the Temporal UI: {link}", soft_wrap=True)
         if self.ready_after is not None:
             out.print(f"Ready in {self.ready_after:.1f} s. Press Ctrl-C to stop.")
 
+    def _running_orgs_link(self) -> str | None:
+        ui = self._ui_url
+        if ui is None:
+            return None
+        return workflows_link(ui, self.env_settings.temporal_namespace, RUNNING_ORGS_QUERY)
 
-def _a_month_after(timestamp: int) -> str:
-    """An example target for the test clock: one billing period past where it is."""
-    later = datetime.fromtimestamp(timestamp, tz=UTC) + timedelta(days=31)
-    return later.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+RUNNING_ORGS_QUERY = f'ExecutionStatus="Running" AND WorkflowType="{ORG_BILLING_WORKFLOW}"'
+
+
+def workflows_link(ui: str, namespace: str, query: str) -> str:
+    """The Temporal UI's workflow list, already filtered by a visibility query."""
+    return f"{ui}/namespaces/{quote(namespace, safe='')}/workflows?query={quote(query, safe='')}"
+
+
+@dataclass(frozen=True)
+class KnownOrg:
+    id: int
+    name: str
+    owner_email: str | None
+
+
+def try_commands(orgs: list[KnownOrg]) -> list[str]:
+    """First steps to print: create an org on a new home; use the orgs a restarted one has."""
+    advance = "emulator advance --to period-end"
+    if not orgs:
+        return [
+            "orgs create --name Acme --owner-email ada@acme.test",
+            "orgs list",
+            "members add 1 --email grace@acme.test",
+            "requests record 1 --count 100",
+            "usage report 1",
+            "token 1 --email ada@acme.test",
+            advance,
+        ]
+    first = orgs[0]
+    commands = ["orgs list", f"orgs show {first.id}"]
+    if first.owner_email:
+        commands.append(f"token {first.id} --email {first.owner_email}")
+    commands += [f"requests record {first.id} --count 100", f"usage report {first.id}"]
+    return [*commands, advance]
+
+
+def _existing_orgs(database_url: str) -> list[KnownOrg]:
+    """The orgs a restarted stack already has (none on a new home, or when unreadable)."""
+    from billing.db import orgs
+    from billing.db.session import make_engine, make_session_factory
+
+    engine = make_engine(database_url, pool_size=1)
+    try:
+        with make_session_factory(engine)() as session:
+            return [KnownOrg(o.id, o.name, o.owner_email) for o in orgs.list_orgs(session)]
+    except Exception:
+        return []
+    finally:
+        engine.dispose()
+
+
+def _readable(timestamp: int) -> str:
+    return datetime.fromtimestamp(timestamp, tz=UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def _home_flag(home: Path) -> str:
@@ -540,6 +615,12 @@ def _home_flag(home: Path) -> str:
     if home == default and not os.environ.get("BILLING_HOME"):
         return ""
     return f" --home {home}"
+
+
+def _remove_empty_folders(home: Path) -> None:
+    for folder in (home / "logs", home):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def _tail_block(child: Supervised) -> str:

@@ -165,6 +165,24 @@ def create_org_with_owner(
     return org
 
 
+def orgs_with_name_and_owner(session: Session, name: str, owner_email: str) -> list[int]:
+    """The orgs already called `name` and owned by `owner_email`: most likely a repeated create."""
+    email = normalize_email(owner_email)
+    return list(
+        session.scalars(
+            select(Org.id)
+            .join(Membership, Membership.org_id == Org.id)
+            .join(User, User.id == Membership.user_id)
+            .where(
+                Org.name == checked_text(name, "org name"),
+                User.email == email,
+                Membership.role == MembershipRole.OWNER,
+            )
+            .order_by(Org.id)
+        )
+    )
+
+
 def find_org(session: Session, org_id: int) -> Org | None:
     return session.get(Org, org_id) if valid_id(org_id) else None
 

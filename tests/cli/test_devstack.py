@@ -163,6 +163,13 @@ def test_dev_starts_keeps_data_and_stops_every_child(dev_home: Path) -> None:
         assert second.interrupt() == 0, second.output.read_text()
     assert [o["name"] for o in json.loads(listed.stdout)] == ["Acme"]
     assert _still_running(children) == []
+    # A new home suggests creating an org; a restart uses the org it has.
+    fresh, restarted = first.output.read_text(), second.output.read_text()
+    assert "orgs create --name Acme" in fresh
+    assert "orgs create" not in restarted, restarted
+    assert "orgs show 1" in restarted and "token 1 --email ada@acme.test" in restarted
+    ui = f"http://127.0.0.1:{ports[2]}/namespaces/default/workflows?query="
+    assert f"Running org workflows in the Temporal UI: {ui}ExecutionStatus%3D%22Running" in fresh
 
 
 def test_a_busy_port_is_a_clear_error(tmp_path: Path) -> None:
@@ -192,7 +199,7 @@ def test_a_busy_port_is_a_clear_error(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert f"Port {ports[3]} (Stripe emulator" in result.stderr
     assert "Traceback" not in result.stderr
-    assert not (tmp_path / "home" / "pgdata").exists()
+    assert not (tmp_path / "home").exists()
 
 
 def _show(env: dict[str, str], org_id: int) -> dict[str, object]:

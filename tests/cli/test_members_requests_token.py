@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
+import stripe
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from billing.auth import decode_token
 from billing.db.models import RequestLog
+from stripe_emulator.server import EmulatorServer
 from tests.cli.conftest import JWT_SECRET, Invoke, assert_clean_error
 
 
@@ -102,6 +104,33 @@ def test_record_requests_at_a_time(invoke: Invoke, session_factory: sessionmaker
         times = list(session.scalars(select(RequestLog.occurred_at).order_by(RequestLog.id)))
     assert times[0] == datetime(2025, 3, 1, 8, 0, tzinfo=UTC)
     assert times[1] == datetime(2025, 3, 2, 10, 0, tzinfo=UTC)
+
+
+def test_record_requests_a_duration_ago_on_the_test_clock(
+    invoke: Invoke,
+    session_factory: sessionmaker[Session],
+    emulator: EmulatorServer,
+    stripe_client: stripe.StripeClient,
+) -> None:
+    org_id = _org(invoke)
+    clock = stripe_client.v1.test_helpers.test_clocks.create({"frozen_time": 1927530900})
+    env = {
+        "STRIPE_API_BASE": emulator.url,
+        "STRIPE_SECRET_KEY": "sk_test_cli",
+        "STRIPE_TEST_CLOCK": clock.id,
+    }
+
+    now = invoke("requests", "record", str(org_id), "--count", "3", env=env)
+    ago = invoke("requests", "record", str(org_id), "--count", "4", "--at", "-1d2h", env=env)
+    wrong = invoke("requests", "record", str(org_id), "--count", "4", "--at", "-soon", env=env)
+
+    assert now.exit_code == 0, now.output
+    assert ago.exit_code == 0, ago.output
+    assert_clean_error(wrong, "not a duration")
+    with session_factory() as session:
+        times = list(session.scalars(select(RequestLog.occurred_at).order_by(RequestLog.id)))
+    clock_now = datetime.fromtimestamp(1927530900, UTC)
+    assert times == [clock_now, clock_now - timedelta(days=1, hours=2)]
 
 
 def test_record_requests_refuses_bad_input(invoke: Invoke) -> None:

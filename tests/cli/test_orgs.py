@@ -65,6 +65,23 @@ def test_create_records_marketplace_billing(invoke: Invoke) -> None:
     assert listed[0]["billing"]["status"] == "not_billed"
 
 
+def test_a_second_org_with_the_same_name_and_owner_is_created_with_a_warning(
+    invoke: Invoke,
+) -> None:
+    first = _create(invoke, "Acme", "ada@acme.test")["org"]["id"]
+    other_owner = invoke("orgs", "create", "--name", "Acme", "--owner-email", "bob@acme.test")
+    again = invoke("orgs", "create", "--name", "Acme", "--owner-email", "ADA@acme.test", "--json")
+
+    assert other_owner.exit_code == 0 and "already has the name" not in other_owner.stderr
+    assert again.exit_code == 0, again.output
+    document = json.loads(again.stdout)
+    assert document["same_name_and_owner"] == [first]
+    assert document["org"]["id"] != first
+    assert f"Warning: Org {first} already has the name 'Acme'" in again.stderr
+    assert f"org {document['org']['id']} is a second one" in again.stderr
+    assert len(json.loads(invoke("orgs", "list", "--json").stdout)) == 3
+
+
 def test_create_rejects_a_bad_email(invoke: Invoke) -> None:
     result = invoke("orgs", "create", "--name", "Acme", "--owner-email", "not-an-email")
 

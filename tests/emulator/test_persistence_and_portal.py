@@ -98,6 +98,29 @@ def test_portal_configuration_and_session(
     assert other.return_url == "https://app.example.com/settings"
 
 
+def test_the_portal_page_shows_dates_a_person_reads(
+    emulator: EmulatorServer, client: stripe.StripeClient
+) -> None:
+    clock = client.v1.test_helpers.test_clocks.create(params={"frozen_time": 1798761600})
+    customer = client.v1.customers.create(params={"name": "Dated", "test_clock": clock.id})
+    price = client.v1.prices.create(
+        params={
+            "currency": "usd",
+            "unit_amount": 4900,
+            "recurring": {"interval": "month"},
+            "product_data": {"name": "Base"},
+        }
+    )
+    sub = client.v1.subscriptions.create(
+        params={"customer": customer.id, "items": [{"price": price.id}], "trial_period_days": 30}
+    )
+    session = client.v1.billing_portal.sessions.create(params={"customer": customer.id})
+    page = httpx.get(session.url).text
+    # 2027-01-01 00:00 UTC plus a 30-day trial; never the raw epoch.
+    assert f"{sub.id}: trialing, trial ends 2027-01-31 00:00 UTC" in page
+    assert str(sub.trial_end) not in page
+
+
 def test_undelivered_webhooks_are_sent_after_a_restart(tmp_path: Path) -> None:
     from tests.emulator.helpers import start_receiver
 

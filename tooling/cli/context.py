@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Any, NoReturn, TypeVar
 
 import stripe
 import typer
+from dotenv import dotenv_values
 from psycopg.errors import UndefinedTable
 from pydantic import ValidationError
 from pydantic_core import to_jsonable_python
@@ -26,7 +28,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError
 from sqlalchemy.orm import Session
 from temporalio.client import Client
-from typer.core import TyperGroup
+from typer.core import TyperGroup, TyperOption
 
 from billing.config import Settings
 from billing.db.orgs import ServiceError
@@ -44,6 +46,29 @@ out = Console(highlight=False, soft_wrap=False, markup=False, emoji=False)
 err = Console(stderr=True, highlight=False)
 
 TEMPORAL_CONNECT_TIMEOUT = 5.0
+
+
+def _hide_flag_types() -> None:
+    """Help pages list `--json`, `--help` and every other flag without a `<bool>` value.
+
+    Typer's rich help prints a type after each option, flags included, although a
+    flag takes no value (its plain-text help already leaves it out). The check is
+    tests/cli/test_help_pages.py.
+    """
+    shown = TyperOption.display_type_rich
+    if getattr(shown, "hides_flag_types", False):
+        return
+
+    def display_type_rich(self: TyperOption, ctx: Any) -> str | None:
+        if self.is_flag or self.count:
+            return None
+        return shown(self, ctx)
+
+    display_type_rich.hides_flag_types = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_hide_flag_types()
 
 
 class CliError(Exception):
@@ -65,20 +90,31 @@ def _stripe_message(error: stripe.StripeError) -> str:
     return f"Stripe refused the request: {text.rstrip('.')}."
 
 
-def _expected_error_message(error: BaseException, home: Path | None) -> str | None:
+def _expected_error_message(error: BaseException, state: CliState | None = None) -> str | None:
     """One sentence for errors a user can cause or fix; None means a bug (keep the traceback)."""
     if isinstance(
         error, CliError | ServiceError | TemporalUnavailableError | PayloadDecryptionError
     ):
         return str(error)
     if isinstance(error, OperationalError):
-        if home is not None and running_dev(home) is not None:
+        if state is not None and state.database_is_default():
             return (
-                f"The database is not reachable; `billing dev` runs for {home} and starts its "
-                "Postgres again by itself, so try again in a few seconds."
+                f"The default database {state.default_database()} is not reachable; "
+                f"{state.how_to_name()}."
+            )
+        if state is not None and running_dev(state.home) is not None:
+            return (
+                f"The database is not reachable; `billing dev` runs for {state.home} and starts "
+                "its Postgres again by itself, so try again in a few seconds."
             )
         return "The database is not reachable (check DATABASE_URL, or start `billing dev`)."
     if isinstance(error, ProgrammingError) and isinstance(error.orig, UndefinedTable):
+        if state is not None and state.database_is_default():
+            # Not a database the user named: never suggest migrating it.
+            return (
+                f"The default database {state.default_database()} has no billing tables, so "
+                f"it is not this product's database; {state.how_to_name()}."
+            )
         return "The database has no billing tables yet; run `billing migrate`."
     if isinstance(error, DBAPIError) and error.connection_invalidated:
         return "The database connection was lost."
@@ -96,8 +132,8 @@ class BillingGroup(TyperGroup):
         except (typer.Exit, typer.Abort):
             raise
         except Exception as error:
-            home = ctx.obj.home if isinstance(ctx.obj, CliState) else None
-            message = _expected_error_message(error, home)
+            obj = ctx.obj if isinstance(ctx.obj, CliState) else None
+            message = _expected_error_message(error, obj)
             if message is None:
                 raise
             err.print(
@@ -125,7 +161,39 @@ class CliState:
     def settings(self) -> Settings:
         if self._settings is None:
             self._settings = build_settings(self.home if self.load_home_settings else None)
+            if self.load_home_settings and self.database_is_default():
+                temporal = self._settings.temporal_address
+                note(f"{self.no_home_sentence()} and Temporal at {temporal}.")
         return self._settings
+
+    def origin(self, variable: str) -> str | None:
+        """Where a setting comes from: the environment, `.env`, the home; None: the default."""
+        if any(key.upper() == variable for key in os.environ):
+            return "the environment"
+        if variable in _file_keys(Path(".env")):
+            return str(Path(".env").resolve())
+        if self.load_home_settings and variable in _file_keys(settings_file(self.home)):
+            return str(settings_file(self.home))
+        return None
+
+    def database_is_default(self) -> bool:
+        """No one named a database: no home here, no DATABASE_URL in the environment or `.env`."""
+        return self.origin("DATABASE_URL") is None
+
+    def default_database(self) -> str:
+        return safe_url(str(Settings.model_fields["database_url"].default))
+
+    def no_home_sentence(self) -> str:
+        return (
+            f"No `billing dev` home at {self.home} (no {settings_file(self.home).name} there) and "
+            f"no DATABASE_URL, so this command uses the default database {self.default_database()}"
+        )
+
+    def how_to_name(self) -> str:
+        return (
+            "run it in the folder where `billing dev` runs, pass --home DIR (or BILLING_HOME), "
+            "or set DATABASE_URL"
+        )
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -154,6 +222,17 @@ class CliState:
             max_network_retries=2,
             blocking=True,
         )
+
+
+def _file_keys(path: Path) -> set[str]:
+    if not path.is_file():
+        return set()
+    return {key.upper() for key in dotenv_values(path)}
+
+
+def note(message: str) -> None:
+    """Context for the user on stderr (stdout stays data)."""
+    err.print(f"Note: {escape(safe(message))}", highlight=False, soft_wrap=True)
 
 
 def build_settings(home: Path | None) -> Settings:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import stripe
 import typer
@@ -24,7 +26,7 @@ from tooling.cli.context import (
     state_of,
 )
 from tooling.cli.live import live_states
-from tooling.cli.request_log import parse_time
+from tooling.cli.request_log import parse_duration, parse_time
 
 app = typer.Typer(help="The Stripe emulator (development only).", no_args_is_help=True)
 
@@ -34,6 +36,11 @@ ADVANCE_TIMEOUT = 120.0
 # Where a stepped advance stops after a period end: inside the finalization hour.
 REPORT_STOP = 300
 REPORT_WAIT = 60.0
+# Invoices finalize (and are paid) this long after the period end, as in Stripe.
+FINALIZATION = 3600
+# `--to period-end` stops this long after the end: the invoice has finalized and been paid.
+PAST_FINALIZATION = FINALIZATION + 600
+PERIOD_END = "period-end"
 BILLED_STATUSES = frozenset({"trialing", "active", "past_due", "unpaid"})
 
 
@@ -95,10 +102,77 @@ def _at(timestamp: int) -> str:
     return datetime.fromtimestamp(timestamp, tz=UTC).isoformat()
 
 
+def _readable(timestamp: int) -> str:
+    return datetime.fromtimestamp(timestamp, tz=UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """Period (or trial) ends on the clock close enough to cross in one stop.
+
+    `at` is the first of them; `ends` says when each org's period ends (orgs
+    created a few seconds apart end a few seconds apart).
+    """
+
+    at: int
+    ends: dict[int, int]
+    trial: bool
+
+    @property
+    def org_ids(self) -> list[int]:
+        return sorted(self.ends)
+
+    @property
+    def kind(self) -> str:
+        return "trial end" if self.trial else "period end"
+
+    def describe(self) -> str:
+        orgs = ", ".join(str(org_id) for org_id in self.org_ids)
+        noun = "org" if len(self.org_ids) == 1 else "orgs"
+        return f"the {self.kind} of {noun} {orgs} ({_readable(self.at)})"
+
+
+def _target(
+    client: stripe.StripeClient, clock_id: str, frozen: int, to: str | None, by: str | None,
+    org_id: int | None,
+) -> int:  # fmt: skip
+    if (to is None) == (by is None):
+        fail("Give exactly one of --to (a time, or period-end) and --by (a duration).")
+    if org_id is not None and to != PERIOD_END:
+        fail("--org goes with --to period-end.")
+    if by is not None:
+        return frozen + parse_duration(by, "--by")
+    assert to is not None
+    if to.strip().lower() != PERIOD_END:
+        return int(parse_time(to).timestamp())
+    ending = _next_period_end(client, clock_id, frozen, org_id)
+    if ending is None:
+        whose = f"org {org_id}'s subscription" if org_id is not None else "no subscription"
+        if org_id is not None:
+            fail(f"{whose} is not on test clock {clock_id}, or has no period end ahead.")
+        fail(f"Test clock {clock_id} has {whose} with a period end ahead; create an org first.")
+    return ending.at + PAST_FINALIZATION
+
+
 @app.command("advance")
 def advance(
     ctx: typer.Context,
-    to: Annotated[str, typer.Option("--to", help="The new time (ISO 8601, naive = UTC).")],
+    to: Annotated[
+        str | None,
+        typer.Option(
+            "--to",
+            help="The new time (ISO 8601, naive = UTC), or `period-end`: past the next "
+            "period or trial end and the hour in which its invoice finalizes.",
+        ),
+    ] = None,
+    by: Annotated[
+        str | None,
+        typer.Option("--by", help="How far to move, e.g. 30d, 12h, 1d12h, 90m."),
+    ] = None,
+    org_id: Annotated[
+        int | None,
+        typer.Option("--org", help="With --to period-end: this org's period end."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
 ) -> None:
     """Advance the test clock new customers are attached to, period end by period end.
@@ -107,35 +181,81 @@ def advance(
     usage in the hour between the period end and the invoice's finalization. A
     test clock jumps; so the clock stops just past each period end on the way,
     waits until the orgs' workflows have made their final usage report for the
-    period, and only then moves on.
+    period, and only then moves on. That also keeps each step under the
+    emulator's (and Stripe's) limit of two billing intervals per advance, so any
+    target can be reached in one command.
     """
     state = state_of(ctx)
-    target = int(parse_time(to).timestamp())
     clock_id = state.settings.stripe_test_clock
     if not clock_id:
         fail("No test clock is configured (STRIPE_TEST_CLOCK); start `billing dev` first.")
     client = state.stripe_client()
     clock = client.v1.test_helpers.test_clocks.retrieve(clock_id)
-    if target < clock.frozen_time:
-        fail(f"The test clock is at {_at(clock.frozen_time)} and cannot go back to {_at(target)}.")
-    frozen = int(clock.frozen_time)
+    start = int(clock.frozen_time)
+    target = _target(client, clock_id, start, to, by, org_id)
+    if target < start:
+        fail(f"The test clock is at {_at(start)} and cannot go back to {_at(target)}.")
+    frozen = start
+    crossed: list[Boundary] = []
     while frozen < target:
         ending = _next_period_end(client, clock_id, frozen)
-        if ending is None or ending[0] + REPORT_STOP >= target:
+        if ending is None or ending.at + REPORT_STOP >= target:
+            if ending is not None and ending.at <= target:
+                frozen = _advance_clock(client, clock_id, target)
+                renewed = _renewed(client, clock_id, ending)
+                if renewed.ends:
+                    crossed.append(renewed)
+                break
             frozen = _advance_clock(client, clock_id, target)
             break
-        boundary, org_ids = ending
-        frozen = _advance_clock(client, clock_id, boundary + REPORT_STOP)
-        late = run(_await_final_reports(state, org_ids, boundary))
-        for org_id in late:
+        frozen = _advance_clock(client, clock_id, ending.at + REPORT_STOP)
+        ending = _renewed(client, clock_id, ending)
+        if not ending.ends:
+            continue
+        crossed.append(ending)
+        late = run(_await_final_reports(state, ending.ends))
+        for late_org in late:
             err.print(
-                f"Org {org_id}: no final usage report for the period ending {_at(boundary)} "
-                f"within {REPORT_WAIT:.0f} s (is the worker running?)."
+                f"Org {late_org}: no final usage report for the period ending "
+                f"{_at(ending.ends[late_org])} within {REPORT_WAIT:.0f} s (is the worker running?)."
             )
+    upcoming = _next_period_end(client, clock_id, frozen)
     if as_json:
-        print_json({"id": clock_id, "frozen_time": _at(frozen), "status": "ready"})
+        print_json(
+            {
+                "id": clock_id,
+                "frozen_time": _at(frozen),
+                "status": "ready",
+                "crossed": [
+                    {"at": _at(b.at), "kind": b.kind, "org_ids": b.org_ids} for b in crossed
+                ],
+                "next_period_end": _at(upcoming.at) if upcoming else None,
+            }
+        )
         return
     out.print(f"Test clock {clock_id} is at {_at(frozen)}.")
+    out.print(_crossing_summary(crossed, frozen, upcoming))
+
+
+def _crossing_summary(crossed: list[Boundary], frozen: int, upcoming: Boundary | None) -> str:
+    """One line: what the advance billed, or that it billed nothing and where the next end is."""
+    if not crossed:
+        after = (
+            f"the next is {upcoming.describe()}; `--to period-end` goes past it"
+            if upcoming
+            else "no subscription on the clock has one ahead"
+        )
+        return f"Crossed no period or trial end, so nothing was billed; {after}."
+    last = crossed[-1]
+    passed = "; ".join(b.describe() for b in crossed)
+    finalizes = max(last.ends.values()) + FINALIZATION
+    if finalizes > frozen:
+        return (
+            f"Crossed {passed}; the invoice finalizes at {_readable(finalizes)}: "
+            "advance past that to bill it."
+        )
+    invoices = "the invoices are" if sum(len(b.ends) for b in crossed) > 1 else "the invoice is"
+    return f"Crossed {passed}; {invoices} finalized."
 
 
 def _advance_clock(client: stripe.StripeClient, clock_id: str, to: int) -> int:
@@ -154,42 +274,76 @@ def _advance_clock(client: stripe.StripeClient, clock_id: str, to: int) -> int:
             time.sleep(0.2)
 
 
-def _next_period_end(
-    client: stripe.StripeClient, clock_id: str, after: int
-) -> tuple[int, list[int]] | None:
-    """The first period (or trial) end after `after` on the clock, and the orgs it ends for."""
-    ends: dict[int, list[int]] = {}
+def _clock_subscriptions(
+    client: stripe.StripeClient, clock_id: str
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Every subscription on the clock that belongs to an org, with the org's id."""
     customers = client.v1.customers.list({"test_clock": clock_id, "limit": 100})
     for customer in customers.auto_paging_iter():
         subs = client.v1.subscriptions.list({"customer": customer.id, "limit": 100})
         for sub in subs.auto_paging_iter():
             data = sub.to_dict()
-            if data["status"] not in BILLED_STATUSES:
-                continue
-            items = data["items"]["data"]
-            end = data.get("trial_end") if data["status"] == "trialing" else None
-            end = end or (items[0]["current_period_end"] if items else None)
-            org_id = (data.get("metadata") or {}).get("org_id")
-            if end and end > after and org_id and str(org_id).isdigit():
-                ends.setdefault(int(end), []).append(int(org_id))
+            owner = (data.get("metadata") or {}).get("org_id")
+            if owner and str(owner).isdigit():
+                yield int(owner), data
+
+
+def _next_period_end(
+    client: stripe.StripeClient, clock_id: str, after: int, org_id: int | None = None
+) -> Boundary | None:
+    """The first period (or trial) end after `after` on the clock, with every other end
+    that one stop just past it (`REPORT_STOP`) crosses too."""
+    ends: dict[int, int] = {}
+    trials: set[int] = set()
+    for owner, data in _clock_subscriptions(client, clock_id):
+        if data["status"] not in BILLED_STATUSES:
+            continue
+        if org_id is not None and owner != org_id:
+            continue
+        items = data["items"]["data"]
+        trial_end = data.get("trial_end") if data["status"] == "trialing" else None
+        end = trial_end or (items[0]["current_period_end"] if items else None)
+        if not end or end <= after:
+            continue
+        ends[owner] = min(int(end), ends.get(owner, int(end)))
+        if trial_end:
+            trials.add(owner)
     if not ends:
         return None
-    first = min(ends)
-    return first, ends[first]
+    first = min(ends.values())
+    near = {owner: end for owner, end in ends.items() if end < first + REPORT_STOP}
+    return Boundary(first, near, all(owner in trials for owner in near))
 
 
-async def _await_final_reports(state: CliState, org_ids: list[int], boundary: int) -> list[int]:
-    """The orgs whose workflow has not reported the period ending at `boundary` in time."""
+def _renewed(client: stripe.StripeClient, clock_id: str, boundary: Boundary) -> Boundary:
+    """The boundary's orgs whose subscription did renew there.
+
+    One that ended on the way (a failed payment's retries ran out and Stripe
+    canceled it, say) crossed no period end, and no renewal report will come.
+    """
+    kept: dict[int, int] = {}
+    for owner, data in _clock_subscriptions(client, clock_id):
+        items = data["items"]["data"]
+        end = boundary.ends.get(owner)
+        if end is None or not items or data["status"] not in BILLED_STATUSES:
+            continue
+        if int(items[0]["current_period_start"]) >= end:
+            kept[owner] = end
+    return Boundary(boundary.at, kept, boundary.trial)
+
+
+async def _await_final_reports(state: CliState, ends: dict[int, int]) -> list[int]:
+    """The orgs whose workflow has not reported the period ending at `ends[org]` in time."""
     try:
         client = await state.temporal()
     except TemporalUnavailableError:
-        return org_ids
-    ended = datetime.fromtimestamp(boundary, tz=UTC)
-    pending = set(org_ids)
+        return sorted(ends)
+    pending = set(ends)
     deadline = time.monotonic() + REPORT_WAIT
     with err.status(f"Waiting for the usage reports of {len(pending)} org(s)…", spinner="dots"):
         while pending and time.monotonic() < deadline:
             for org_id, live in (await live_states(client, sorted(pending))).items():
+                ended = datetime.fromtimestamp(ends[org_id], tz=UTC)
                 if live.state is not None and _final_report_done(live.state, ended):
                     pending.discard(org_id)
             if pending:
@@ -198,6 +352,10 @@ async def _await_final_reports(state: CliState, org_ids: list[int], boundary: in
 
 
 def _final_report_done(billing: OrgBillingState, ended: datetime) -> bool:
+    if billing.status.value not in BILLED_STATUSES and not billing.to_finalize:
+        # The subscription ended on the way (a failed payment's retries ran out, say):
+        # its last period was reported up to its end, and no renewal will come.
+        return True
     if billing.current_period_start is None or billing.current_period_start < ended:
         return False  # the renewal has not reached the workflow yet
     report = next((u for u in billing.usage if u.period_end == ended), None)

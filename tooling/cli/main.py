@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -20,8 +21,16 @@ import typer
 
 from billing.config import StripeNotConfiguredError
 from tooling.cli import emulator, members, operations, orgs, request_log
-from tooling.cli.context import BillingGroup, CliError, CliState, out, safe_url, state_of
-from tooling.home import DEFAULT_HOME, HOME_ENV_VAR
+from tooling.cli.context import (
+    BillingGroup,
+    CliError,
+    CliState,
+    fail,
+    out,
+    safe_url,
+    state_of,
+)
+from tooling.home import DEFAULT_HOME, HOME_ENV_VAR, SETTINGS_FILE, read_settings_file
 
 app = typer.Typer(
     cls=BillingGroup,
@@ -71,7 +80,13 @@ def migrate(ctx: typer.Context) -> None:
 
     from billing.db.migrate import upgrade
 
-    settings = state_of(ctx).settings
+    state = state_of(ctx)
+    if state.database_is_default():
+        fail(
+            f"{state.no_home_sentence()}; `billing migrate` changes only a database you name: "
+            f"{state.how_to_name()}."
+        )
+    settings = state.settings
     try:
         upgrade(settings.database_url)
     except OperationalError as error:
@@ -174,7 +189,20 @@ def codec_server(
     )
 
 
-@app.command("dev")
+dev_app = typer.Typer(
+    help="The whole stack on this machine; Ctrl-C stops every part of it.",
+    invoke_without_command=True,
+    subcommand_metavar="[env]",
+)
+app.add_typer(dev_app, name="dev")
+
+DevHomeOption = Annotated[
+    Path | None,
+    typer.Option("--home", help="Folder for all data (default: the global --home)."),
+]
+
+
+@dev_app.callback()
 def dev(
     ctx: typer.Context,
     api_port: Annotated[int, typer.Option("--api-port")] = 8000,
@@ -185,19 +213,33 @@ def dev(
         int,
         typer.Option("--codec-port", help="The codec server's port, when encryption keys are set."),
     ] = 8888,
-    home: Annotated[
-        Path | None,
-        typer.Option("--home", help="Folder for all data (default: the global --home)."),
-    ] = None,
+    home: DevHomeOption = None,
     demo: Annotated[
         bool, typer.Option("--demo", help="Create a few orgs with members and requests.")
     ] = False,
+    clock_start: Annotated[
+        str | None,
+        typer.Option(
+            "--clock-start",
+            help="Where a new home's Stripe test clock starts (ISO 8601; default now).",
+        ),
+    ] = None,
 ) -> None:
-    """The whole stack on this machine; Ctrl-C stops every part of it."""
+    """The whole stack on this machine; Ctrl-C stops every part of it.
+
+    `billing dev env` prints the settings of the stack of this home as `export`
+    lines, for `temporal`, `curl` or a shell.
+    """
+    if home is not None:
+        state_of(ctx).home = home.resolve()
+    if ctx.invoked_subcommand is not None:
+        return
+    from tooling.cli.request_log import parse_time
     from tooling.devstack import DevOptions, DevPorts, run_dev
 
+    start = int(parse_time(clock_start).timestamp()) if clock_start is not None else None
     options = DevOptions(
-        home=(home or state_of(ctx).home).resolve(),
+        home=state_of(ctx).home,
         ports=DevPorts(
             api=api_port,
             temporal=temporal_port,
@@ -206,10 +248,26 @@ def dev(
             codec=codec_port,
         ),
         demo=demo,
+        clock_start=start,
     )
     code = run_dev(options, state_of(ctx).settings)
     if code:
         raise typer.Exit(code)
+
+
+@dev_app.command("env")
+def dev_env(ctx: typer.Context) -> None:
+    """Print the stack's settings as `export VAR=...` lines: eval "$(billing dev env)"."""
+    home = state_of(ctx).home
+    values = read_settings_file(home)
+    if not values:
+        fail(
+            f"No `billing dev` home at {home} (it has no {SETTINGS_FILE}); run this where "
+            "`billing dev` runs, or pass --home DIR or BILLING_HOME."
+        )
+    typer.echo(f"# The settings of `billing dev` in {home}")
+    for key, value in values.items():
+        typer.echo(f"export {key}={shlex.quote(value)}")
 
 
 def main() -> None:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
+import stripe
 import typer
 from temporalio.service import RPCError
 
 from billing.constants import org_workflow_id
 from billing.db import orgs
-from billing.domain import BillingStatus
+from billing.domain import BillingStatus, OrgBillingState, UsagePeriodReport
 from billing.orchestration import RETRY_PROVISIONING, start_org_workflow, tuning_of
 from billing.temporal_client import TemporalUnavailableError
 from tooling.cli.context import (
@@ -23,7 +24,9 @@ from tooling.cli.context import (
 )
 from tooling.cli.live import TEMPORAL_DOWN, Live, live_state, live_states
 from tooling.cli.render import (
+    ended_period_fields,
     key_value_table,
+    last_ended_period,
     live_document,
     merged_view,
     org_document,
@@ -75,6 +78,7 @@ def create(
     """Create an org and its owner; its billing workflow starts at once."""
     state = state_of(ctx)
     with state.session() as session:
+        twins = orgs.orgs_with_name_and_owner(session, name, owner_email)
         org = orgs.create_org_with_owner(
             session,
             name=name,
@@ -87,6 +91,12 @@ def create(
         org_id = org.id
     with state.session() as session:
         summary = orgs.org_summary(session, org_id)
+    if twins:
+        same = ", ".join(str(twin) for twin in twins)
+        warn(
+            f"Org {same} already has the name {summary.name!r} and the owner "
+            f"{summary.owner_email}; org {org_id} is a second one, billed separately."
+        )
     problem = run(_start_billing(state, org_id))
     if problem:
         warn(
@@ -97,6 +107,7 @@ def create(
         print_json(
             {
                 "org": org_document(summary),
+                "same_name_and_owner": twins,
                 "workflow": {
                     "id": org_workflow_id(org_id),
                     "started": problem is None,
@@ -184,6 +195,8 @@ def show(
         return await live_state(client, org_id)
 
     live = run(fetch())
+    ended = last_ended_period(live.state) if live.state is not None else None
+    invoice = _period_invoice(state, live.state, ended) if live.state and ended else None
     if as_json:
         print_json(
             {
@@ -198,6 +211,13 @@ def show(
                     for m in members
                 ],
                 "workflow": {"id": org_workflow_id(org_id), **live_document(live)},
+                "last_ended_period": {
+                    **ended.model_dump(mode="json"),
+                    "invoice": invoice if isinstance(invoice, dict) else None,
+                    "invoice_unavailable_because": invoice if isinstance(invoice, str) else None,
+                }
+                if ended is not None and invoice is not None
+                else None,
             }
         )
         return
@@ -207,5 +227,40 @@ def show(
     out.print(key_value_table("Members", {m.email: m.role for m in members}))
     if live.state is not None:
         out.print(key_value_table(f"Workflow {org_workflow_id(org_id)}", state_fields(live.state)))
+        if ended is not None and invoice is not None:
+            out.print(key_value_table("Last ended period", ended_period_fields(ended, invoice)))
     else:
         out.print(f"Workflow {org_workflow_id(org_id)}: no live state ({live.problem}).")
+
+
+INVOICE_FIELDS = (
+    "id",
+    "status",
+    "total",
+    "amount_due",
+    "amount_paid",
+    "currency",
+    "billing_reason",
+)
+
+
+def _period_invoice(
+    state: CliState, billing: OrgBillingState, ended: UsagePeriodReport
+) -> dict[str, Any] | str:
+    """Stripe's invoice for the period that ended (the renewal invoice), or why there is none."""
+    if not billing.stripe_customer_id:
+        return "no Stripe customer"
+    if not state.settings.stripe_secret_key:
+        return "not looked up (STRIPE_SECRET_KEY is not set)"
+    end = int(ended.period_end.timestamp())
+    try:
+        invoices = state.stripe_client().v1.invoices.list(
+            {"customer": billing.stripe_customer_id, "limit": 10}
+        )
+    except stripe.StripeError as error:
+        return f"not looked up ({type(error).__name__})"
+    for invoice in invoices.data:
+        data = invoice.to_dict()
+        if data.get("period_end") == end and data.get("billing_reason") == "subscription_cycle":
+            return {key: data.get(key) for key in INVOICE_FIELDS}
+    return "none yet (Stripe creates it at the period end)"

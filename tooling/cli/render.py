@@ -11,6 +11,7 @@ from billing.db.orgs import OrgSummary
 from billing.domain import (
     OrgBillingState,
     ReconcileResult,
+    UsagePeriodReport,
     UsageReportResult,
     row_billing_status,
 )
@@ -135,6 +136,40 @@ def state_fields(state: OrgBillingState) -> dict[str, Any]:
         else None,
         "last_error": state.last_error,
         "last_synced_at": state.last_synced_at,
+    }
+
+
+def last_ended_period(state: OrgBillingState) -> UsagePeriodReport | None:
+    """The usage the workflow reported for the newest period that has ended."""
+    if state.current_period_start is None:
+        return None
+    ended = [u for u in state.usage if u.period_end <= state.current_period_start]
+    return max(ended, key=lambda u: u.period_end, default=None)
+
+
+def money(amount: int, currency: str) -> str:
+    symbol = "$" if currency.lower() == "usd" else f"{currency.upper()} "
+    return f"{symbol}{amount / 100:,.2f}"
+
+
+def ended_period_fields(
+    report: UsagePeriodReport, invoice: dict[str, Any] | str
+) -> dict[str, Any]:
+    """The `orgs show` rows for the last ended period; `invoice` is Stripe's, or why none."""
+    if isinstance(invoice, str):
+        billed = invoice
+    else:
+        billed = (
+            f"{invoice['id']}  {money(int(invoice['total']), str(invoice['currency']))}  "
+            f"{invoice['status']}"
+        )
+    return {
+        "period": f"{when(report.period_start)} → {when(report.period_end)}",
+        "users": report.users,
+        "requests": report.requests,
+        "reported_at": report.last_reported_at,
+        "note": report.skipped_reason,
+        "invoice": billed,
     }
 
 

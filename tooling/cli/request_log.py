@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import re
+from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 import typer
@@ -11,6 +12,21 @@ from billing.db import orgs
 from tooling.cli.context import CliState, fail, out, print_json, state_of
 
 app = typer.Typer(help="Record requests an org made.", no_args_is_help=True)
+
+
+_UNITS = {"w": 604800, "d": 86400, "h": 3600, "m": 60, "s": 1}
+_DURATION = re.compile(r"(?:\d+[wdhms])+")
+
+
+def parse_duration(value: str, option: str) -> int:
+    """Seconds in `30d`, `12h`, `1d12h`, `90m` (weeks, days, hours, minutes, seconds)."""
+    text = value.strip().lower()
+    if not _DURATION.fullmatch(text):
+        fail(f"{option} {value!r} is not a duration (for example 30d, 12h, 1d12h or 90m).")
+    seconds = sum(int(n) * _UNITS[unit] for n, unit in re.findall(r"(\d+)([wdhms])", text))
+    if seconds <= 0:
+        fail(f"{option} {value!r} is no time at all; give a positive duration.")
+    return seconds
 
 
 def parse_time(value: str) -> datetime:
@@ -48,8 +64,8 @@ def record(
         str | None,
         typer.Option(
             "--at",
-            help="When they happened (ISO 8601; default now: the test clock's time "
-            "when STRIPE_TEST_CLOCK is set).",
+            help="When they happened: ISO 8601, or a duration ago such as -2h or -3d "
+            "(default now: the test clock's time when STRIPE_TEST_CLOCK is set).",
         ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
@@ -58,7 +74,12 @@ def record(
     if count < 1:
         fail(f"--count must be at least 1, not {count}.")
     state = state_of(ctx)
-    when = parse_time(at) if at is not None else _now(state)
+    if at is None:
+        when = _now(state)
+    elif at.strip().startswith("-"):
+        when = _now(state) - timedelta(seconds=parse_duration(at.strip()[1:], "--at"))
+    else:
+        when = parse_time(at)
     with state.session() as session:
         row = orgs.record_requests(session, org_id, count, when)
         total = orgs.request_total(session, org_id)
