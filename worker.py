@@ -74,6 +74,7 @@ def build_workers(
             db.load_org,
             db.save_customer,
             db.save_subscription,
+            db.record_adoption_refusal,
             db.orgs_without_billing,
             db.plan_usage,
             db.mark_usage_sent,
@@ -86,6 +87,7 @@ def build_workers(
         task_queue=stripe_task_queue(settings.temporal_task_queue),
         activities=[
             stripe_activities.ensure_customer,
+            stripe_activities.own_customer,
             stripe_activities.ensure_subscription,
             stripe_activities.fetch_subscription,
             stripe_activities.send_meter_event,

@@ -15,6 +15,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.models import (
+    AdoptionRefusalInput,
     MarkSentInput,
     MeterEventToSend,
     OrgPage,
@@ -24,7 +25,7 @@ from activities.models import (
     UsagePlan,
 )
 from billing.config import Settings
-from billing.db import orgs
+from billing.db import event_log, orgs
 from billing.db.models import UsageLedger
 from billing.domain import FieldDifference, LedgerStatus, OrgProfile
 from billing.stripe_keys import meter_identifier
@@ -90,6 +91,22 @@ class DbActivities:
             )
         return diffs
 
+    @activity.defn(name="db_record_adoption_refusal")
+    def record_adoption_refusal(self, data: AdoptionRefusalInput) -> None:
+        """A `stripe_events` row with outcome `adoption_refused` and the reason."""
+        refusal = data.refusal
+        with self._sessions.begin() as session:
+            event_log.record_adoption_refusal(
+                session,
+                org_id=data.org_id,
+                event_id=refusal.event_id,
+                event_type=data.event_type,
+                created=data.event_created or int(refusal.at.timestamp()),
+                object_id=refusal.subscription_id or refusal.customer_id,
+                detail=refusal.reason,
+            )
+        log.warning("adoption refused", extra={"org_id": data.org_id, "reason": refusal.reason})
+
     @activity.defn(name="db_orgs_without_billing")
     def orgs_without_billing(self, page: OrgPage) -> list[int]:
         """Org ids with no Stripe subscription and no marketplace billing, in id order."""
@@ -108,10 +125,13 @@ class DbActivities:
         start, end = data.period_start, data.period_end
         timestamp = min(max(data.report_time, start), end - timedelta(seconds=1))
         with self._sessions.begin() as session:
+            uid = orgs.org_uid(session, data.org_id)
             users = orgs.member_count(session, data.org_id)
             requests = orgs.request_total(session, data.org_id, since=start, until=end)
             # Every row counts as reported, skipped ones too: what Stripe refused is
-            # never re-sent.
+            # never re-sent. Rows are found by (org, period), whatever the format of
+            # their identifier: a period partly reported under the earlier format
+            # continues with the next seq and is never reported again.
             rows = list(
                 session.scalars(
                     select(UsageLedger)
@@ -129,12 +149,14 @@ class DbActivities:
             delta = requests - sum(r.value for r in rows if r.dimension == requests_dim)
             if delta > 0:
                 new_rows.append(
-                    self._row(data, requests_dim, next_seq[requests_dim], delta, timestamp)
+                    self._row(data, uid, requests_dim, next_seq[requests_dim], delta, timestamp)
                 )
             users_dim = s.stripe_users_dimension
             last_users = [r for r in rows if r.dimension == users_dim]
             if not last_users or last_users[-1].value != users:
-                new_rows.append(self._row(data, users_dim, next_seq[users_dim], users, timestamp))
+                new_rows.append(
+                    self._row(data, uid, users_dim, next_seq[users_dim], users, timestamp)
+                )
 
             too_old = data.report_time - METER_EVENT_MAX_AGE
             skipped_reason: str | None = None
@@ -171,17 +193,30 @@ class DbActivities:
                 skipped_reason=skipped_reason,
             )
 
-    @staticmethod
     def _row(
-        data: PlanUsageInput, dimension: str, seq: int, value: int, timestamp: datetime
+        self,
+        data: PlanUsageInput,
+        org_uid: str,
+        dimension: str,
+        seq: int,
+        value: int,
+        timestamp: datetime,
     ) -> UsageLedger:
+        """A new ledger row, its identifier in the current format (older rows keep theirs)."""
         return UsageLedger(
             org_id=data.org_id,
             dimension=dimension,
             period_start=data.period_start,
             period_end=data.period_end,
             seq=seq,
-            identifier=meter_identifier(data.org_id, dimension, data.period_start, seq),
+            identifier=meter_identifier(
+                data.org_id,
+                dimension,
+                data.period_start,
+                seq,
+                source=self._settings.billing_source,
+                org_uid=org_uid,
+            ),
             value=value,
             event_timestamp=timestamp,
             status=LedgerStatus.PENDING,

@@ -6,12 +6,29 @@ from datetime import datetime
 
 from pydantic import BaseModel
 
-from billing.domain import OrgProfile, SubscriptionSnapshot
+from billing.domain import OrgProfile, RefusedAdoption, SubscriptionSnapshot
 
 
 class EnsureSubscriptionInput(BaseModel):
     customer_id: str
     org: OrgProfile
+
+
+class OwnCustomer(BaseModel):
+    """The org's customer, or why the one its row names is not provably the org's."""
+
+    customer_id: str | None = None
+    refused: str | None = None
+
+
+class AdoptionRefusalInput(BaseModel):
+    """A refused adoption, for the `stripe_events` log (outcome `adoption_refused`)."""
+
+    org_id: int
+    refusal: RefusedAdoption
+    # The event that named the object, when an event did.
+    event_type: str | None = None
+    event_created: int | None = None
 
 
 class FetchSubscriptionInput(BaseModel):

@@ -7,11 +7,15 @@ import logging
 from temporalio import activity
 
 from activities.errors import stripe_errors_classified
-from activities.models import EnsureSubscriptionInput, FetchSubscriptionInput, MeterEventToSend
+from activities.models import (
+    EnsureSubscriptionInput,
+    FetchSubscriptionInput,
+    MeterEventToSend,
+    OwnCustomer,
+)
 from billing.config import Settings
 from billing.domain import LIVE_SUBSCRIPTION_STATUSES, OrgProfile, SubscriptionSnapshot
 from billing.stripe_gateway import MeterOutcome, StripeGateway
-from billing.stripe_keys import customer_create_key, subscription_create_key
 
 log = logging.getLogger(__name__)
 
@@ -24,14 +28,36 @@ class StripeActivities:
     @activity.defn(name="stripe_ensure_customer")
     @stripe_errors_classified
     async def ensure_customer(self, org: OrgProfile) -> str:
-        """Find the org's customer by metadata, or create it with a stable key."""
+        """Find the org's customer (by `org_uid` and `source`), or create it.
+
+        Runs recorded before `stripe_own_customer` existed still call this.
+        """
         customer_id = await self._gateway.create_or_get_customer(
-            org,
-            idempotency_key=customer_create_key(org.org_id),
-            test_clock=self._settings.stripe_test_clock,
+            org, test_clock=self._settings.stripe_test_clock
         )
         log.info("customer ready", extra={"org_id": org.org_id, "customer_id": customer_id})
         return customer_id
+
+    @activity.defn(name="stripe_own_customer")
+    @stripe_errors_classified
+    async def own_customer(self, org: OrgProfile) -> OwnCustomer:
+        """The org's customer: the one its row names if provably the org's, else found or made.
+
+        A row can name a customer that is not the org's (a database restored into
+        another environment, or a link made by an older version from a webhook):
+        that one is refused, never billed, and the workflow says why.
+        """
+        if org.stripe_customer_id:
+            problem = await self._gateway.customer_problem(org.stripe_customer_id, org)
+            if problem is not None:
+                log.warning("customer refused", extra={"org_id": org.org_id, "reason": problem})
+                return OwnCustomer(refused=problem)
+            return OwnCustomer(customer_id=org.stripe_customer_id)
+        customer_id = await self._gateway.create_or_get_customer(
+            org, test_clock=self._settings.stripe_test_clock
+        )
+        log.info("customer ready", extra={"org_id": org.org_id, "customer_id": customer_id})
+        return OwnCustomer(customer_id=customer_id)
 
     @activity.defn(name="stripe_ensure_subscription")
     @stripe_errors_classified
@@ -40,9 +66,7 @@ class StripeActivities:
         existing = await self._gateway.find_live_subscription(data.customer_id)
         if existing is not None:
             return existing
-        sub = await self._gateway.create_subscription(
-            data.customer_id, data.org, idempotency_key=subscription_create_key(data.org.org_id)
-        )
+        sub = await self._gateway.create_subscription(data.customer_id, data.org)
         log.info(
             "subscription created",
             extra={"org_id": data.org.org_id, "subscription_id": sub.id},

@@ -120,6 +120,22 @@ def metadata_org_id(obj: Mapping[str, Any]) -> tuple[str, str] | None:
     return None
 
 
+def metadata_source(obj: Mapping[str, Any]) -> str | None:
+    """The environment (`source`) the object's metadata names, if any.
+
+    Looked up where `metadata_org_id` looks, in the same order.
+    """
+    for metadata in (
+        _mapping(obj.get("metadata")),
+        _mapping(_mapping(_mapping(obj.get("parent")).get("subscription_details")).get("metadata")),
+        _mapping(_mapping(obj.get("subscription_details")).get("metadata")),
+    ):
+        value = metadata.get("source")
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
 def parse_org_id(value: str) -> int | None:
     """An org id as written in metadata, or None when it cannot be one."""
     text = value.strip()

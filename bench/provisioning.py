@@ -46,7 +46,7 @@ from sqlalchemy import func, select
 from billing.db import orgs
 from billing.db.models import Org
 
-# Each provisioning runs two Stripe activities: ensure_customer (search, create) and
+# Each provisioning runs two Stripe activities: own_customer (search, create) and
 # ensure_subscription (list, create): four requests when nothing has to be retried.
 STRIPE_ACTIVITIES_PER_ORG = 2
 STRIPE_REQUESTS_PER_ORG = 4

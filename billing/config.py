@@ -7,6 +7,9 @@ from functools import lru_cache
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# Letters, digits and `_ . -`: the source is quoted inside Stripe search queries.
+BILLING_SOURCE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$"
+
 
 class StripeNotConfiguredError(RuntimeError):
     """A Stripe secret the process needs is missing; the message names it."""
@@ -49,8 +52,11 @@ class Settings(BaseSettings):
     stripe_price_id: str = ""
     stripe_users_price_id: str = ""
     stripe_requests_price_id: str = ""
-    stripe_users_dimension: str = "additional_users"
-    stripe_requests_dimension: str = "additional_requests"
+    # Meter event names; they are part of every meter identifier (at most 100 characters).
+    stripe_users_dimension: str = Field(default="additional_users", min_length=1, max_length=48)
+    stripe_requests_dimension: str = Field(
+        default="additional_requests", min_length=1, max_length=48
+    )
     stripe_trial_days: int = Field(default=30, ge=0, le=730)
     stripe_allow_promotion_codes: bool = False
     stripe_automatic_tax: bool = False
@@ -63,7 +69,9 @@ class Settings(BaseSettings):
     usage_report_lead_seconds: int = Field(default=3600, ge=0)
     usage_report_grace_seconds: int = Field(default=300, ge=0)
     resync_interval_seconds: int = Field(default=86400, ge=60)
-    billing_source: str = "org-billing"
+    # The environment's name: written on every customer and subscription, and part of
+    # the customer lookup, idempotency keys and meter identifiers (docs/contracts.md).
+    billing_source: str = Field(default="org-billing", pattern=BILLING_SOURCE_PATTERN)
     # A slow client cannot hold the API: headers and each body chunk must arrive in time.
     api_header_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
     api_body_timeout_seconds: float = Field(default=10.0, gt=0, le=300)

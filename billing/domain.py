@@ -125,6 +125,19 @@ class SubscriptionSnapshot(BaseModel):
     billing_cycle_anchor: datetime | None = None
 
 
+class RefusedAdoption(BaseModel):
+    """A Stripe object that named the org but is not provably its own: never linked.
+
+    Kept in the state (the newest few) and in the `stripe_events` log.
+    """
+
+    at: datetime
+    reason: str
+    customer_id: str | None = None
+    subscription_id: str | None = None
+    event_id: str | None = None
+
+
 class BillingPeriod(BaseModel):
     start: datetime
     end: datetime
@@ -158,6 +171,8 @@ class OrgBillingState(BaseModel):
     last_error: str | None = None
     last_event_id: str | None = None
     last_event_type: str | None = None
+    # Subscriptions and customers that named the org and were not linked, newest last.
+    refused_adoptions: list[RefusedAdoption] = Field(default_factory=list)
     # Watermark: `created` of the newest event applied, per Stripe object id.
     watermarks: dict[str, int] = Field(default_factory=dict)
     # Recently applied event ids, oldest first, bounded.

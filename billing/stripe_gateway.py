@@ -28,7 +28,12 @@ from billing.domain import (
     SubscriptionSnapshot,
     SubscriptionStatus,
 )
-from billing.stripe_keys import meter_event_key, portal_configuration_key
+from billing.stripe_keys import (
+    customer_create_key,
+    meter_event_key,
+    portal_configuration_key,
+    subscription_create_key,
+)
 
 WEBHOOK_TOLERANCE_SECONDS = 300
 
@@ -104,6 +109,11 @@ def snapshot_of(sub: Mapping[str, Any]) -> SubscriptionSnapshot:
     )
 
 
+def search_quoted(value: str) -> str:
+    """A value inside single quotes of a Stripe search query."""
+    return value.replace("\\", "\\\\").replace("'", "\\'")
+
+
 MeterOutcome = Literal["sent", "duplicate"]
 
 
@@ -126,50 +136,97 @@ class StripeGateway:
 
     # Customers -----------------------------------------------------------------
 
-    async def find_customer_for_org(self, org_id: int) -> str | None:
-        result = await self._client.v1.customers.search_async(
-            {"query": f"metadata['org_id']:'{org_id}'", "limit": 10}
+    def _identity(self, org: OrgProfile) -> dict[str, str]:
+        """The metadata that makes a customer or subscription provably the org's."""
+        return {
+            "org_id": str(org.org_id),
+            "org_uid": org.org_uid,
+            "source": self._settings.billing_source,
+        }
+
+    def is_the_orgs(self, metadata: Mapping[str, Any], org: OrgProfile) -> bool:
+        """Provably the org's: `org_uid` and `source` match, not only the org id.
+
+        Another environment on the same Stripe account has its own org with the
+        same id; a customer made in the dashboard names an org id and nothing else.
+        """
+        return (
+            metadata.get("org_uid") == org.org_uid
+            and metadata.get("source") == self._settings.billing_source
         )
-        matches = sorted(result.data, key=lambda c: c.created)
+
+    async def find_customer_for_org(self, org: OrgProfile) -> str | None:
+        """The org's customer in this environment, by `org_uid` and `source`."""
+        query = (
+            f"metadata['org_uid']:'{search_quoted(org.org_uid)}' AND "
+            f"metadata['source']:'{search_quoted(self._settings.billing_source)}'"
+        )
+        result = await self._client.v1.customers.search_async({"query": query, "limit": 10})
+        # Search compares case-insensitively; the metadata must match exactly.
+        matches = sorted(
+            (c for c in result.data if self.is_the_orgs(c.to_dict().get("metadata") or {}, org)),
+            key=lambda c: c.created,
+        )
         return matches[0].id if matches else None
 
     async def create_customer(
-        self, org: OrgProfile, *, idempotency_key: str, test_clock: str | None = None
+        self,
+        org: OrgProfile,
+        *,
+        test_clock: str | None = None,
+        idempotency_key: str | None = None,
     ) -> str:
+        """Create the org's customer; the key defaults to the workflow's own."""
         params: CustomerCreateParams = {
             "name": org.customer_name,
             "email": org.owner_email,
-            "metadata": {
-                "org_id": str(org.org_id),
-                "org_uid": org.org_uid,
-                "source": self._settings.billing_source,
-            },
+            "metadata": self._identity(org),
         }
         if test_clock:
             params["test_clock"] = test_clock
-        customer = await self._client.v1.customers.create_async(
-            params, {"idempotency_key": idempotency_key}
+        key = idempotency_key or customer_create_key(
+            self._settings.billing_source, org.org_id, org.org_uid, params
         )
+        customer = await self._client.v1.customers.create_async(params, {"idempotency_key": key})
         return customer.id
 
     async def create_or_get_customer(
-        self, org: OrgProfile, *, idempotency_key: str, test_clock: str | None = None
+        self, org: OrgProfile, *, test_clock: str | None = None
     ) -> str:
-        existing = await self.find_customer_for_org(org.org_id)
+        existing = await self.find_customer_for_org(org)
         if existing:
             return existing
-        return await self.create_customer(
-            org, idempotency_key=idempotency_key, test_clock=test_clock
+        return await self.create_customer(org, test_clock=test_clock)
+
+    async def customer_problem(self, customer_id: str, org: OrgProfile) -> str | None:
+        """Why the customer an org row names is not provably the org's (None: it is)."""
+        customer = (await self._client.v1.customers.retrieve_async(customer_id)).to_dict()
+        if customer.get("deleted"):
+            return f"customer {customer_id} is deleted in Stripe"
+        metadata = customer.get("metadata") or {}
+        if self.is_the_orgs(metadata, org):
+            return None
+        return (
+            f"customer {customer_id} is not provably org {org.org_id}'s: its metadata has "
+            f"org_uid {str(metadata.get('org_uid'))[:40]!r} and "
+            f"source {str(metadata.get('source'))[:40]!r}, the org is {org.org_uid!r} "
+            f"in {self._settings.billing_source!r}"
         )
 
     async def customer_org_id(self, customer_id: str) -> str | None:
-        """The org a customer belongs to, from its metadata (webhook routing fallback)."""
+        """The org a customer belongs to, from its metadata (webhook routing fallback).
+
+        None for another environment's customer (its `source` is not ours).
+        """
         try:
             customer = await self._client.v1.customers.retrieve_async(customer_id)
         except stripe.InvalidRequestError:
             return None
         # StripeObject is not a dict in stripe>=15: read metadata from the plain dict.
         metadata = customer.to_dict().get("metadata") or {}
+        source = metadata.get("source")
+        if source and source != self._settings.billing_source:
+            return None
         value = metadata.get("org_id")
         return str(value) if value else None
 
@@ -186,8 +243,9 @@ class StripeGateway:
         return snapshot_of(oldest.to_dict())
 
     async def create_subscription(
-        self, customer_id: str, org: OrgProfile, *, idempotency_key: str
+        self, customer_id: str, org: OrgProfile, *, idempotency_key: str | None = None
     ) -> SubscriptionSnapshot:
+        """Create the org's subscription; the key defaults to the workflow's own."""
         s = self._settings
         items: list[SubscriptionCreateParamsItem] = [
             {"price": s.stripe_price_id, "quantity": 1},
@@ -197,18 +255,15 @@ class StripeGateway:
         params: SubscriptionCreateParams = {
             "customer": customer_id,
             "items": items,
-            "metadata": {
-                "org_id": str(org.org_id),
-                "org_uid": org.org_uid,
-                "source": s.billing_source,
-            },
+            "metadata": self._identity(org),
             "automatic_tax": {"enabled": s.stripe_automatic_tax},
         }
         if s.stripe_trial_days > 0:
             params["trial_period_days"] = s.stripe_trial_days
-        sub = await self._client.v1.subscriptions.create_async(
-            params, {"idempotency_key": idempotency_key}
+        key = idempotency_key or subscription_create_key(
+            s.billing_source, org.org_id, org.org_uid, params
         )
+        sub = await self._client.v1.subscriptions.create_async(params, {"idempotency_key": key})
         return snapshot_of(sub.to_dict())
 
     async def get_subscription(self, subscription_id: str) -> SubscriptionSnapshot:
@@ -289,7 +344,7 @@ class StripeGateway:
             "metadata": {"managed_by": source, "promotion_codes": "on"},
         }
         config = await self._client.v1.billing_portal.configurations.create_async(
-            params, {"idempotency_key": portal_configuration_key(source)}
+            params, {"idempotency_key": portal_configuration_key(source, params)}
         )
         self._portal_configuration_id = config.id
         return config.id

@@ -175,8 +175,9 @@ class EmulatorApp:
                 except StripeError as exc:
                     # Stripe keeps the result once an endpoint ran, but not for requests
                     # that failed validation: an invalid_request_error (bad or unknown ids
-                    # included) leaves the key free for a corrected retry.
-                    if key and exc.status < 500 and exc.type != "invalid_request_error":
+                    # included, unless `idempotency_saves_missing_resources`) leaves the
+                    # key free for a corrected retry.
+                    if key and exc.status < 500 and self._saved(exc):
                         self._remember(
                             api_key,
                             key,
@@ -206,6 +207,15 @@ class EmulatorApp:
         finally:
             with state.lock:
                 state.request_stats[f"{method} {template} {status}"] += 1
+
+    def _saved(self, exc: StripeError) -> bool:
+        """Whether an error answer is kept under its idempotency key."""
+        if exc.type != "invalid_request_error":
+            return True
+        return (
+            self.state.settings.idempotency_saves_missing_resources
+            and exc.code == "resource_missing"
+        )
 
     @staticmethod
     def _fingerprint(method: str, path: str, query: str, body: bytes) -> str:

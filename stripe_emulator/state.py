@@ -68,6 +68,10 @@ class EngineSettings:
     dunning_final_status: str = "canceled"
     idempotency_ttl: int = 24 * 3600
     enforce_advance_limit: bool = True
+    # Stripe saves the answer of a request once its endpoint started running; a
+    # `resource_missing` (e.g. `No such price`) may come from inside it. On: such
+    # answers are saved under their key like card errors (off: the key stays free).
+    idempotency_saves_missing_resources: bool = False
 
 
 @dataclass

@@ -27,6 +27,7 @@ with workflow.unsafe.imports_passed_through():
         BillingStatus,
         OrgBillingState,
         OrgBillingTuning,
+        RefusedAdoption,
         StripeEventSignal,
         SubscriptionSnapshot,
         SubscriptionStatus,
@@ -369,17 +370,42 @@ class Refusal(Enum):
     FOREIGN_CUSTOMER = "foreign customer"
     # Another subscription of the org, while ours still bills (or the other is dead).
     OTHER_SUBSCRIPTION = "other subscription"
+    # The org is billed through a marketplace: Stripe never bills it as well.
+    NOT_BILLED = "not billed through Stripe"
+    # The org has no customer yet: only provisioning finds or makes the org's own.
+    NO_CUSTOMER = "no customer of its own"
 
 
-def refusal(state: OrgBillingState, snapshot: SubscriptionSnapshot) -> Refusal | None:
+# Refusals of something that is not provably the org's: recorded, never applied.
+ADOPTION_REFUSALS = frozenset({Refusal.FOREIGN_CUSTOMER, Refusal.NOT_BILLED, Refusal.NO_CUSTOMER})
+# How many refused adoptions the state keeps (the `stripe_events` log keeps all).
+KEPT_REFUSALS = 10
+
+
+def refusal(
+    state: OrgBillingState, snapshot: SubscriptionSnapshot, *, provable: bool = True
+) -> Refusal | None:
     """Whether a snapshot may be applied; None means yes.
 
-    A different subscription of the org's own customer replaces ours only when
+    Only what is provably the org's is linked to it: a subscription of the
+    customer the org already has (provisioning finds or makes that customer by
+    `org_uid` and `source`). An event's metadata proves nothing (anyone can
+    type an org id in the dashboard), so an org without a customer, or billed
+    through a marketplace, is never handed a subscription by an event. A
+    different subscription of the org's own customer replaces ours only when
     ours no longer bills and the new one does (made elsewhere, e.g. after a
     cancel); otherwise the org keeps the one it has.
+
+    `provable=False` is the rule of runs recorded before it (the patch
+    `provable-adoption`), which linked the first subscription any read named.
     """
     if state.stripe_customer_id and snapshot.customer_id != state.stripe_customer_id:
         return Refusal.FOREIGN_CUSTOMER
+    if provable and snapshot.id != state.stripe_subscription_id:
+        if state.status is BillingStatus.NOT_BILLED:
+            return Refusal.NOT_BILLED
+        if not state.stripe_customer_id:
+            return Refusal.NO_CUSTOMER
     if state.stripe_subscription_id and snapshot.id != state.stripe_subscription_id:
         current_live = state.subscription_status in LIVE_SUBSCRIPTION_STATUSES
         if current_live or snapshot.status not in LIVE_SUBSCRIPTION_STATUSES:
@@ -393,6 +419,28 @@ def foreign_customer_error(state: OrgBillingState, snapshot: SubscriptionSnapsho
         f"subscription {snapshot.id} belongs to customer {snapshot.customer_id}, "
         f"not to this org's {state.stripe_customer_id}; ignored"
     )
+
+
+def refusal_reason(refused: Refusal, state: OrgBillingState, snapshot: SubscriptionSnapshot) -> str:
+    """One sentence for the log and the state: what was not linked, and why."""
+    if refused is Refusal.FOREIGN_CUSTOMER:
+        return foreign_customer_error(state, snapshot)
+    named = f"subscription {snapshot.id} of customer {snapshot.customer_id}"
+    if refused is Refusal.NOT_BILLED:
+        return f"{named} not linked: the org is billed through a marketplace"
+    if refused is Refusal.NO_CUSTOMER:
+        return (
+            f"{named} not linked: the org has no customer yet, and only provisioning "
+            "links one (found by org_uid and source)"
+        )
+    return f"{named} not linked: {refused.value}"
+
+
+def note_refusal(state: OrgBillingState, refused: RefusedAdoption) -> None:
+    """Changes the state: keep a refused adoption, bounded to the newest `KEPT_REFUSALS`."""
+    kept = state.refused_adoptions
+    kept.append(refused)
+    del kept[: max(0, len(kept) - KEPT_REFUSALS)]
 
 
 def adopt(state: OrgBillingState, snapshot: SubscriptionSnapshot) -> None:

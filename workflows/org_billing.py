@@ -20,6 +20,7 @@ from temporalio import workflow
 with workflow.unsafe.imports_passed_through():
     from activities.db_activities import DbActivities
     from activities.models import (
+        AdoptionRefusalInput,
         EnsureSubscriptionInput,
         FetchSubscriptionInput,
         PlanUsageInput,
@@ -42,6 +43,7 @@ with workflow.unsafe.imports_passed_through():
         OrgBillingInput,
         OrgBillingState,
         ReconcileResult,
+        RefusedAdoption,
         StripeEventSignal,
         SubscriptionSnapshot,
         UsagePeriodReport,
@@ -60,6 +62,9 @@ from workflows.decisions import TRIAL_WILL_END, Refusal, UsageStep
 
 # Patch ids (workflow.patched): runs recorded before a change keep replaying.
 NOT_BILLED_RECHECK = "not-billed-recheck"
+# Only what is provably the org's is linked: provisioning checks (or finds, by
+# org_uid and source) the customer; refused adoptions are recorded, not errors.
+PROVABLE_ADOPTION = "provable-adoption"
 
 
 @workflow.defn(name=ORG_BILLING_WORKFLOW)
@@ -253,19 +258,33 @@ class OrgBillingWorkflow:
         )
         return False
 
-    async def _provision(self) -> None:
+    async def _provision(self) -> Refused | None:
+        """Customer, then subscription; a `Refused` when the row's customer is not the org's."""
         org = await db_activity(DbActivities.load_org, self._state.org_id)
         if org.billed_elsewhere:
             self._state.last_error = None
             self._set_status(BillingStatus.NOT_BILLED)
-            return
-        customer_id = org.stripe_customer_id
-        if not customer_id:
-            customer_id = await stripe_activity(StripeActivities.ensure_customer, org)
-            await db_activity(
-                DbActivities.save_customer,
-                SaveCustomerInput(org_id=org.org_id, customer_id=customer_id),
-            )
+            return None
+        if workflow.patched(PROVABLE_ADOPTION):
+            own = await stripe_activity(StripeActivities.own_customer, org)
+            if own.customer_id is None:
+                reason = own.refused or "no customer"
+                await self._refuse_adoption(reason, customer_id=org.stripe_customer_id)
+                return Refused(reason)
+            customer_id = own.customer_id
+            if customer_id != org.stripe_customer_id:
+                await db_activity(
+                    DbActivities.save_customer,
+                    SaveCustomerInput(org_id=org.org_id, customer_id=customer_id),
+                )
+        else:
+            customer_id = org.stripe_customer_id or ""
+            if not customer_id:
+                customer_id = await stripe_activity(StripeActivities.ensure_customer, org)
+                await db_activity(
+                    DbActivities.save_customer,
+                    SaveCustomerInput(org_id=org.org_id, customer_id=customer_id),
+                )
         self._state.stripe_customer_id = customer_id
         self._upsert_attributes()
         snapshot: SubscriptionSnapshot | None = None
@@ -288,6 +307,7 @@ class OrgBillingWorkflow:
         workflow.logger.info(
             "org provisioned", extra={"org_id": org.org_id, "subscription_id": snapshot.id}
         )
+        return None
 
     # Events and re-sync ---------------------------------------------------------
 
@@ -318,9 +338,9 @@ class OrgBillingWorkflow:
         snapshot = await stripe_activity(StripeActivities.fetch_subscription, plan.fetch)
         if snapshot is None:
             return
-        await self._apply(snapshot)
+        await self._apply(snapshot, event)
         decisions.advance_watermark(self._state, plan.key, event.created)
-        if event.type == TRIAL_WILL_END:
+        if event.type == TRIAL_WILL_END and snapshot.id == self._state.stripe_subscription_id:
             self._note_trial_will_end(snapshot.trial_end)
 
     def _note_trial_will_end(self, trial_end: datetime | None) -> None:
@@ -350,10 +370,26 @@ class OrgBillingWorkflow:
             return []
         return await self._apply(snapshot)
 
-    async def _apply(self, snapshot: SubscriptionSnapshot) -> list[FieldDifference]:
+    async def _apply(
+        self, snapshot: SubscriptionSnapshot, event: StripeEventSignal | None = None
+    ) -> list[FieldDifference]:
         """Write a fresh Stripe read to the org row and the state (if it is the org's)."""
         state = self._state
         refusal = decisions.refusal(state, snapshot)
+        if (
+            refusal is not None
+            and refusal in decisions.ADOPTION_REFUSALS
+            and workflow.patched(PROVABLE_ADOPTION)
+        ):
+            await self._refuse_adoption(
+                decisions.refusal_reason(refusal, state, snapshot),
+                customer_id=snapshot.customer_id,
+                subscription_id=snapshot.id,
+                event=event,
+            )
+            return []
+        # Runs recorded before PROVABLE_ADOPTION keep their rule.
+        refusal = decisions.refusal(state, snapshot, provable=False)
         if refusal is Refusal.FOREIGN_CUSTOMER:
             state.last_error = decisions.foreign_customer_error(state, snapshot)
             workflow.logger.warning(state.last_error, extra={"org_id": state.org_id})
@@ -373,6 +409,39 @@ class OrgBillingWorkflow:
         decisions.adopt(state, snapshot)
         self._upsert_attributes()
         return diffs
+
+    async def _refuse_adoption(
+        self,
+        reason: str,
+        *,
+        customer_id: str | None = None,
+        subscription_id: str | None = None,
+        event: StripeEventSignal | None = None,
+    ) -> None:
+        """Not linked, and said so: a line in the state and a `stripe_events` row.
+
+        Not an error of the org's own billing, so `last_error` stays as it is.
+        """
+        refused = RefusedAdoption(
+            at=workflow.now(),
+            reason=reason,
+            customer_id=customer_id,
+            subscription_id=subscription_id,
+            event_id=event.event_id if event else None,
+        )
+        decisions.note_refusal(self._state, refused)
+        workflow.logger.warning(
+            "adoption refused", extra={"org_id": self._state.org_id, "reason": reason}
+        )
+        await db_activity(
+            DbActivities.record_adoption_refusal,
+            AdoptionRefusalInput(
+                org_id=self._state.org_id,
+                refusal=refused,
+                event_type=event.type if event else None,
+                event_created=event.created if event else None,
+            ),
+        )
 
     # Usage ----------------------------------------------------------------------
 

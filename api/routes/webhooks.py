@@ -42,6 +42,7 @@ from api.webhook_events import (
     StripeEventCreate,
     customer_id_of,
     metadata_org_id,
+    metadata_source,
     parse_org_id,
     signal_of,
 )
@@ -174,6 +175,7 @@ async def _resolve_org(
     factory: store.SessionFactory,
     gateway: StripeGateway,
     metrics: BillingMetrics,
+    source: str,
 ) -> tuple[int | None, str]:
     """The org the event belongs to, and how that was decided (or why not)."""
     obj = event.object
@@ -185,6 +187,11 @@ async def _resolve_org(
         if customer_id
         else None
     )
+    # Environments sharing the Stripe account number their orgs alike: an object
+    # of another one names "our" org id but is none of ours.
+    other = metadata_source(obj)
+    if known is None and other is not None and other != source:
+        return None, f"metadata source {other[:40]!r} is another environment's"
     hint = metadata_org_id(obj)
     if hint is not None:
         raw, where = hint
@@ -272,7 +279,9 @@ async def _handle(
         if event.type not in HANDLED_EVENT_TYPES:
             return await _record(factory, event, None, "ignored_type", "event type not handled")
         try:
-            org_id, how = await _resolve_org(event, factory, gateway, metrics)
+            org_id, how = await _resolve_org(
+                event, factory, gateway, metrics, settings.billing_source
+            )
         except stripe.StripeError as err:
             log.warning("Stripe unreachable while routing an event: %s", type(err).__name__)
             raise problem(

@@ -23,7 +23,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from temporalio.client import Client, WorkflowExecution, WorkflowExecutionStatus
 
 from billing.constants import ORG_BILLING_WORKFLOW, org_workflow_id
-from billing.db.models import Org, RequestLog, UsageLedger
+from billing.db.event_log import ADOPTION_REFUSED
+from billing.db.models import Org, RequestLog, StripeEventLog, UsageLedger
 from billing.domain import BillingStatus, LedgerStatus
 from billing.search_attributes import BILLING_STATUS_KEY
 
@@ -107,6 +108,7 @@ class Checker:
         state_file: Path,
         emulator_stats: dict[str, Any],
         periods_billed: int,
+        source: str,
     ) -> None:
         self.scenario = scenario
         self.client = client
@@ -116,6 +118,7 @@ class Checker:
         self.state_file = state_file
         self.stats = emulator_stats
         self.periods_billed = periods_billed
+        self.source = source
         self.orgs: dict[int, OrgPlan] = {p.org_id: p for p in scenario.orgs}
         self.executions: list[WorkflowExecution] = []
         self.accepted_events: list[dict[str, Any]] = []
@@ -125,13 +128,9 @@ class Checker:
         """Every invariant, in the order the report prints them."""
         world = await asyncio.to_thread(read_stripe, self.stripe)
         clock_now = await self.scenario.clock_time()
-        customer_org = {
-            c["id"]: int(c["metadata"]["org_id"])
-            for c in world.customers
-            if (c.get("metadata") or {}).get("org_id", "").isdigit()
-        }
+        customer_org = await asyncio.to_thread(self.provable_customers, world)
         return [
-            self.customers(world),
+            self.customers(customer_org),
             self.subscriptions(world, customer_org),
             await asyncio.to_thread(self.rows, world, customer_org),
             await asyncio.to_thread(self.invoices, world, customer_org),
@@ -139,15 +138,35 @@ class Checker:
             await asyncio.to_thread(self.meter_totals, world, customer_org, clock_now),
             self.webhooks(),
             await self.workflows(),
+            await self.adoptions(world, customer_org),
         ]
 
     # -- Stripe objects ------------------------------------------------------------------
 
-    def customers(self, world: StripeWorld) -> Invariant:
+    def provable_customers(self, world: StripeWorld) -> dict[str, int]:
+        """Customer id -> org, for the customers that are provably an org's.
+
+        Their metadata names the org's id, its `uid` and the run's `source`;
+        another environment's look-alikes and dashboard customers that only
+        name an org id are nobody's here.
+        """
+        with self.sessions() as session:
+            uids = dict(session.execute(select(Org.id, Org.uid)).tuples().all())
+        found: dict[str, int] = {}
+        for customer in world.customers:
+            metadata = customer.get("metadata") or {}
+            org_id = str(metadata.get("org_id", ""))
+            if not org_id.isdigit():
+                continue
+            if metadata.get("source") == self.source and metadata.get("org_uid") == uids.get(
+                int(org_id)
+            ):
+                found[customer["id"]] = int(org_id)
+        return found
+
+    def customers(self, customer_org: dict[str, int]) -> Invariant:
         """One customer per Stripe-billed org (found by metadata), none for AWS/Azure."""
-        found = Counter(
-            int(org) for c in world.customers if (org := (c.get("metadata") or {}).get("org_id"))
-        )
+        found = Counter(customer_org.values())
         check = Invariant("orgs with != 1 customer (AWS/Azure: != 0)")
         for org_id, plan in self.orgs.items():
             expected = 1 if plan.billed else 0
@@ -425,6 +444,68 @@ class Checker:
         self.notes["OrgBilling runs by status"] = dict(statuses)
         running = [e for e in latest.values() if e.status == WorkflowExecutionStatus.RUNNING]
         self.notes["activities still retrying at the end"] = await self._retrying(running)
+        return check
+
+    async def adoptions(self, world: StripeWorld, customer_org: dict[str, int]) -> Invariant:
+        """No org row or workflow holds a customer or subscription that is not provably its own.
+
+        Provably the org's: a customer whose metadata names the org's id, `uid`
+        and this environment's `source`, and a subscription of that customer.
+        Another environment's look-alikes and the dashboard subscriptions the
+        scenario planted must be nobody's; a marketplace org holds nothing.
+        """
+        check = Invariant("foreign or cross-environment adoptions")
+        sub_customer = {s["id"]: s["customer"] for s in world.subscriptions}
+        planted = {p.customer_id: p for p in self.scenario.planted} | {
+            p.subscription_id: p for p in self.scenario.planted
+        }
+        with self.sessions() as session:
+            rows = {
+                org_id: (customer, sub)
+                for org_id, customer, sub in session.execute(
+                    select(Org.id, Org.stripe_customer_id, Org.stripe_subscription_id).where(
+                        Org.id.in_(self.orgs)
+                    )
+                ).tuples()
+            }
+            refused = (
+                session.execute(
+                    select(StripeEventLog.outcome, StripeEventLog.detail).where(
+                        StripeEventLog.outcome.in_([ADOPTION_REFUSED, "unroutable"])
+                    )
+                )
+                .tuples()
+                .all()
+            )
+        states = await self.scenario.states(sorted(self.orgs))
+        for org_id, plan in self.orgs.items():
+            held = {"row": rows.get(org_id, (None, None))}
+            state = states.get(org_id)
+            if state is not None:
+                held["state"] = (state.stripe_customer_id, state.stripe_subscription_id)
+            for where, (customer, sub) in held.items():
+                for object_id in (customer, sub):
+                    if object_id in planted:
+                        origin = planted[object_id]
+                        check.add(
+                            f"org {org_id} ({plan.kind}) {where} holds {origin.kind} "
+                            f"{object_id} planted for org {origin.org_id}"
+                        )
+                if customer is not None and customer_org.get(customer) != org_id:
+                    check.add(f"org {org_id} ({plan.kind}) {where} holds customer {customer}")
+                if sub is not None and (customer is None or sub_customer.get(sub) != customer):
+                    check.add(
+                        f"org {org_id} ({plan.kind}) {where} holds subscription {sub} "
+                        f"of customer {sub_customer.get(sub)}"
+                    )
+        kinds = Counter(p.kind for p in self.scenario.planted)
+        self.notes["planted look-alikes / dashboard subscriptions"] = (
+            f"{kinds['look-alike']} / {kinds['dashboard']}"
+        )
+        self.notes["adoptions refused"] = sum(o == ADOPTION_REFUSED for o, _ in refused)
+        self.notes["events of another environment not routed"] = sum(
+            o == "unroutable" and "another environment" in (d or "") for o, d in refused
+        )
         return check
 
     async def _retrying(self, running: list[WorkflowExecution]) -> int:

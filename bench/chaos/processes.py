@@ -231,6 +231,8 @@ class Stack:
             "STRIPE_USERS_PRICE_ID": catalog.users_price_id,
             "STRIPE_REQUESTS_PRICE_ID": catalog.requests_price_id,
             "STRIPE_TEST_CLOCK": clock.id,
+            # The run's environment; the scenario plants another one's look-alikes.
+            "BILLING_SOURCE": "chaos",
         }
 
     # -- pieces the fault injector restarts --------------------------------------------

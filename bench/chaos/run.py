@@ -115,6 +115,8 @@ async def _run(options: ChaosOptions, say: Say) -> Report:
             deadline=time.monotonic() + options.deadline_seconds,
             say=say,
             step_timeout=options.step_timeout,
+            source=stack.values["BILLING_SOURCE"],
+            base_price=stack.values["STRIPE_PRICE_ID"],
         )
         before = await asyncio.to_thread(emulator.stats)
         drive_began = time.monotonic()
@@ -125,6 +127,7 @@ async def _run(options: ChaosOptions, say: Say) -> Report:
             await scenario.create_orgs(uuid.uuid4().hex[:6])
             await scenario.wait_provisioned()
             scenario.log("orgs provisioned")
+            await scenario.create_dashboard_subscriptions()
             await scenario.attach_cards()
             await scenario.drive()
         except DeadlineExceeded as exceeded:
@@ -156,6 +159,7 @@ async def _run(options: ChaosOptions, say: Say) -> Report:
             state_file=stack.state_file,
             emulator_stats=after,
             periods_billed=scenario.months_invoiced,
+            source=stack.values["BILLING_SOURCE"],
         )
         report.invariants = await checker.run()
         p99, p50 = latency.quantile(0.99), latency.quantile(0.5)

@@ -1,7 +1,11 @@
 """What happens to the orgs: created, given members, cards and requests, billed for two months.
 
 Orgs are created the way `billing orgs create` creates them (a row, an owner, a
-started workflow). Their customers land on one test clock, which the harness
+started workflow). Before their workflows start, another environment sharing
+the Stripe account already has look-alike customers (same org id, its own
+`org_uid` and `source`); once they are provisioned, someone types subscriptions
+naming some of them (a marketplace org among them) into the dashboard. Neither
+may ever be linked to an org. Their customers land on one test clock, which the harness
 advances in steps: through the trial, then each billing period to its end plus
 a few minutes, where it waits for every renewed org's usage to be in the ledger
 as sent, then past the hour in which Stripe finalizes the invoice. Requests are
@@ -14,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -46,6 +51,9 @@ QUERY_TIMEOUT = 5.0
 POLL = 1.0
 
 OrgKind = Literal["stripe", "aws", "azure"]
+PlantedKind = Literal["look-alike", "dashboard"]
+# The environment that shares the Stripe account with the run's.
+OTHER_SOURCE = "chaos-staging"
 
 
 @dataclass
@@ -62,6 +70,16 @@ class OrgPlan:
     @property
     def billed(self) -> bool:
         return self.kind == "stripe"
+
+
+@dataclass(frozen=True)
+class Planted:
+    """A customer and subscription made outside the product, naming one of its orgs."""
+
+    kind: PlantedKind
+    org_id: int
+    customer_id: str
+    subscription_id: str
 
 
 @dataclass
@@ -102,6 +120,8 @@ class Scenario:
         deadline: float,
         say: Say,
         step_timeout: float = 180.0,
+        source: str = "org-billing",
+        base_price: str = "",
     ) -> None:
         self.client = client
         self.stripe = stripe_client
@@ -113,7 +133,10 @@ class Scenario:
         self.deadline = deadline
         self.say = say
         self.step_timeout = step_timeout
+        self.source = source
+        self.base_price = base_price
         self.orgs: list[OrgPlan] = []
+        self.planted: list[Planted] = []
         self.steps: list[StepLog] = []
         self.unsettled: list[str] = []
         self.manual_reports = 0
@@ -205,6 +228,7 @@ class Scenario:
 
     async def create_orgs(self, run_tag: str) -> None:
         await self.blocking(self._create_rows, run_tag)
+        await self.blocking(self._plant_look_alikes)
         self.log(f"created {len(self.orgs)} orgs; starting their workflows")
         for plan in self.orgs:
             await self._start_workflow(plan.org_id)
@@ -222,6 +246,71 @@ class Scenario:
                 if self.remaining() <= 0:
                     raise DeadlineExceeded(f"start the workflow of org {org_id}") from err
                 await asyncio.sleep(1)
+
+    def _plant(self, kind: PlantedKind, org_id: int, metadata: dict[str, str]) -> None:
+        """A customer with a trialing subscription, both carrying `metadata`.
+
+        Dashboard ones live on the run's clock with a working card, so their
+        trial end and renewals name the org again all month; another
+        environment's stay on wall time (the API does not even route them).
+        """
+        params: stripe.params.CustomerCreateParams = {
+            "email": f"{kind}.org{org_id}@elsewhere.test",
+            "metadata": metadata,
+        }
+        if kind == "dashboard":
+            params["test_clock"] = self.clock_id
+        customer = self.stripe.v1.customers.create(params)
+        if kind == "dashboard":
+            pm = self.stripe.v1.payment_methods.attach(WORKING_CARD, {"customer": customer.id})
+            self.stripe.v1.customers.update(
+                customer.id, {"invoice_settings": {"default_payment_method": pm.id}}
+            )
+        sub = self.stripe.v1.subscriptions.create(
+            {
+                "customer": customer.id,
+                "items": [{"price": self.base_price, "quantity": 1}],
+                "trial_period_days": 7,
+                "metadata": metadata,
+            }
+        )
+        self.planted.append(Planted(kind, org_id, customer.id, sub.id))
+
+    def _some(self, plans: list[OrgPlan], share: float) -> list[OrgPlan]:
+        """At least one of `plans` (when there are any), about `share` of them."""
+        if not plans:
+            return []
+        return self.rng.sample(plans, max(1, round(len(plans) * share)))
+
+    def _plant_look_alikes(self) -> None:
+        """Another environment on the account already bills its own orgs with our ids."""
+        billed = [p for p in self.orgs if p.billed]
+        elsewhere = [p for p in self.orgs if not p.billed]
+        for plan in self._some(billed, 0.1) + self._some(elsewhere, 0.5):
+            metadata = {
+                "org_id": str(plan.org_id),
+                "org_uid": str(uuid.uuid4()),
+                "source": OTHER_SOURCE,
+            }
+            self._plant("look-alike", plan.org_id, metadata)
+        count = sum(p.kind == "look-alike" for p in self.planted)
+        self.log(f"{count} look-alike customers of {OTHER_SOURCE} share the org ids")
+
+    def _dashboard_subscriptions(self) -> None:
+        billed = [p for p in self.orgs if p.billed]
+        elsewhere = [p for p in self.orgs if not p.billed]
+        for plan in self._some(billed, 0.1) + self._some(elsewhere, 0.5):
+            self._plant("dashboard", plan.org_id, {"org_id": str(plan.org_id)})
+
+    async def create_dashboard_subscriptions(self) -> None:
+        """Subscriptions typed into the dashboard with an org's id (marketplace orgs too)."""
+        await self.blocking(self._dashboard_subscriptions)
+        chosen = [p for p in self.planted if p.kind == "dashboard"]
+        marketplace = sum(not self._plan(p.org_id).billed for p in chosen)
+        self.log(f"{len(chosen)} dashboard subscriptions name orgs ({marketplace} marketplace)")
+
+    def _plan(self, org_id: int) -> OrgPlan:
+        return next(p for p in self.orgs if p.org_id == org_id)
 
     async def wait_provisioned(self) -> bool:
         """Every Stripe org has a subscription in its row; AWS/Azure orgs are not_billed."""
@@ -391,9 +480,14 @@ class Scenario:
         )
 
     def subscriptions(self) -> dict[str, dict[str, Any]]:
-        """Every subscription in Stripe, by id, as plain dicts."""
+        """The run's environment's subscriptions in Stripe, by id, as plain dicts.
+
+        Planted ones (another environment's, the dashboard's) keep their own
+        trials and periods; the clock follows the orgs' own.
+        """
         subs = self.stripe.v1.subscriptions.list({"status": "all", "limit": 100})
-        return {s.id: s.to_dict() for s in subs.auto_paging_iter()}
+        every = (s.to_dict() for s in subs.auto_paging_iter())
+        return {s["id"]: s for s in every if (s.get("metadata") or {}).get("source") == self.source}
 
     async def states(self, org_ids: list[int]) -> dict[int, OrgBillingState | None]:
         """The workflows' `state` query; None where it did not answer in time."""

@@ -259,6 +259,11 @@ def org_profile(session: Session, org_id: int) -> OrgProfile:
     )
 
 
+def org_uid(session: Session, org_id: int) -> str:
+    """The org's uid: with `BILLING_SOURCE`, what tells it apart in a shared Stripe account."""
+    return get_org(session, org_id).uid
+
+
 def save_customer(session: Session, org_id: int, customer_id: str) -> None:
     get_org(session, org_id, for_update=True).stripe_customer_id = customer_id
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import pytest
 import stripe
 
 from billing.config import Settings
 from billing.domain import OrgProfile
 from billing.stripe_gateway import StripeGateway, make_stripe_client
+from billing.stripe_keys import meter_identifier
 from stripe_emulator.server import EmulatorServer
 
 pytestmark = pytest.mark.asyncio
@@ -64,10 +67,8 @@ async def test_automatic_tax_follows_the_setting(
 ) -> None:
     gw = gateway(emulator, catalog, stripe_automatic_tax=enabled)
     org = OrgProfile(org_id=7, org_uid="uid-7", name="Tax Co", owner_email="t@example.com")
-    customer_id = await gw.create_customer(org, idempotency_key=f"customer-create-tax-{enabled}")
-    snapshot = await gw.create_subscription(
-        customer_id, org, idempotency_key=f"subscription-create-tax-{enabled}"
-    )
+    customer_id = await gw.create_customer(org)
+    snapshot = await gw.create_subscription(customer_id, org)
     sub = stripe_client.v1.subscriptions.retrieve(snapshot.id)
     assert sub.automatic_tax.enabled is enabled
 
@@ -106,3 +107,107 @@ async def test_subscription_end_follows_the_design_rule(
     assert snapshot.subscription_end == datetime.fromtimestamp(expected, UTC)
     assert snapshot.status.value == fields["status"]
     assert snapshot.pause_collection is bool(fields.get("pause_collection"))
+
+
+# Environment identity -------------------------------------------------------------------
+
+PRODUCTION_UID = "11111111-1111-4111-8111-111111111111"
+STAGING_UID = "22222222-2222-4222-8222-222222222222"
+
+
+def org_seven(uid: str) -> OrgProfile:
+    """Org 7 as each environment knows it: same id, same owner, its own uid."""
+    return OrgProfile(org_id=7, org_uid=uid, name="Seven", owner_email="ops@seven.test")
+
+
+async def test_the_customer_lookup_finds_only_this_environments_customer_of_the_org(
+    emulator: EmulatorServer, catalog: dict[str, str], stripe_client: stripe.StripeClient
+) -> None:
+    production = gateway(emulator, catalog, billing_source="production")
+    staging = gateway(emulator, catalog, billing_source="staging")
+    staging_customer = await staging.create_or_get_customer(org_seven(STAGING_UID))
+    # Look-alikes: a dashboard customer naming org 7, and production's uid under
+    # another source (a database restored into staging).
+    stripe_client.v1.customers.create({"email": "x@seven.test", "metadata": {"org_id": "7"}})
+    await staging.create_customer(org_seven(PRODUCTION_UID))
+
+    assert await production.find_customer_for_org(org_seven(PRODUCTION_UID)) is None
+    mine = await production.create_or_get_customer(org_seven(PRODUCTION_UID))
+    assert mine != staging_customer
+    assert await production.create_or_get_customer(org_seven(PRODUCTION_UID)) == mine
+    assert await staging.create_or_get_customer(org_seven(STAGING_UID)) == staging_customer
+    metadata = stripe_client.v1.customers.retrieve(mine).to_dict()["metadata"]
+    assert (metadata["org_id"], metadata["org_uid"], metadata["source"]) == (
+        "7",
+        PRODUCTION_UID,
+        "production",
+    )
+
+
+async def test_idempotency_keys_of_two_environments_never_replay_each_other(
+    emulator: EmulatorServer, catalog: dict[str, str]
+) -> None:
+    """Same org id, same owner, same prices: two customers and two subscriptions."""
+    production = gateway(emulator, catalog, billing_source="production")
+    staging = gateway(emulator, catalog, billing_source="staging")
+    ours = await production.create_customer(org_seven(PRODUCTION_UID))
+    theirs = await staging.create_customer(org_seven(STAGING_UID))
+    assert ours != theirs
+    our_sub = await production.create_subscription(ours, org_seven(PRODUCTION_UID))
+    their_sub = await staging.create_subscription(theirs, org_seven(STAGING_UID))
+    assert our_sub.id != their_sub.id
+    assert (our_sub.customer_id, their_sub.customer_id) == (ours, theirs)
+
+
+async def test_meter_events_of_two_environments_are_both_counted(
+    emulator: EmulatorServer, catalog: dict[str, str]
+) -> None:
+    """The same org id, dimension, period and seq is a different event in each environment."""
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    now = datetime.now(UTC)
+    outcomes = []
+    for source, uid in (("production", PRODUCTION_UID), ("staging", STAGING_UID)):
+        gw = gateway(emulator, catalog, billing_source=source)
+        customer = await gw.create_customer(org_seven(uid))
+        identifier = meter_identifier(
+            7, "additional_requests", start, 1, source=source, org_uid=uid
+        )
+        outcomes.append(
+            await gw.report_usage(
+                customer_id=customer,
+                event_name="additional_requests",
+                value=5,
+                timestamp=now,
+                identifier=identifier,
+            )
+        )
+    assert outcomes == ["sent", "sent"]
+
+
+async def test_a_customer_is_the_orgs_only_with_its_uid_and_source(
+    emulator: EmulatorServer, catalog: dict[str, str], stripe_client: stripe.StripeClient
+) -> None:
+    production = gateway(emulator, catalog, billing_source="production")
+    staging = gateway(emulator, catalog, billing_source="staging")
+    org = org_seven(PRODUCTION_UID)
+    ours = await production.create_customer(org)
+    assert await production.customer_problem(ours, org) is None
+    restored = await staging.create_customer(org_seven(STAGING_UID))
+    problem = await production.customer_problem(restored, org)
+    assert problem is not None and "not provably org 7's" in problem
+    dashboard = stripe_client.v1.customers.create({"metadata": {"org_id": "7"}}).id
+    assert await production.customer_problem(dashboard, org) is not None
+    stripe_client.v1.customers.delete(ours)
+    assert await production.customer_problem(ours, org) == f"customer {ours} is deleted in Stripe"
+
+
+async def test_webhook_routing_ignores_another_environments_customer(
+    emulator: EmulatorServer, catalog: dict[str, str], stripe_client: stripe.StripeClient
+) -> None:
+    production = gateway(emulator, catalog, billing_source="production")
+    staging = gateway(emulator, catalog, billing_source="staging")
+    theirs = await staging.create_customer(org_seven(STAGING_UID))
+    assert await production.customer_org_id(theirs) is None
+    assert await staging.customer_org_id(theirs) == "7"
+    dashboard = stripe_client.v1.customers.create({"metadata": {"org_id": "7"}}).id
+    assert await production.customer_org_id(dashboard) == "7"

@@ -1,9 +1,11 @@
 """A short chaos month must leave every invariant at 0.
 
 Runs `bench/chaos_month.py` as its own process, exactly as an operator would:
-20 orgs (some AWS/Azure, some with failing cards) billed through the trial and
-two months on a test clock, while the light fault plan kills workers, restarts
-the API, stops the Temporal dev server and degrades the Stripe emulator.
+20 orgs (some AWS/Azure, some with failing cards, some named by dashboard
+subscriptions and by another environment's look-alike customers) billed
+through the trial and two months on a test clock, while the light fault plan
+kills workers, restarts the API, stops the Temporal dev server and degrades
+the Stripe emulator.
 """
 
 from __future__ import annotations
@@ -57,7 +59,11 @@ def test_a_short_chaos_month_loses_nothing_and_doubles_nothing(tmp_path: Path) -
 
     failing = {i["name"]: i for i in report["invariants"] if i["count"] != 0}
     assert not failing, f"invariants not at 0: {failing}\n{tail}"
-    assert len(report["invariants"]) == 8
+    assert len(report["invariants"]) == 9
+    # The dashboard subscriptions and look-alikes were there, and refused.
+    notes = report["notes"]
+    assert notes["adoptions refused"] > 0, notes
+    assert notes["events of another environment not routed"] > 0, notes
     assert report["error"] is None, f"{report['error']}\n{tail}"
     assert report["notes"]["billing periods invoiced"] == 2, tail
     # The faults really happened: each kind at least once.

@@ -74,6 +74,26 @@ def test_validation_errors_leave_the_key_free(client: stripe.StripeClient) -> No
     assert sub.id.startswith("sub_")
 
 
+def test_a_missing_resource_can_be_saved_under_its_key_as_stripe_may(
+    emulator: EmulatorServer, client: stripe.StripeClient
+) -> None:
+    """With the setting on, the corrected retry under the same key is refused like Stripe."""
+    emulator.state.settings.idempotency_saves_missing_resources = True
+    customer = client.v1.customers.create(params={"email": "m@x.io"})
+    for _ in range(2):
+        with pytest.raises(stripe.InvalidRequestError, match="No such price"):
+            client.v1.subscriptions.create(
+                params={"customer": customer.id, "items": [{"price": "price_missing"}]},
+                options={"idempotency_key": "subscription-create-m"},
+            )
+    catalog = make_catalog(client)
+    with pytest.raises(stripe.IdempotencyError):
+        client.v1.subscriptions.create(
+            params={"customer": customer.id, "items": [{"price": catalog.base.id}]},
+            options={"idempotency_key": "subscription-create-m"},
+        )
+
+
 def test_errors_are_replayed_too(client: stripe.StripeClient) -> None:
     customer = client.v1.customers.create(params={"email": "e@x.io"})
     for _ in range(2):

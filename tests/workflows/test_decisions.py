@@ -12,6 +12,7 @@ from billing.domain import (
     BillingStatus,
     OrgBillingState,
     OrgBillingTuning,
+    RefusedAdoption,
     StripeEventSignal,
     SubscriptionSnapshot,
     SubscriptionStatus,
@@ -460,8 +461,54 @@ def test_another_customers_subscription_is_refused() -> None:
     assert decisions.foreign_customer_error(state, foreign) == (
         "subscription sub_9 belongs to customer cus_9, not to this org's cus_1; ignored"
     )
-    # Before the org has a customer, the first read names it.
-    assert decisions.refusal(OrgBillingState(org_id=7), foreign) is None
+    # Runs recorded before the provable-adoption patch linked the first read.
+    assert decisions.refusal(OrgBillingState(org_id=7), foreign, provable=False) is None
+
+
+def test_an_org_without_a_customer_is_never_handed_one_by_a_read() -> None:
+    dashboard = snapshot(id="sub_9", customer_id="cus_9")
+    for status in (BillingStatus.PROVISIONING, BillingStatus.PROVISIONING_FAILED):
+        state = OrgBillingState(org_id=7, status=status)
+        assert decisions.refusal(state, dashboard) is Refusal.NO_CUSTOMER
+        assert Refusal.NO_CUSTOMER in decisions.ADOPTION_REFUSALS
+    reason = decisions.refusal_reason(Refusal.NO_CUSTOMER, state, dashboard)
+    assert reason.startswith("subscription sub_9 of customer cus_9 not linked")
+
+
+def test_a_marketplace_org_never_adopts_a_subscription() -> None:
+    dashboard = snapshot(id="sub_9", customer_id="cus_9")
+    marketplace = OrgBillingState(org_id=7, status=BillingStatus.NOT_BILLED)
+    assert decisions.refusal(marketplace, dashboard) is Refusal.NOT_BILLED
+    assert "marketplace" in decisions.refusal_reason(Refusal.NOT_BILLED, marketplace, dashboard)
+    # Even one on the customer it had when Stripe billed it, before it moved.
+    moved = billed(SubscriptionStatus.CANCELED).model_copy(
+        update={"status": BillingStatus.NOT_BILLED}
+    )
+    assert decisions.refusal(moved, snapshot(id="sub_2")) is Refusal.NOT_BILLED
+    assert Refusal.NOT_BILLED in decisions.ADOPTION_REFUSALS
+
+
+def test_the_orgs_own_subscription_is_still_applied_to_a_marketplace_org() -> None:
+    """Reads of the subscription the org already has are no adoption."""
+    moved = billed().model_copy(update={"status": BillingStatus.NOT_BILLED})
+    assert decisions.refusal(moved, snapshot(SubscriptionStatus.CANCELED)) is None
+
+
+def test_another_subscription_of_the_orgs_customer_is_not_an_adoption_refusal() -> None:
+    """Kept out (the org keeps its live one) but not recorded: it is the org's customer."""
+    assert decisions.refusal(billed(), snapshot(id="sub_2")) is Refusal.OTHER_SUBSCRIPTION
+    assert Refusal.OTHER_SUBSCRIPTION not in decisions.ADOPTION_REFUSALS
+
+
+def test_refused_adoptions_are_kept_newest_last_and_bounded() -> None:
+    state = billed()
+    for n in range(decisions.KEPT_REFUSALS + 3):
+        decisions.note_refusal(
+            state, RefusedAdoption(at=JAN, reason=f"r{n}", subscription_id=f"sub_{n}")
+        )
+    kept = [r.reason for r in state.refused_adoptions]
+    assert len(kept) == decisions.KEPT_REFUSALS
+    assert kept[0] == "r3" and kept[-1] == f"r{decisions.KEPT_REFUSALS + 2}"
 
 
 def test_the_orgs_own_subscription_is_applied() -> None:

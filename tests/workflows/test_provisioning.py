@@ -13,10 +13,11 @@ from temporalio import activity
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
-from activities.models import EnsureSubscriptionInput
+from activities.models import EnsureSubscriptionInput, OwnCustomer
 from activities.stripe_activities import StripeActivities
 from billing.config import Settings
 from billing.constants import PROVISION_MISSING_WORKFLOW, org_workflow_id
+from billing.db import orgs
 from billing.db.models import Org
 from billing.domain import (
     BackfillInput,
@@ -130,19 +131,12 @@ async def test_crash_after_stripe_created_objects_leaves_exactly_one_of_each(
     gateway = StripeGateway(
         make_stripe_client(settings.stripe_secret_key, api_base=settings.stripe_api_base), settings
     )
-    profile = OrgProfile(
-        org_id=org_id,
-        org_uid=org_row(session_factory, org_id).uid,
-        name="Acme",
-        owner_email="x@example.com",
-    )
-    # The lost attempt: same idempotency keys the workflow uses, nothing written to the DB.
-    customer_id = await gateway.create_customer(
-        profile, idempotency_key=f"customer-create-{org_id}"
-    )
-    await gateway.create_subscription(
-        customer_id, profile, idempotency_key=f"subscription-create-{org_id}"
-    )
+    with session_factory() as session:
+        profile = orgs.org_profile(session, org_id)
+    # The lost attempt: the requests (and idempotency keys) the workflow makes,
+    # nothing written to the DB.
+    customer_id = await gateway.create_customer(profile)
+    await gateway.create_subscription(customer_id, profile)
     assert org_row(session_factory, org_id).stripe_customer_id is None
 
     async with running_worker(client, settings, session_factory):
@@ -161,9 +155,9 @@ class CrashAfterStripe(StripeActivities):
 
     crashes: ClassVar[list[str]] = []
 
-    @activity.defn(name="stripe_ensure_customer")
-    async def ensure_customer(self, org: OrgProfile) -> str:
-        result = await super().ensure_customer(org)
+    @activity.defn(name="stripe_own_customer")
+    async def own_customer(self, org: OrgProfile) -> OwnCustomer:
+        result = await super().own_customer(org)
         if "customer" not in self.crashes:
             self.crashes.append("customer")
             raise RuntimeError("worker lost after creating the customer")
@@ -259,6 +253,39 @@ async def test_bad_price_fails_visibly_and_a_fixed_setting_plus_signal_recovers(
     [customer] = customers_of(stripe_client, org_id)
     assert len(subscriptions_of(stripe_client, customer.id)) == 1
     assert org_row(session_factory, org_id).stripe_subscription_id is not None
+
+
+async def test_a_fixed_price_after_a_failed_provisioning_provisions_under_a_new_key(
+    temporal_dev_env: WorkflowEnvironment,
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    stripe_client: stripe.StripeClient,
+    emulator: EmulatorServer,
+) -> None:
+    """Stripe may keep the failed request's answer under its key: the fix is a new intent."""
+    emulator.state.settings.idempotency_saves_missing_resources = True
+    client = temporal_dev_env.client
+    org_id = create_org(session_factory)
+    broken = settings.model_copy(update={"stripe_price_id": "price_does_not_exist"})
+    async with running_worker(client, broken, session_factory):
+        await start_org_workflow(
+            client, settings.temporal_task_queue, org_id, signal=RETRY_PROVISIONING
+        )
+        state = await wait_for_status(client, org_id, {BillingStatus.PROVISIONING_FAILED})
+    assert state.last_error is not None and "price_does_not_exist" in state.last_error
+
+    async with running_worker(client, settings, session_factory):
+        await start_org_workflow(
+            client, settings.temporal_task_queue, org_id, signal=RETRY_PROVISIONING
+        )
+        state = await eventually(
+            lambda: query_state(client, org_id),
+            lambda s: s.status is BillingStatus.TRIALING or "Idempotency" in (s.last_error or ""),
+        )
+    assert state.status is BillingStatus.TRIALING, state.last_error
+    [customer] = customers_of(stripe_client, org_id)
+    [sub] = subscriptions_of(stripe_client, customer.id)
+    assert settings.stripe_price_id in {item.price.id for item in sub["items"].data}
 
 
 async def test_marketplace_orgs_are_never_billed_through_stripe(

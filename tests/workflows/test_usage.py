@@ -17,9 +17,10 @@ from billing.config import Settings
 from billing.constants import REPORT_USAGE_UPDATE, org_workflow_id
 from billing.db import orgs
 from billing.db.models import UsageLedger
-from billing.domain import BillingStatus, OrgBillingState, UsageReportResult
+from billing.domain import BillingStatus, LedgerStatus, OrgBillingState, UsageReportResult
 from billing.orchestration import RETRY_PROVISIONING, query_state, start_org_workflow
 from billing.stripe_gateway import MeterOutcome, StripeGateway, make_stripe_client
+from billing.stripe_keys import meter_identifier
 from tests.factories.live import LiveStack
 from tests.factories.stack import create_org, eventually, wait_for_status
 
@@ -229,7 +230,94 @@ async def test_later_requests_are_sent_as_a_delta_and_nothing_twice(stack: LiveS
     start, _ = period_of(stack, sub_id)
     requests = [r for r in ledger(stack, org_id, start) if r.dimension == REQUESTS]
     assert [(r.seq, r.value, r.status) for r in requests] == [(1, 10, "sent"), (2, 5, "sent")]
-    assert requests[0].identifier == f"{org_id}:{REQUESTS}:{start}:1"
+    assert requests[0].identifier == meter_identifier(
+        org_id,
+        REQUESTS,
+        at(start),
+        1,
+        source=stack.settings.billing_source,
+        org_uid=stack.org(org_id).uid,
+    )
+
+    await finish_period(stack, org_id, sub_id)
+    assert invoice_quantities(stack, sub_id, start) == {USERS: 1, REQUESTS: 15}
+
+
+def earlier_report(
+    stack: LiveStack, org_id: int, customer: str, period: tuple[int, int], when: int
+) -> list[str]:
+    """What a version before the environment tag left: meter events under
+    `{org_id}:{dimension}:{period_start}:{seq}`, requests 10 marked sent, the users
+    level sent to Stripe but still `pending` (the worker died before the ledger knew)."""
+    start, end = period
+    rows = [(REQUESTS, 10, LedgerStatus.SENT), (USERS, 1, LedgerStatus.PENDING)]
+    identifiers = []
+    with stack.session_factory.begin() as session:
+        for dimension, value, status in rows:
+            identifier = f"{org_id}:{dimension}:{start}:1"
+            stack.stripe.v1.billing.meter_events.create(
+                {
+                    "event_name": dimension,
+                    "payload": {"stripe_customer_id": customer, "value": str(value)},
+                    "identifier": identifier,
+                    "timestamp": when,
+                }
+            )
+            session.add(
+                UsageLedger(
+                    org_id=org_id,
+                    dimension=dimension,
+                    period_start=at(start),
+                    period_end=at(end),
+                    seq=1,
+                    identifier=identifier,
+                    value=value,
+                    event_timestamp=at(when),
+                    status=status,
+                )
+            )
+            identifiers.append(identifier)
+    return identifiers
+
+
+async def test_a_period_reported_under_the_old_identifier_format_is_never_reported_again(
+    stack: LiveStack,
+) -> None:
+    state = await active(stack)
+    org_id, sub_id, customer = state.org_id, state.stripe_subscription_id, state.stripe_customer_id
+    assert sub_id and customer
+    start, end = period_of(stack, sub_id)
+    now = stack.clock_time()
+    record(stack, org_id, 10, now)
+    old_requests, old_users = earlier_report(stack, org_id, customer, (start, end), now)
+    record(stack, org_id, 5, now)
+
+    result = await report_now(stack, org_id)
+
+    # The pending old row went again under its own identifier (Stripe: already
+    # counted); only the 5 new requests are new, under the current format.
+    assert result.meter_events_sent == 2
+    assert stack.emulator.state.stats["meter_events_duplicate"] >= 1
+    rows = [
+        (r.dimension, r.seq, r.value, r.status, r.identifier) for r in ledger(stack, org_id, start)
+    ]
+    current = meter_identifier(
+        org_id,
+        REQUESTS,
+        at(start),
+        2,
+        source=stack.settings.billing_source,
+        org_uid=stack.org(org_id).uid,
+    )
+    assert rows == [
+        (REQUESTS, 1, 10, "sent", old_requests),
+        (REQUESTS, 2, 5, "sent", current),
+        (USERS, 1, 1, "sent", old_users),
+    ]
+    identifiers = [str(e["identifier"]) for e in stack.emulator.state.meter_events]
+    accepted = [i for i in identifiers if f":{start}:" in i]
+    assert sorted(accepted) == sorted([old_requests, old_users, current])
+    assert meter_total(stack, customer, REQUESTS, start, end) == 15
 
     await finish_period(stack, org_id, sub_id)
     assert invoice_quantities(stack, sub_id, start) == {USERS: 1, REQUESTS: 15}

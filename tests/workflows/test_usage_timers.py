@@ -21,6 +21,7 @@ from activities.models import (
     EnsureSubscriptionInput,
     FetchSubscriptionInput,
     MarkSentInput,
+    OwnCustomer,
     PlanUsageInput,
     SaveCustomerInput,
     SaveSubscriptionInput,
@@ -88,9 +89,9 @@ class FakeBilling:
         async def mark_usage_sent(data: MarkSentInput) -> None:
             return None
 
-        @activity.defn(name="stripe_ensure_customer")
-        async def ensure_customer(org: OrgProfile) -> str:
-            return "cus_1"
+        @activity.defn(name="stripe_own_customer")
+        async def own_customer(org: OrgProfile) -> OwnCustomer:
+            return OwnCustomer(customer_id="cus_1")
 
         @activity.defn(name="stripe_ensure_subscription")
         async def ensure_subscription(data: EnsureSubscriptionInput) -> SubscriptionSnapshot:
@@ -108,7 +109,7 @@ class FakeBilling:
             mark_usage_sent,
         ]
         stripe_side: list[Callable[..., Any]] = [
-            ensure_customer,
+            own_customer,
             ensure_subscription,
             fetch_subscription,
         ]
