@@ -111,6 +111,7 @@ def build_workers(
             stripe_activities.ensure_customer,
             stripe_activities.ensure_subscription,
             stripe_activities.fetch_subscription,
+            stripe_activities.cancel_at_period_end,
             stripe_activities.send_meter_event,
         ],
         max_task_queue_activities_per_second=settings.stripe_activities_per_second,
