@@ -4,6 +4,12 @@ Temporal client, and runs every workflow and activity.
 Two workers share one process: the main task queue (workflows, DB activities)
 and `<queue>-stripe`, whose activities are rate-limited worker-side so a backfill
 of thousands of orgs stays under Stripe's limits.
+
+The DB activities are synchronous: each runs on a thread of the activity
+executor with a pooled connection. The main worker takes at most as many
+activities as the executor has threads, and the pool has a connection per
+thread, so an accepted activity starts at once instead of queueing behind the
+others until its start-to-close timeout fires.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import stripe
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 from temporalio.client import (
     Client,
@@ -50,6 +57,18 @@ from workflows import ALL_WORKFLOWS
 
 log = logging.getLogger("billing.worker")
 
+# Threads for the synchronous DB activities, and database connections for them.
+DB_ACTIVITY_THREADS = 16
+
+
+def worker_engine(settings: Settings) -> Engine:
+    """The worker's engine: one connection per activity thread, every call bounded.
+
+    `make_engine` sets the connect, statement and lock timeouts on every
+    connection, so each activity transaction has them.
+    """
+    return make_engine(settings.database_url, pool_size=DB_ACTIVITY_THREADS)
+
 
 def build_workers(
     client: Client,
@@ -60,7 +79,10 @@ def build_workers(
     *,
     stripe_activities: StripeActivities | None = None,
 ) -> list[Worker]:
-    """Both workers, wired to the given dependencies (tests pass their own)."""
+    """Both workers, wired to the given dependencies (tests pass their own).
+
+    The main worker accepts no more activities than `executor` has threads.
+    """
     db = DbActivities(session_factory, settings)
     stripe_activities = stripe_activities or StripeActivities(
         StripeGateway(stripe_client, settings), settings
@@ -81,6 +103,7 @@ def build_workers(
             starter.start_org_workflows,
         ],
         activity_executor=executor,
+        max_concurrent_activities=executor._max_workers,
     )
     stripe_worker = Worker(
         client,
@@ -90,6 +113,7 @@ def build_workers(
             stripe_activities.own_customer,
             stripe_activities.ensure_subscription,
             stripe_activities.fetch_subscription,
+            stripe_activities.cancel_at_period_end,
             stripe_activities.send_meter_event,
         ],
         max_task_queue_activities_per_second=settings.stripe_activities_per_second,
@@ -125,13 +149,13 @@ async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -
     """Run until `stop` is set (or SIGINT/SIGTERM when run as a process)."""
     settings.require_stripe()
     client = await connect_client(settings)
-    engine = make_engine(settings.database_url, pool_size=10)
+    engine = worker_engine(settings)
     stripe_client = make_stripe_client(
         settings.stripe_secret_key, api_base=settings.stripe_api_base
     )
     stop = stop or asyncio.Event()
     await ensure_backfill_schedule(client, settings)
-    with ThreadPoolExecutor(max_workers=16) as executor:
+    with ThreadPoolExecutor(max_workers=DB_ACTIVITY_THREADS) as executor:
         workers = build_workers(
             client, settings, make_session_factory(engine), stripe_client, executor
         )

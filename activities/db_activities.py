@@ -83,7 +83,9 @@ class DbActivities:
     def save_subscription(self, data: SaveSubscriptionInput) -> list[FieldDifference]:
         """Bring the org row in line with Stripe; return what differed."""
         with self._sessions.begin() as session:
-            diffs = orgs.save_subscription(session, data.org_id, data.subscription)
+            diffs = orgs.save_subscription(
+                session, data.org_id, data.subscription, synced_at=data.synced_at
+            )
         if diffs:
             log.info(
                 "org row updated from Stripe",
@@ -118,16 +120,24 @@ class DbActivities:
         """Write the meter events this report needs as `pending` ledger rows.
 
         Requests are sent as the delta over what the ledger already holds for the
-        period; users as the level when it changed. Rows left `pending` by a crash
-        are returned again with their original identifier and value.
+        period, counting those up to the report time only (a request recorded
+        with a later timestamp is billed by a later report); users as the level
+        at the events' timestamp, from the membership history, when it changed.
+        Every event is timestamped inside the period, before its end. Rows left
+        `pending` by a crash are returned again with their original identifier
+        and value (and a timestamp moved back inside the period if it was cut
+        short since).
         """
         s = self._settings
         start, end = data.period_start, data.period_end
-        timestamp = min(max(data.report_time, start), end - timedelta(seconds=1))
+        last_second = end - timedelta(seconds=1)
+        timestamp = min(max(data.report_time, start), last_second)
         with self._sessions.begin() as session:
             uid = orgs.org_uid(session, data.org_id)
-            users = orgs.member_count(session, data.org_id)
-            requests = orgs.request_total(session, data.org_id, since=start, until=end)
+            users = orgs.member_count_at(session, data.org_id, timestamp)
+            requests = orgs.request_total(
+                session, data.org_id, since=start, until=end, through=data.report_time
+            )
             # Every row counts as reported, skipped ones too: what Stripe refused is
             # never re-sent. Rows are found by (org, period), whatever the format of
             # their identifier: a period partly reported under the earlier format
@@ -162,6 +172,9 @@ class DbActivities:
             skipped_reason: str | None = None
             to_send: list[UsageLedger] = []
             for row in [r for r in rows if r.status == LedgerStatus.PENDING] + new_rows:
+                if row.event_timestamp > last_second:
+                    row.event_timestamp = last_second
+                    row.period_end = end
                 if row.event_timestamp < too_old:
                     skipped_reason = (
                         f"period {start.isoformat()}..{end.isoformat()} ended more than 35 days"

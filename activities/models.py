@@ -46,6 +46,17 @@ class SaveCustomerInput(BaseModel):
 class SaveSubscriptionInput(BaseModel):
     org_id: int
     subscription: SubscriptionSnapshot
+    # When the workflow decided this write: an older one never overwrites a newer.
+    synced_at: datetime | None = None
+
+
+class CancelAtPeriodEndInput(BaseModel):
+    """End the subscription when its period ends (`cancel=False` takes that back)."""
+
+    subscription_id: str
+    cancel: bool
+    # When the workflow asked: with the subscription, it names this one request.
+    requested_at: datetime
 
 
 class OrgPage(BaseModel):
@@ -58,7 +69,9 @@ class PlanUsageInput(BaseModel):
     customer_id: str
     period_start: datetime
     period_end: datetime
-    # When the report is made: the meter events' timestamp is clamped into the period.
+    # When the report is made, on Stripe's clock: the meter events' timestamp is
+    # clamped into the period, requests after it wait for a later report, and
+    # the users level is the one at the events' timestamp.
     report_time: datetime
 
 

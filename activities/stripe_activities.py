@@ -8,6 +8,7 @@ from temporalio import activity
 
 from activities.errors import stripe_errors_classified
 from activities.models import (
+    CancelAtPeriodEndInput,
     EnsureSubscriptionInput,
     FetchSubscriptionInput,
     MeterEventToSend,
@@ -86,6 +87,24 @@ class StripeActivities:
         if data.customer_id:
             return await self._gateway.find_live_subscription(data.customer_id)
         return None
+
+    @activity.defn(name="stripe_cancel_at_period_end")
+    @stripe_errors_classified
+    async def cancel_at_period_end(self, data: CancelAtPeriodEndInput) -> SubscriptionSnapshot:
+        """End the subscription at its period end (the org moved to a marketplace), or undo it."""
+        verb = "cancel" if data.cancel else "keep"
+        key = (
+            f"subscription-{verb}-at-period-end-{data.subscription_id}-"
+            f"{int(data.requested_at.timestamp())}"
+        )
+        sub = await self._gateway.set_cancel_at_period_end(
+            data.subscription_id, data.cancel, idempotency_key=key
+        )
+        log.info(
+            "subscription cancel at period end set",
+            extra={"subscription_id": data.subscription_id, "cancel": data.cancel},
+        )
+        return sub
 
     @activity.defn(name="stripe_send_meter_event")
     @stripe_errors_classified

@@ -45,6 +45,21 @@ class BillingStatus(StrEnum):
         return cls(status.value)
 
 
+class BillingProblem(StrEnum):
+    """The `BillingProblem` search attribute: why an org needs a person (docs/contracts.md).
+
+    Unset while nothing needs one. Each code is documented with its fix in
+    docs/operations.md.
+    """
+
+    PROVISIONING_FAILED = "provisioning_failed"
+    PAYMENT_FAILED = "payment_failed"
+    USAGE_REPORT_FAILING = "usage_report_failing"
+    STRIPE_AUTH = "stripe_auth"
+    ADOPTION_REFUSED = "adoption_refused"
+    EVENT_FAILED = "event_failed"
+
+
 class MembershipRole(StrEnum):
     """A user's role in an org (`memberships.role`); every org has exactly one owner."""
 
@@ -123,6 +138,9 @@ class SubscriptionSnapshot(BaseModel):
     org_id: str | None = None
     # The day of month periods renew on (clamped in short months).
     billing_cycle_anchor: datetime | None = None
+    # Stripe's own clock when it was read: the test clock's time for an object on
+    # one, else the time of the read. None in reads recorded before it was kept.
+    read_at: datetime | None = None
 
 
 class RefusedAdoption(BaseModel):
@@ -155,6 +173,18 @@ class UsagePeriodReport(BaseModel):
     last_reported_at: datetime | None = None
 
 
+class FailedEvent(BaseModel):
+    """A Stripe event whose processing failed: kept (not marked seen) and retried."""
+
+    event: StripeEventSignal
+    # The watermark key it is ordered by: one failed event is kept per key, the
+    # newest, since its re-read covers the older ones.
+    key: str
+    attempts: int = 1
+    retry_at: datetime
+    error: str
+
+
 class OrgBillingState(BaseModel):
     """Everything the `OrgBilling` workflow knows; carried across continue-as-new."""
 
@@ -184,6 +214,18 @@ class OrgBillingState(BaseModel):
     to_finalize: list[BillingPeriod] = Field(default_factory=list)
     # After a usage report Stripe refused, nothing is retried before this time.
     usage_retry_after: datetime | None = None
+    # Usage reports refused in a row (the backoff grows with it), and what kind
+    # of problem that is (`stripe_auth` or `usage_report_failing`); reset by the
+    # next report that goes through.
+    usage_failures: int = 0
+    usage_problem: BillingProblem | None = None
+    # Events whose processing failed, retried with backoff (one per watermark key).
+    failed_events: list[FailedEvent] = Field(default_factory=list)
+    # The subscription whose cancellation at period end this workflow asked for
+    # because the org moved to a cloud marketplace (undone if it moves back in time).
+    marketplace_cancel_of: str | None = None
+    # What needs a person, if anything: the `BillingProblem` search attribute.
+    problem: BillingProblem | None = None
 
 
 class OrgBillingTuning(BaseModel):
@@ -193,6 +235,14 @@ class OrgBillingTuning(BaseModel):
     usage_lead_seconds: int = 3600
     usage_grace_seconds: int = 300
     failed_retry_seconds: int = 3600
+    # A refused usage report (a revoked key, a missing meter) is retried on this
+    # short backoff, doubling up to the maximum: the invoice finalizes about an
+    # hour after the period ends, and a fix must still make it in.
+    usage_retry_initial_seconds: int = 30
+    usage_retry_max_seconds: int = 300
+    # A Stripe event whose processing failed is retried on this backoff.
+    event_retry_initial_seconds: int = 30
+    event_retry_max_seconds: int = 3600
     # Continue-as-new once a run's history reaches this many events (Temporal's
     # own suggestion applies too); small values exercise the path in tests.
     max_history_events: int = 2000

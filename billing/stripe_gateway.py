@@ -89,8 +89,23 @@ def _item_period(sub: Mapping[str, Any]) -> tuple[int | None, int | None]:
     return (min(starts) if starts else None, max(ends) if ends else None)
 
 
-def snapshot_of(sub: Mapping[str, Any]) -> SubscriptionSnapshot:
-    """Reduce a Stripe subscription (current API shape) to what the org row keeps."""
+def stripe_clock(sub: Mapping[str, Any], read_at: datetime | None) -> datetime | None:
+    """Stripe's time for the subscription: its test clock's (when expanded), else `read_at`.
+
+    Objects on a test clock live in the clock's simulated time, which can be
+    far from the wall clock; what the read says about "now" must use it.
+    """
+    clock = sub.get("test_clock")
+    if isinstance(clock, Mapping) and clock.get("frozen_time"):
+        return _ts(int(clock["frozen_time"]))
+    return read_at
+
+
+def snapshot_of(sub: Mapping[str, Any], *, read_at: datetime | None = None) -> SubscriptionSnapshot:
+    """Reduce a Stripe subscription (current API shape) to what the org row keeps.
+
+    `read_at` is when it was read; a test clock's own time replaces it.
+    """
     start, end = _item_period(sub)
     customer = sub["customer"]
     metadata = sub.get("metadata") or {}
@@ -106,6 +121,7 @@ def snapshot_of(sub: Mapping[str, Any]) -> SubscriptionSnapshot:
         pause_collection=bool(sub.get("pause_collection")),
         org_id=metadata.get("org_id"),
         billing_cycle_anchor=_ts(sub.get("billing_cycle_anchor")),
+        read_at=stripe_clock(sub, read_at),
     )
 
 
@@ -233,14 +249,20 @@ class StripeGateway:
     # Subscriptions -------------------------------------------------------------
 
     async def find_live_subscription(self, customer_id: str) -> SubscriptionSnapshot | None:
+        read_at = datetime.now(UTC)
         subs = await self._client.v1.subscriptions.list_async(
-            {"customer": customer_id, "status": "all", "limit": 100}
+            {
+                "customer": customer_id,
+                "status": "all",
+                "limit": 100,
+                "expand": ["data.test_clock"],
+            }
         )
         live = [s for s in subs.data if s.status in LIVE_SUBSCRIPTION_STATUSES]
         if not live:
             return None
         oldest = min(live, key=lambda s: s.created)
-        return snapshot_of(oldest.to_dict())
+        return snapshot_of(oldest.to_dict(), read_at=read_at)
 
     async def create_subscription(
         self, customer_id: str, org: OrgProfile, *, idempotency_key: str | None = None
@@ -263,12 +285,28 @@ class StripeGateway:
         key = idempotency_key or subscription_create_key(
             s.billing_source, org.org_id, org.org_uid, params
         )
+        read_at = datetime.now(UTC)
         sub = await self._client.v1.subscriptions.create_async(params, {"idempotency_key": key})
-        return snapshot_of(sub.to_dict())
+        return snapshot_of(sub.to_dict(), read_at=read_at)
 
     async def get_subscription(self, subscription_id: str) -> SubscriptionSnapshot:
-        sub = await self._client.v1.subscriptions.retrieve_async(subscription_id)
-        return snapshot_of(sub.to_dict())
+        read_at = datetime.now(UTC)
+        sub = await self._client.v1.subscriptions.retrieve_async(
+            subscription_id, {"expand": ["test_clock"]}
+        )
+        return snapshot_of(sub.to_dict(), read_at=read_at)
+
+    async def set_cancel_at_period_end(
+        self, subscription_id: str, cancel: bool, *, idempotency_key: str
+    ) -> SubscriptionSnapshot:
+        """Ask Stripe to end the subscription when its period ends (or no longer to)."""
+        read_at = datetime.now(UTC)
+        sub = await self._client.v1.subscriptions.update_async(
+            subscription_id,
+            {"cancel_at_period_end": cancel, "expand": ["test_clock"]},
+            {"idempotency_key": idempotency_key},
+        )
+        return snapshot_of(sub.to_dict(), read_at=read_at)
 
     # Usage ---------------------------------------------------------------------
 

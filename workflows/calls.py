@@ -74,9 +74,14 @@ async def send_meter_events(events: list[MeterEventToSend]) -> int:
 
 @dataclass(frozen=True)
 class Refused:
-    """An activity failed with an error retrying cannot fix (Stripe said no, bad config)."""
+    """An activity failed with an error retrying cannot fix (Stripe said no, bad config).
+
+    `kind` is the error's type (`StripeAuthenticationError`, `Conflict`, ...), so
+    the workflow can tell a revoked key from a refused request.
+    """
 
     message: str
+    kind: str | None = None
 
 
 async def unless_refused(work: Awaitable[R]) -> R | Refused:
@@ -91,5 +96,5 @@ async def unless_refused(work: Awaitable[R]) -> R | Refused:
     except ActivityError as err:
         cause = err.cause
         if isinstance(cause, ApplicationError) and cause.non_retryable:
-            return Refused(cause.message)
+            return Refused(cause.message, cause.type)
         raise

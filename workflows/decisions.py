@@ -24,7 +24,9 @@ with workflow.unsafe.imports_passed_through():
     from billing.domain import (
         LIVE_SUBSCRIPTION_STATUSES,
         BillingPeriod,
+        BillingProblem,
         BillingStatus,
+        FailedEvent,
         OrgBillingState,
         OrgBillingTuning,
         RefusedAdoption,
@@ -34,7 +36,12 @@ with workflow.unsafe.imports_passed_through():
         UsagePeriodReport,
     )
     from billing.periods import periods_between
-    from billing.search_attributes import BILLING_STATUS_KEY, ORG_ID_KEY, STRIPE_CUSTOMER_ID_KEY
+    from billing.search_attributes import (
+        BILLING_PROBLEM_KEY,
+        BILLING_STATUS_KEY,
+        ORG_ID_KEY,
+        STRIPE_CUSTOMER_ID_KEY,
+    )
 
 # Statuses in which Stripe bills metered usage: their periods get usage reports.
 USAGE_STATUSES = frozenset(
@@ -50,6 +57,9 @@ TRIAL_WILL_END = "customer.subscription.trial_will_end"
 # When the grace after a period's end has passed and Stripe still shows that
 # period, look again this much later (Stripe renews a little after the end).
 RENEWAL_RECHECK = timedelta(minutes=10)
+# Refusals a person must fix in Stripe's dashboard or the settings: the key was
+# rotated, revoked or restricted.
+STRIPE_AUTH_ERRORS = frozenset({"StripeAuthenticationError", "StripePermissionError"})
 
 
 # Run length ---------------------------------------------------------------------
@@ -194,9 +204,10 @@ def next_wake(state: OrgBillingState, tuning: OrgBillingTuning, now: datetime) -
     """How long the run loop sleeps when no signal wakes it.
 
     It wakes for the daily re-sync, the start of the lead window, a pre-end
-    report still owed, the period's end plus the grace, and ended periods owed a
-    final report. After a refused usage report, usage wakes wait for
-    `usage_retry_after`; the daily re-sync does not. Never less than a second.
+    report still owed, the period's end plus the grace, ended periods owed a
+    final report, and failed events due for a retry. After a refused usage
+    report, usage wakes wait for `usage_retry_after`; the daily re-sync and the
+    event retries do not. Never less than a second.
     """
     candidates: list[datetime] = []
     if state.last_synced_at is not None:
@@ -219,6 +230,8 @@ def next_wake(state: OrgBillingState, tuning: OrgBillingTuning, now: datetime) -
         candidates = [max(c, retry_after) for c in candidates]
         if resync_at is not None:
             candidates.append(resync_at)
+    # Failed events are retried on their own schedule, whatever holds usage back.
+    candidates.extend(f.retry_at for f in state.failed_events)
     if not candidates:
         return timedelta(seconds=tuning.resync_interval_seconds)
     return max(min(candidates) - now, timedelta(seconds=1))
@@ -284,6 +297,61 @@ def record_usage_report(
     return entry.model_copy()
 
 
+def backoff(attempts: int, initial_seconds: int, max_seconds: int) -> timedelta:
+    """The wait before retry number `attempts` (1 for the first): doubling, capped."""
+    exponent = min(max(attempts, 1) - 1, 32)
+    return timedelta(seconds=min(initial_seconds * 2**exponent, max_seconds))
+
+
+def usage_refused(
+    state: OrgBillingState, kind: str | None, tuning: OrgBillingTuning, now: datetime
+) -> timedelta:
+    """Changes the state: Stripe refused usage work; retry it soon, and say why.
+
+    Time does not fix a revoked key or a missing meter, but a person does, and
+    the period's invoice finalizes about an hour after its end: the work is
+    retried on a short backoff (never paused for hours) while the problem shows
+    in the state and in `BillingProblem`. Returns the wait.
+    """
+    state.usage_failures += 1
+    state.usage_problem = (
+        BillingProblem.STRIPE_AUTH
+        if kind in STRIPE_AUTH_ERRORS
+        else BillingProblem.USAGE_REPORT_FAILING
+    )
+    wait = backoff(
+        state.usage_failures, tuning.usage_retry_initial_seconds, tuning.usage_retry_max_seconds
+    )
+    state.usage_retry_after = now + wait
+    return wait
+
+
+def usage_recovered(state: OrgBillingState, error_prefix: str) -> bool:
+    """Changes the state: usage work went through; forget its failures.
+
+    The kept error is cleared too when it was usage's (it starts with
+    `error_prefix`). Returns whether there was anything to forget.
+    """
+    if not state.usage_failures and state.usage_problem is None:
+        return False
+    state.usage_failures = 0
+    state.usage_problem = None
+    state.usage_retry_after = None
+    if state.last_error and state.last_error.startswith(error_prefix):
+        state.last_error = None
+    return True
+
+
+def same_period(state: OrgBillingState, start: datetime, end: datetime) -> bool:
+    """After a re-read: Stripe confirms the period starting at `start` and ending at `end`.
+
+    A trial ended early, a cancel, a pause or a reset anchor change it; then the
+    report meant for it is not made (the period that ended is queued for its
+    final report instead).
+    """
+    return billable_period(state) == (start, end)
+
+
 # Stripe events --------------------------------------------------------------------
 
 
@@ -330,9 +398,104 @@ def plan_event(state: OrgBillingState, event: StripeEventSignal) -> EventPlan:
     )
 
 
-def advance_watermark(state: OrgBillingState, key: str, created: int) -> None:
-    """Changes the state: an applied event moves its key's watermark forward, never back."""
-    state.watermarks[key] = max(created, state.watermarks.get(key, 0))
+def advance_watermark(
+    state: OrgBillingState, key: str, created: int, cap: int | None = None
+) -> None:
+    """Changes the state: an applied event moves its key's watermark forward, never back.
+
+    With a `cap` (see `watermark_cap`) the watermark never passes it, whatever
+    the event's `created` says.
+    """
+    value = max(created, state.watermarks.get(key, 0))
+    state.watermarks[key] = value if cap is None else min(value, cap)
+
+
+def watermark_cap(snapshot: SubscriptionSnapshot, now: datetime) -> int:
+    """The latest time a watermark may say after reading `snapshot`, in Unix seconds.
+
+    A signed test-mode event may be dated in a test clock's simulated future, or
+    anywhere: its `created` must not make every later real event look stale. No
+    real event is newer than Stripe's own clock at the read: the test clock's
+    time for an object on one (which may lag the wall clock or run ahead of
+    it), else the time of the read. A read recorded without it falls back to
+    now or the object's current period start, whichever is later. A cap a
+    little low only costs a re-read of a redelivered event.
+    """
+    if snapshot.read_at is not None:
+        return int(snapshot.read_at.timestamp())
+    moments = [now]
+    if snapshot.current_period_start is not None:
+        moments.append(snapshot.current_period_start)
+    return int(max(moments).timestamp())
+
+
+def cap_watermarks(state: OrgBillingState, keys: list[str], cap: int) -> None:
+    """Changes the state: a fresh read brings watermarks past `cap` back to it.
+
+    So one written before the cap existed heals at the next re-sync.
+    """
+    for key in keys:
+        if state.watermarks.get(key, 0) > cap:
+            state.watermarks[key] = cap
+
+
+def event_failed(
+    state: OrgBillingState,
+    event: StripeEventSignal,
+    key: str,
+    error: str,
+    tuning: OrgBillingTuning,
+    now: datetime,
+) -> StripeEventSignal | None:
+    """Changes the state: keep a failed event for a retry with backoff; it stays unseen.
+
+    One failed event is kept per watermark key, the newest: its re-read covers
+    the older one, which is returned (to be marked seen) when it is replaced.
+    """
+    existing = next((f for f in state.failed_events if f.key == key), None)
+    attempts, covered = 1, None
+    if existing is not None:
+        state.failed_events.remove(existing)
+        attempts = existing.attempts + 1
+        if existing.event.event_id != event.event_id:
+            if existing.event.created > event.created:
+                event, covered = existing.event, event
+            else:
+                covered = existing.event
+    wait = backoff(attempts, tuning.event_retry_initial_seconds, tuning.event_retry_max_seconds)
+    state.failed_events.append(
+        FailedEvent(event=event, key=key, attempts=attempts, retry_at=now + wait, error=error)
+    )
+    return covered
+
+
+def due_failed_event(state: OrgBillingState, now: datetime) -> FailedEvent | None:
+    """The failed event due for a retry first, if any (it stays kept until it goes through)."""
+    due = [f for f in state.failed_events if f.retry_at <= now]
+    return min(due, key=lambda f: f.retry_at) if due else None
+
+
+def next_event_retry(state: OrgBillingState, now: datetime) -> timedelta | None:
+    """How long until the next failed event is due (never less than a second), if any."""
+    if not state.failed_events:
+        return None
+    first = min(f.retry_at for f in state.failed_events)
+    return max(first - now, timedelta(seconds=1))
+
+
+def event_resolved_by_id(state: OrgBillingState, event_id: str) -> None:
+    """Changes the state: a kept failed event turned out to be seen already; drop it."""
+    state.failed_events = [f for f in state.failed_events if f.event.event_id != event_id]
+
+
+def event_resolved(state: OrgBillingState, key: str) -> list[StripeEventSignal]:
+    """Changes the state: an event of `key` went through; failed ones of the key are covered.
+
+    Returns them, to be marked seen.
+    """
+    covered = [f.event for f in state.failed_events if f.key == key]
+    state.failed_events = [f for f in state.failed_events if f.key != key]
+    return covered
 
 
 def remember(state: OrgBillingState, event: StripeEventSignal, limit: int) -> None:
@@ -456,14 +619,67 @@ def adopt(state: OrgBillingState, snapshot: SubscriptionSnapshot) -> None:
     state.status = BillingStatus.of(snapshot.status)
 
 
+# Moving to a cloud marketplace ---------------------------------------------------------
+
+
+def marketplace_cancel(
+    state: OrgBillingState, snapshot: SubscriptionSnapshot, billed_elsewhere: bool
+) -> bool | None:
+    """After a re-read: whether to ask Stripe to end the subscription at its period end.
+
+    True when the org is now billed through AWS or Azure while its own Stripe
+    subscription still bills past the current period: it ends at the period's
+    end, whose usage gets its final report as for any cancel, so the org is
+    never billed in two places. False when the org left the marketplace again
+    before that end and the cancel was ours: Stripe billing goes on. None:
+    nothing to change.
+    """
+    if snapshot.id != state.stripe_subscription_id:
+        return None
+    if snapshot.status not in LIVE_SUBSCRIPTION_STATUSES:
+        return None
+    period_end = snapshot.current_period_end
+    if billed_elsewhere:
+        ends_in_time = snapshot.cancel_at is not None and (
+            period_end is None or snapshot.cancel_at <= period_end
+        )
+        return None if ends_in_time else True
+    if state.marketplace_cancel_of == snapshot.id and snapshot.cancel_at is not None:
+        return False
+    return None
+
+
+# Problems ------------------------------------------------------------------------------
+
+
+def billing_problem(state: OrgBillingState) -> BillingProblem | None:
+    """What needs a person, the most pressing first; None when nothing does.
+
+    Failing provisioning bills nothing; a refused usage report loses usage when
+    the invoice finalizes; a failed event leaves the row behind Stripe; a
+    failed payment waits on the customer (or support).
+    """
+    if state.status == BillingStatus.PROVISIONING_FAILED:
+        return BillingProblem.PROVISIONING_FAILED
+    if state.usage_problem is not None:
+        return state.usage_problem
+    if state.failed_events:
+        return BillingProblem.EVENT_FAILED
+    if state.status in (BillingStatus.PAST_DUE, BillingStatus.UNPAID):
+        return BillingProblem.PAYMENT_FAILED
+    return None
+
+
 # Search attributes ------------------------------------------------------------------
 
 
-def wanted_attributes(state: OrgBillingState) -> dict[str, str]:
+def wanted_attributes(
+    state: OrgBillingState, problem: BillingProblem | None = None
+) -> dict[str, str]:
     """The search attributes the org's workflow should show (the customer once known).
 
-    The workflow upserts only when this changes, so a run does not fill its
-    history with identical upserts.
+    `BillingProblem` only while there is one. The workflow upserts only when
+    this changes, so a run does not fill its history with identical upserts.
     """
     wanted = {
         ORG_ID_KEY.name: str(state.org_id),
@@ -471,15 +687,24 @@ def wanted_attributes(state: OrgBillingState) -> dict[str, str]:
     }
     if state.stripe_customer_id:
         wanted[STRIPE_CUSTOMER_ID_KEY.name] = state.stripe_customer_id
+    if problem is not None:
+        wanted[BILLING_PROBLEM_KEY.name] = problem.value
     return wanted
 
 
-def attribute_updates(wanted: dict[str, str]) -> list[SearchAttributeUpdate[str]]:
-    """The upsert that sets `wanted`: every key, in the order the saved histories have."""
+def attribute_updates(
+    wanted: dict[str, str], shown: dict[str, str] | None = None
+) -> list[SearchAttributeUpdate[str]]:
+    """The upsert that sets `wanted` over what is `shown`: every key, in the order the
+    saved histories have, and `BillingProblem` unset once it is solved."""
     updates = [
         ORG_ID_KEY.value_set(wanted[ORG_ID_KEY.name]),
         BILLING_STATUS_KEY.value_set(wanted[BILLING_STATUS_KEY.name]),
     ]
     if STRIPE_CUSTOMER_ID_KEY.name in wanted:
         updates.append(STRIPE_CUSTOMER_ID_KEY.value_set(wanted[STRIPE_CUSTOMER_ID_KEY.name]))
+    if BILLING_PROBLEM_KEY.name in wanted:
+        updates.append(BILLING_PROBLEM_KEY.value_set(wanted[BILLING_PROBLEM_KEY.name]))
+    elif shown is not None and BILLING_PROBLEM_KEY.name in shown:
+        updates.append(BILLING_PROBLEM_KEY.value_unset())
     return updates

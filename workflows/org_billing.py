@@ -21,6 +21,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.db_activities import DbActivities
     from activities.models import (
         AdoptionRefusalInput,
+        CancelAtPeriodEndInput,
         EnsureSubscriptionInput,
         FetchSubscriptionInput,
         PlanUsageInput,
@@ -38,6 +39,7 @@ with workflow.unsafe.imports_passed_through():
         STRIPE_EVENT_SIGNAL,
     )
     from billing.domain import (
+        BillingProblem,
         BillingStatus,
         FieldDifference,
         OrgBillingInput,
@@ -49,6 +51,7 @@ with workflow.unsafe.imports_passed_through():
         UsagePeriodReport,
         UsageReportResult,
     )
+    from billing.search_attributes import BILLING_PROBLEM_KEY
 
 from workflows import decisions
 from workflows.calls import (
@@ -65,6 +68,19 @@ NOT_BILLED_RECHECK = "not-billed-recheck"
 # Only what is provably the org's is linked: provisioning checks (or finds, by
 # org_uid and source) the customer; refused adoptions are recorded, not errors.
 PROVABLE_ADOPTION = "provable-adoption"
+# The money-safety changes to usage, events and runs, all in one patch (one
+# marker per run): a signal wakes a run whose history is too long, which
+# continues as new at once; a refused usage report is retried on a short
+# backoff; a failed event is kept unseen and retried; a report that is not a
+# period's final one confirms the period with Stripe first; an event's `created`
+# moves its watermark no further than Stripe's clock; an org moved to AWS/Azure
+# gets its Stripe subscription ended at period end; each write of a Stripe read
+# to the org row carries a stamp; the `BillingProblem` search attribute.
+USAGE_SAFETY = "usage-safety"
+# Every patch id, for the checks of what a history may hold in plaintext.
+PATCH_IDS = (NOT_BILLED_RECHECK, PROVABLE_ADOPTION, USAGE_SAFETY)
+# The prefix of `last_error` for usage work (cleared when usage goes through again).
+USAGE_ERROR = "usage report"
 
 
 @workflow.defn(name=ORG_BILLING_WORKFLOW)
@@ -78,7 +94,14 @@ class OrgBillingWorkflow:
         self._resync_requested = input.resync_requested
         self._lock = asyncio.Lock()
         self._period_rolled = False
-        self._last_attributes: dict[str, str] = {}
+        # What the last upsert set; a problem carried over from the last run is
+        # still shown (continue-as-new keeps search attributes) until unset.
+        self._last_attributes: dict[str, str] = (
+            {BILLING_PROBLEM_KEY.name: self._state.problem.value} if self._state.problem else {}
+        )
+        self._wake_to_continue = False
+        # Stripe's clock at the last read of the subscription (the report time).
+        self._stripe_now: datetime | None = None
 
     # Handlers: record only, the run loop acts. --------------------------------
 
@@ -109,15 +132,24 @@ class OrgBillingWorkflow:
 
     @workflow.update(name=REPORT_USAGE_UPDATE)
     async def report_usage(self) -> UsageReportResult:
-        """Report the current period's usage not yet reported, now."""
+        """Report the current period's usage not yet reported, now.
+
+        The period is confirmed with Stripe first: the one the workflow believes
+        in may have been cut short (a trial ended early, a cancel, a reset
+        anchor) by a change whose webhook has not arrived.
+        """
         async with self._lock:
+            report_time = workflow.now()
+            if self._safe():
+                await self._resync()
+                report_time = self._report_time()
             period = decisions.billable_period(self._state)
             if period is None:
                 return UsageReportResult(
                     org_id=self._state.org_id,
                     skipped_reason=f"nothing to report: billing status is {self._state.status}",
                 )
-            report, sent = await self._report_period(*period, workflow.now())
+            report, sent = await self._report_period(*period, report_time)
         return UsageReportResult(
             org_id=self._state.org_id,
             periods=[report],
@@ -129,6 +161,7 @@ class OrgBillingWorkflow:
 
     @workflow.run
     async def run(self, input: OrgBillingInput) -> None:
+        self._wake_to_continue = self._safe()
         self._upsert_attributes()
         if decisions.provisioning_pending(self._state):
             await self._provision_until_done()
@@ -140,6 +173,8 @@ class OrgBillingWorkflow:
                     self._has_work,
                     timeout=decisions.next_wake(self._state, self._tuning, workflow.now()),
                 )
+            if self._continue_due():
+                continue  # the next run, started at the top, does the work
             if self._retry_requested and decisions.retry_provisioning_allowed(self._state):
                 await self._provision_until_done()
             self._retry_requested = False
@@ -156,6 +191,7 @@ class OrgBillingWorkflow:
         """What wakes the loop before its timer (signals, and periods an update found)."""
         return (
             self._events_waiting()
+            or self._continue_due()
             or self._resync_requested
             or self._retry_requested
             or (
@@ -167,6 +203,13 @@ class OrgBillingWorkflow:
     def _events_waiting(self) -> bool:
         """Events to apply in this run (a long run leaves them to the next one)."""
         return bool(self._pending) and not self._history_too_long()
+
+    def _continue_due(self) -> bool:
+        """Events wait while the history is too long: continue as new now, not at the next timer.
+
+        The next run applies them first thing.
+        """
+        return self._wake_to_continue and bool(self._pending) and self._history_too_long()
 
     def _history_too_long(self) -> bool:
         info = workflow.info()
@@ -196,15 +239,28 @@ class OrgBillingWorkflow:
         """
         outcome = await unless_refused(work)
         if not isinstance(outcome, Refused):
+            if usage and outcome and decisions.usage_recovered(self._state, USAGE_ERROR):
+                workflow.logger.info("usage reports go through again", extra=self._org())
+                self._upsert_attributes()
             return
         self._state.last_error = f"{step}: {outcome.message}"
+        if usage and self._safe():
+            wait = decisions.usage_refused(self._state, outcome.kind, self._tuning, workflow.now())
+            self._upsert_attributes()
+            workflow.logger.error(
+                f"{step} failed; retrying in {int(wait.total_seconds())} s",
+                extra={
+                    **self._org(),
+                    "error": outcome.message,
+                    "problem": self._state.usage_problem,
+                },
+            )
+            return
         if usage:
             self._state.usage_retry_after = workflow.now() + timedelta(
                 seconds=self._tuning.failed_retry_seconds
             )
-        workflow.logger.error(
-            f"{step} failed", extra={"org_id": self._state.org_id, "error": outcome.message}
-        )
+        workflow.logger.error(f"{step} failed", extra={**self._org(), "error": outcome.message})
 
     # Provisioning ---------------------------------------------------------------
 
@@ -231,12 +287,16 @@ class OrgBillingWorkflow:
             remaining = retry_at - workflow.now()
             if remaining <= timedelta(0):
                 return False
+            # Failed events are retried meanwhile, on their own schedule.
+            event_retry = decisions.next_event_retry(self._state, workflow.now())
             try:
                 await workflow.wait_condition(
-                    lambda: self._retry_requested or self._events_waiting(), timeout=remaining
+                    lambda: self._retry_requested or self._events_waiting() or self._continue_due(),
+                    timeout=remaining if event_retry is None else min(remaining, event_retry),
                 )
             except TimeoutError:
-                return False
+                if event_retry is None or workflow.now() >= retry_at:
+                    return False
             if self._retry_requested:
                 return False
             async with self._lock:
@@ -314,14 +374,49 @@ class OrgBillingWorkflow:
     async def _drain_events(self) -> None:
         # Stop early when the history is long: the rest is carried into the next run.
         while self._events_waiting():
-            event = self._pending.popleft()
-            if event.event_id in self._state.seen_event_ids:
-                continue
-            outcome = await unless_refused(self._apply_event(event))
-            if isinstance(outcome, Refused):
-                # E.g. the subscription was deleted from Stripe: keep the error visible.
-                self._state.last_error = f"event {event.event_id}: {outcome.message}"
-            decisions.remember(self._state, event, self._tuning.seen_events_limit)
+            await self._process_event(self._pending.popleft())
+        # Then the failed events whose retry is due (one per object, so few).
+        while not self._history_too_long():
+            failed = decisions.due_failed_event(self._state, workflow.now())
+            if failed is None:
+                break
+            await self._process_event(failed.event)
+
+    async def _process_event(self, event: StripeEventSignal) -> None:
+        """Apply one event; a failure keeps it (unseen) for a retry with backoff."""
+        state = self._state
+        if event.event_id in state.seen_event_ids:
+            decisions.event_resolved_by_id(state, event.event_id)
+            return
+        key = decisions.plan_event(state, event).key
+        outcome = await unless_refused(self._apply_event(event))
+        if isinstance(outcome, Refused):
+            # E.g. the subscription was deleted from Stripe: keep the error visible.
+            state.last_error = f"event {event.event_id}: {outcome.message}"
+            if self._safe():
+                covered = decisions.event_failed(
+                    state, event, key, outcome.message, self._tuning, workflow.now()
+                )
+                if covered is not None:
+                    decisions.remember(state, covered, self._tuning.seen_events_limit)
+                self._upsert_attributes()
+                workflow.logger.error(
+                    "event failed; kept for a retry",
+                    extra={**self._org(), "event_id": event.event_id, "error": outcome.message},
+                )
+                return
+        elif state.failed_events:
+            resolved = decisions.event_resolved(state, key)
+            for earlier in resolved:
+                if earlier.event_id != event.event_id:
+                    decisions.remember(state, earlier, self._tuning.seen_events_limit)
+            if any(
+                state.last_error and state.last_error.startswith(f"event {e.event_id}:")
+                for e in [*resolved, event]
+            ):
+                state.last_error = None
+            self._upsert_attributes()
+        decisions.remember(state, event, self._tuning.seen_events_limit)
 
     async def _apply_event(self, event: StripeEventSignal) -> None:
         plan = decisions.plan_event(self._state, event)
@@ -339,7 +434,8 @@ class OrgBillingWorkflow:
         if snapshot is None:
             return
         await self._apply(snapshot, event)
-        decisions.advance_watermark(self._state, plan.key, event.created)
+        cap = decisions.watermark_cap(snapshot, workflow.now()) if self._safe() else None
+        decisions.advance_watermark(self._state, plan.key, event.created, cap)
         if event.type == TRIAL_WILL_END and snapshot.id == self._state.stripe_subscription_id:
             self._note_trial_will_end(snapshot.trial_end)
 
@@ -354,7 +450,10 @@ class OrgBillingWorkflow:
 
     async def _resync(self) -> list[FieldDifference]:
         """Daily (and on demand): heal whatever a lost webhook left behind."""
+        # The first re-sync follows the provisioning that just read the org.
+        first_sync = self._state.last_synced_at is None
         self._state.last_synced_at = workflow.now()
+        self._stripe_now = None
         if self._state.status == BillingStatus.NOT_BILLED:
             if workflow.patched(NOT_BILLED_RECHECK):
                 # Marketplace billing removed from the org: bill it through Stripe.
@@ -368,7 +467,40 @@ class OrgBillingWorkflow:
         snapshot = await stripe_activity(StripeActivities.fetch_subscription, read)
         if snapshot is None:
             return []
-        return await self._apply(snapshot)
+        self._stripe_now = snapshot.read_at
+        diffs = await self._apply(snapshot)
+        if self._safe():
+            cap = decisions.watermark_cap(snapshot, workflow.now())
+            decisions.cap_watermarks(self._state, [snapshot.id, snapshot.customer_id], cap)
+        if self._safe() and not first_sync:
+            diffs += await self._follow_marketplace(snapshot)
+        return diffs
+
+    async def _follow_marketplace(self, snapshot: SubscriptionSnapshot) -> list[FieldDifference]:
+        """An org moved to AWS/Azure: its Stripe subscription ends at the period's end.
+
+        That period still gets its final usage report (as for any cancel), and
+        nothing after it is billed by Stripe. Moved back before that end, the
+        cancel (ours) is taken back.
+        """
+        org = await db_activity(DbActivities.load_org, self._state.org_id)
+        cancel = decisions.marketplace_cancel(self._state, snapshot, org.billed_elsewhere)
+        if cancel is None:
+            return []
+        updated = await stripe_activity(
+            StripeActivities.cancel_at_period_end,
+            CancelAtPeriodEndInput(
+                subscription_id=snapshot.id, cancel=cancel, requested_at=workflow.now()
+            ),
+        )
+        self._state.marketplace_cancel_of = snapshot.id if cancel else None
+        workflow.logger.info(
+            "org billed through a marketplace: Stripe subscription ends at period end"
+            if cancel
+            else "org billed through Stripe again: the subscription goes on",
+            extra={**self._org(), "subscription_id": snapshot.id},
+        )
+        return await self._apply(updated)
 
     async def _apply(
         self, snapshot: SubscriptionSnapshot, event: StripeEventSignal | None = None
@@ -400,9 +532,10 @@ class OrgBillingWorkflow:
                 extra={"org_id": state.org_id, "subscription_id": snapshot.id},
             )
             return []
+        synced_at = workflow.now() if self._safe() else None
         diffs = await db_activity(
             DbActivities.save_subscription,
-            SaveSubscriptionInput(org_id=state.org_id, subscription=snapshot),
+            SaveSubscriptionInput(org_id=state.org_id, subscription=snapshot, synced_at=synced_at),
         )
         if snapshot.id == state.stripe_subscription_id:
             state.to_finalize.extend(decisions.ended_periods(state, snapshot))
@@ -445,24 +578,40 @@ class OrgBillingWorkflow:
 
     # Usage ----------------------------------------------------------------------
 
-    async def _usage_due_work(self) -> None:
+    async def _usage_due_work(self) -> bool:
+        """The usage work due now; returns whether any was done (and went through)."""
         now = workflow.now()
         step = decisions.usage_step(self._state, self._tuning, now)
         if step is UsageStep.QUIET:
-            return
+            return False
+        worked = step is not UsageStep.NONE
         if step is UsageStep.RESYNC:
             start, _ = decisions.current_period(self._state)
             await self._resync()
             if decisions.renewal_unseen(self._state, start):
                 self._state.usage_retry_after = now + decisions.RENEWAL_RECHECK
         elif step is UsageStep.REPORT:
-            await self._report_period(*decisions.current_period(self._state), now)
+            start, end = decisions.current_period(self._state)
+            if self._safe():
+                # Stripe may have ended the period early: never report into a
+                # period that is over (its final report is queued instead).
+                await self._resync()
+                if decisions.same_period(self._state, start, end):
+                    await self._report_period(start, end, self._report_time())
+            else:
+                await self._report_period(start, end, now)
         # Ended periods, oldest first; one kept (and retried later) if Stripe refuses it.
         while self._state.to_finalize:
+            worked = True
             period = self._state.to_finalize[0]
             await self._report_period(period.start, period.end, max(workflow.now(), period.end))
             self._state.to_finalize.pop(0)
             self._period_rolled = True
+        return worked
+
+    def _report_time(self) -> datetime:
+        """When a report made now happens, on Stripe's clock (a test clock's, if on one)."""
+        return self._stripe_now or workflow.now()
 
     async def _report_period(
         self, start: datetime, end: datetime, report_time: datetime
@@ -500,7 +649,28 @@ class OrgBillingWorkflow:
 
     def _upsert_attributes(self) -> None:
         """Upsert only what changed, so a run does not fill its history with repeats."""
-        wanted = decisions.wanted_attributes(self._state)
+        self._state.problem = self._shown_problem()
+        wanted = decisions.wanted_attributes(self._state, self._state.problem)
         if wanted != self._last_attributes:
-            workflow.upsert_search_attributes(decisions.attribute_updates(wanted))
+            workflow.upsert_search_attributes(
+                decisions.attribute_updates(wanted, self._last_attributes)
+            )
             self._last_attributes = wanted
+
+    def _shown_problem(self) -> BillingProblem | None:
+        """The problem to show; runs recorded before `BillingProblem` existed show none."""
+        problem = decisions.billing_problem(self._state)
+        was_shown = self._state.problem is not None
+        if (problem is not None or was_shown) and self._safe():
+            return problem
+        return None
+
+    def _safe(self) -> bool:
+        """Whether this run has the `USAGE_SAFETY` changes (runs recorded before replay without).
+
+        First asked as the run starts, so its marker comes first in new runs.
+        """
+        return workflow.patched(USAGE_SAFETY)
+
+    def _org(self) -> dict[str, object]:
+        return {"org_id": self._state.org_id}

@@ -81,6 +81,9 @@ class Org(Base):
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), nullable=False, server_default=func.now(), onupdate=func.now()
     )
+    # When the org's workflow decided the Stripe read now in the row: an older
+    # read (a retried activity that woke up late) never overwrites a newer one.
+    stripe_synced_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     memberships: Mapped[list[Membership]] = relationship(back_populates="org")
 
@@ -120,7 +123,11 @@ class User(Base):
 
 
 class Membership(Base):
-    """A user in an org. Active memberships are what the users meter counts."""
+    """A user's stay in an org, from `joined_at` until `left_at` (None: still a member).
+
+    Leaving keeps the row, so the users meter can report the level as of any
+    period's end; a user who comes back gets a new row.
+    """
 
     __tablename__ = "memberships"
 
@@ -135,12 +142,24 @@ class Membership(Base):
     created_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), nullable=False, server_default=func.now()
     )
+    joined_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+    left_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     org: Mapped[Org] = relationship(back_populates="memberships")
     user: Mapped[User] = relationship(back_populates="memberships")
 
     __table_args__ = (
-        UniqueConstraint("org_id", "user_id", name="uq_memberships_org_user"),
+        # One current membership per user and org; past ones are history.
+        Index(
+            "uq_memberships_org_user_current",
+            "org_id",
+            "user_id",
+            unique=True,
+            postgresql_where=text("left_at IS NULL"),
+        ),
+        Index("ix_memberships_org_joined", "org_id", "joined_at"),
         CheckConstraint(_one_of("role", MembershipRole), name="ck_memberships_role"),
         Index(
             "uq_memberships_one_owner",

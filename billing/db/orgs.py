@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -241,7 +241,11 @@ def org_profile(session: Session, org_id: int) -> OrgProfile:
     owner = session.scalars(
         select(User)
         .join(Membership, Membership.user_id == User.id)
-        .where(Membership.org_id == org_id, Membership.role == MembershipRole.OWNER)
+        .where(
+            Membership.org_id == org_id,
+            Membership.role == MembershipRole.OWNER,
+            _current(),
+        )
     ).first()
     if owner is None:
         raise OrgWithoutOwnerError(org_id)
@@ -277,9 +281,19 @@ def _shown(value: object) -> str | None:
 
 
 def save_subscription(
-    session: Session, org_id: int, subscription: SubscriptionSnapshot
+    session: Session,
+    org_id: int,
+    subscription: SubscriptionSnapshot,
+    *,
+    synced_at: datetime | None = None,
 ) -> list[FieldDifference]:
-    """Bring the org row in line with Stripe's subscription; return what differed."""
+    """Bring the org row in line with Stripe's subscription; return what differed.
+
+    `synced_at` stamps the read: the UPDATE only applies over an older stamp (or
+    none), so a read that lost a race to a newer one changes nothing and
+    returns no differences. Without it (callers that predate the stamp) the row
+    is written as before and its stamp is left alone.
+    """
     org = get_org(session, org_id, for_update=True)
     wanted: dict[str, object] = {
         "stripe_customer_id": subscription.customer_id,
@@ -287,13 +301,31 @@ def save_subscription(
         "subscription_status": subscription.status,
         "subscription_end": subscription.subscription_end,
     }
+    if (
+        synced_at is not None
+        and org.stripe_synced_at is not None
+        and (org.stripe_synced_at > synced_at)
+    ):
+        return []
     diffs: list[FieldDifference] = []
     for field, value in wanted.items():
         before = getattr(org, field)
         if _shown(before) != _shown(value):
             diffs.append(FieldDifference(field=field, before=_shown(before), after=_shown(value)))
+    if synced_at is None:
+        for field, value in wanted.items():
             setattr(org, field, value)
-    return diffs
+        return diffs
+    result = session.execute(
+        update(Org)
+        .where(
+            Org.id == org_id,
+            or_(Org.stripe_synced_at.is_(None), Org.stripe_synced_at <= synced_at),
+        )
+        .values(**wanted, stripe_synced_at=synced_at)
+        .execution_options(synchronize_session="fetch")
+    )
+    return diffs if result.rowcount else []  # type: ignore[attr-defined]
 
 
 # What the CLI shows ------------------------------------------------------------------
@@ -326,7 +358,7 @@ def _summaries(session: Session, orgs: list[Org]) -> list[OrgSummary]:
         org_id: count
         for org_id, count in session.execute(
             select(Membership.org_id, func.count())
-            .where(Membership.org_id.in_(ids))
+            .where(Membership.org_id.in_(ids), _current())
             .group_by(Membership.org_id)
         )
     }
@@ -335,7 +367,7 @@ def _summaries(session: Session, orgs: list[Org]) -> list[OrgSummary]:
         for org_id, email in session.execute(
             select(Membership.org_id, User.email)
             .join(User, User.id == Membership.user_id)
-            .where(Membership.org_id.in_(ids), Membership.role == MembershipRole.OWNER)
+            .where(Membership.org_id.in_(ids), Membership.role == MembershipRole.OWNER, _current())
         )
     }
     return [
@@ -378,44 +410,94 @@ class MemberView:
     user_id: int
 
 
+def _current() -> ColumnElement[bool]:
+    """Memberships that have not ended: who is in the org now."""
+    return Membership.left_at.is_(None)
+
+
 def is_member(session: Session, org_id: int, user_id: int) -> bool:
     found = session.scalar(
-        select(Membership.id).where(Membership.org_id == org_id, Membership.user_id == user_id)
+        select(Membership.id).where(
+            Membership.org_id == org_id, Membership.user_id == user_id, _current()
+        )
     )
     return found is not None
 
 
 def member_count(session: Session, org_id: int) -> int:
-    """What the users meter counts: every membership, the owner's included."""
+    """Who is in the org now, the owner included."""
     count = session.scalar(
-        select(func.count()).select_from(Membership).where(Membership.org_id == org_id)
+        select(func.count()).select_from(Membership).where(Membership.org_id == org_id, _current())
+    )
+    return int(count or 0)
+
+
+def member_count_at(session: Session, org_id: int, at: datetime) -> int:
+    """What the users meter counts: the members at `at`, from the membership history.
+
+    A member joined at or before `at` and had not left by then; the owner counts.
+    """
+    count = session.scalar(
+        select(func.count())
+        .select_from(Membership)
+        .where(
+            Membership.org_id == org_id,
+            Membership.joined_at <= at,
+            or_(Membership.left_at.is_(None), Membership.left_at > at),
+        )
     )
     return int(count or 0)
 
 
 def get_membership(session: Session, org_id: int, email: str) -> Membership:
-    """The user's membership in the org; the error says which of the two is missing."""
+    """The user's current membership in the org; the error says which of the two is missing."""
     get_org(session, org_id)
     user = find_user(session, email)
     membership = session.scalar(
-        select(Membership).where(Membership.org_id == org_id, Membership.user_id == user.id)
+        select(Membership).where(
+            Membership.org_id == org_id, Membership.user_id == user.id, _current()
+        )
     )
     if membership is None:
         raise NotFoundError(f"{user.email} is not a member of org {org_id}.")
     return membership
 
 
-def add_member(session: Session, org_id: int, email: str, full_name: str | None = None) -> User:
-    """Add a user (created if new) to the org as a plain member."""
+def _moment(at: datetime | None) -> datetime:
+    """`at` (a naive time is UTC), or now."""
+    if at is None:
+        return datetime.now(UTC)
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+
+
+def add_member(
+    session: Session,
+    org_id: int,
+    email: str,
+    full_name: str | None = None,
+    *,
+    at: datetime | None = None,
+) -> User:
+    """Add a user (created if new) to the org as a plain member, from `at` (default now).
+
+    A user who left before comes back with a new membership; the old one stays
+    as history.
+    """
     get_org(session, org_id)
     first, last = split_name(full_name)
     user = _get_or_create_user(session, normalize_email(email), first, last)
     existing = session.scalar(
-        select(Membership).where(Membership.org_id == org_id, Membership.user_id == user.id)
+        select(Membership).where(
+            Membership.org_id == org_id, Membership.user_id == user.id, _current()
+        )
     )
     if existing is not None:
         raise ConflictError(f"{user.email} is already a member of org {org_id}.")
-    session.add(Membership(org_id=org_id, user_id=user.id, role=MembershipRole.MEMBER))
+    session.add(
+        Membership(
+            org_id=org_id, user_id=user.id, role=MembershipRole.MEMBER, joined_at=_moment(at)
+        )
+    )
     try:
         session.flush()
     except IntegrityError as err:
@@ -423,24 +505,34 @@ def add_member(session: Session, org_id: int, email: str, full_name: str | None 
     return user
 
 
-def remove_member(session: Session, org_id: int, email: str) -> User:
-    """Remove a member; the owner stays, because every org must keep one."""
+def remove_member(session: Session, org_id: int, email: str, *, at: datetime | None = None) -> User:
+    """End a membership at `at` (default now), keeping it as history; the owner stays.
+
+    Every org must keep its owner. The users meter stops counting the member
+    from `at` on; periods that ended before still count them.
+    """
     membership = get_membership(session, org_id, email)
     user = membership.user
     if membership.role == MembershipRole.OWNER:
         raise ConflictError(f"{user.email} owns org {org_id} and cannot be removed.")
-    session.delete(membership)
+    left_at = _moment(at)
+    if left_at < membership.joined_at:
+        raise InvalidInputError(
+            f"{user.email} joined org {org_id} at {membership.joined_at.isoformat()}; "
+            "they cannot leave before that."
+        )
+    membership.left_at = left_at
     session.flush()
     return user
 
 
 def list_members(session: Session, org_id: int) -> list[MemberView]:
-    """Owner first, then members by email."""
+    """The current members: owner first, then members by email."""
     get_org(session, org_id)
     rows = session.execute(
         select(User, Membership.role)
         .join(Membership, Membership.user_id == User.id)
-        .where(Membership.org_id == org_id)
+        .where(Membership.org_id == org_id, _current())
         .order_by((Membership.role != MembershipRole.OWNER), User.email)
     )
     return [
@@ -482,12 +574,23 @@ def record_requests(
 
 
 def request_total(
-    session: Session, org_id: int, *, since: datetime | None = None, until: datetime | None = None
+    session: Session,
+    org_id: int,
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    through: datetime | None = None,
 ) -> int:
-    """Requests the org made, all of them or those in [since, until)."""
+    """Requests the org made, all of them or those in [since, until), up to `through` included.
+
+    `through` is a report's time: requests recorded with a later timestamp have
+    not happened yet for that report, so it does not bill them early.
+    """
     query = select(func.coalesce(func.sum(RequestLog.count), 0)).where(RequestLog.org_id == org_id)
     if since is not None:
         query = query.where(RequestLog.occurred_at >= since)
     if until is not None:
         query = query.where(RequestLog.occurred_at < until)
+    if through is not None:
+        query = query.where(RequestLog.occurred_at <= through)
     return int(session.scalar(query) or 0)

@@ -1,12 +1,20 @@
-"""The org data rules against real Postgres: billed elsewhere, orgs without billing."""
+"""The org data rules against real Postgres: billed elsewhere, orgs without billing,
+membership history, and the org row following the newest Stripe read."""
 
 from __future__ import annotations
 
-from sqlalchemy import select, text
+from datetime import UTC, datetime
+
+import pytest
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from activities.db_activities import DbActivities
+from activities.models import SaveSubscriptionInput
+from billing.config import Settings
 from billing.db import orgs
-from billing.db.models import Org
+from billing.db.models import Membership, Org, User
+from billing.domain import SubscriptionSnapshot, SubscriptionStatus
 
 
 def _org(session: Session, name: str, *, aws: str | None = None, azure: str | None = None) -> int:
@@ -64,3 +72,134 @@ def test_the_billed_elsewhere_expression_matches_the_partial_index(
         session.execute(text("SET LOCAL enable_seqscan = off"))
         plan = "\n".join(session.scalars(text(f"EXPLAIN {sql}")))
     assert "ix_orgs_without_billing" in plan, plan
+
+
+# Membership history ----------------------------------------------------------------------
+
+
+def _at(day: int) -> datetime:
+    return datetime(2026, 3, day, tzinfo=UTC)
+
+
+def test_leaving_keeps_the_membership_as_history(session_factory: sessionmaker[Session]) -> None:
+    with session_factory.begin() as session:
+        org_id = _org(session, "history")
+        orgs.add_member(session, org_id, "grace@example.com", at=_at(2))
+        orgs.add_member(session, org_id, "alan@example.com", at=_at(3))
+        orgs.remove_member(session, org_id, "alan@example.com", at=_at(10))
+    with session_factory() as session:
+        rows = session.execute(
+            select(Membership.joined_at, Membership.left_at)
+            .join(User, User.id == Membership.user_id)
+            .where(Membership.org_id == org_id, User.email == "alan@example.com")
+        ).all()
+        assert [(r.joined_at, r.left_at) for r in rows] == [(_at(3), _at(10))]
+        # Now: the owner and grace, everywhere members are counted or checked.
+        assert orgs.member_count(session, org_id) == 2
+        assert [m.email for m in orgs.list_members(session, org_id)] == [
+            "owner@history.test",
+            "grace@example.com",
+        ]
+        assert orgs.org_summary(session, org_id).members == 2
+        alan = orgs.find_user(session, "alan@example.com")
+        assert not orgs.is_member(session, org_id, alan.id)
+
+
+def test_the_users_level_is_read_at_any_moment(session_factory: sessionmaker[Session]) -> None:
+    with session_factory.begin() as session:
+        org_id = _org(session, "level")
+        owner_joined = orgs.get_org(session, org_id).created_at
+        orgs.add_member(session, org_id, "grace@example.com", at=_at(2))
+        orgs.add_member(session, org_id, "alan@example.com", at=_at(3))
+        orgs.remove_member(session, org_id, "alan@example.com", at=_at(10))
+    with session_factory() as session:
+        level = [orgs.member_count_at(session, org_id, _at(day)) for day in (1, 2, 9, 10, 20)]
+    # The owner joined when the org was made (now), after March 2026 in these days: 0 then.
+    owner = 1 if owner_joined <= _at(1) else 0
+    assert level == [owner, owner + 1, owner + 2, owner + 1, owner + 1]
+
+
+def test_a_member_who_left_can_come_back_and_leave_again(
+    session_factory: sessionmaker[Session],
+) -> None:
+    with session_factory.begin() as session:
+        org_id = _org(session, "again")
+        orgs.add_member(session, org_id, "grace@example.com", at=_at(2))
+        orgs.remove_member(session, org_id, "grace@example.com", at=_at(5))
+        orgs.add_member(session, org_id, "grace@example.com", at=_at(8))
+        with pytest.raises(orgs.ConflictError):
+            orgs.add_member(session, org_id, "grace@example.com")
+    with session_factory.begin() as session:
+        assert orgs.member_count_at(session, org_id, _at(6)) < orgs.member_count_at(
+            session, org_id, _at(9)
+        )
+        orgs.remove_member(session, org_id, "grace@example.com", at=_at(12))
+        with pytest.raises(orgs.NotFoundError):
+            orgs.remove_member(session, org_id, "grace@example.com")
+    with session_factory() as session:
+        count = session.scalar(
+            select(func.count()).select_from(Membership).where(Membership.org_id == org_id)
+        )
+        assert count == 3  # the owner and grace's two stays
+
+
+def test_a_member_cannot_leave_before_joining(session_factory: sessionmaker[Session]) -> None:
+    with session_factory.begin() as session:
+        org_id = _org(session, "order")
+        orgs.add_member(session, org_id, "grace@example.com", at=_at(5))
+        with pytest.raises(orgs.InvalidInputError, match="cannot leave before"):
+            orgs.remove_member(session, org_id, "grace@example.com", at=_at(4))
+
+
+def test_the_owner_cannot_leave(session_factory: sessionmaker[Session]) -> None:
+    with session_factory.begin() as session:
+        org_id = _org(session, "owned")
+        with pytest.raises(orgs.ConflictError, match="owns org"):
+            orgs.remove_member(session, org_id, "owner@owned.test")
+
+
+# The org row follows the newest Stripe read -------------------------------------------
+
+
+def _snapshot(status: SubscriptionStatus, end: datetime) -> SubscriptionSnapshot:
+    return SubscriptionSnapshot(
+        id="sub_stamp",
+        customer_id="cus_stamp",
+        status=status,
+        subscription_end=end,
+        trial_end=None,
+        current_period_start=_at(1),
+        current_period_end=end,
+    )
+
+
+def test_a_stale_read_never_overwrites_a_newer_one(
+    session_factory: sessionmaker[Session], database_url: str
+) -> None:
+    with session_factory.begin() as session:
+        org_id = _org(session, "stamped")
+    db = DbActivities(session_factory, Settings.model_validate({"database_url": database_url}))
+    newer = _snapshot(SubscriptionStatus.CANCELED, _at(20))
+    older = _snapshot(SubscriptionStatus.ACTIVE, _at(31))
+    first = db.save_subscription(
+        SaveSubscriptionInput(org_id=org_id, subscription=newer, synced_at=_at(2))
+    )
+    assert {d.field for d in first} >= {"subscription_status", "subscription_end"}
+
+    # The older read's activity woke up late (a retried attempt): it changes nothing.
+    late = db.save_subscription(
+        SaveSubscriptionInput(org_id=org_id, subscription=older, synced_at=_at(1))
+    )
+
+    assert late == []
+    with session_factory() as session:
+        row = orgs.get_org(session, org_id)
+        assert (row.subscription_status, row.subscription_end) == ("canceled", _at(20))
+        assert row.stripe_synced_at == _at(2)
+    # A newer read (or the same one again) applies.
+    again = db.save_subscription(
+        SaveSubscriptionInput(org_id=org_id, subscription=older, synced_at=_at(3))
+    )
+    assert {d.field for d in again} == {"subscription_status", "subscription_end"}
+    with session_factory() as session:
+        assert orgs.get_org(session, org_id).subscription_status == "active"

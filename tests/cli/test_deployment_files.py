@@ -16,6 +16,7 @@ import yaml
 from typer.testing import CliRunner
 
 from billing.config import Settings
+from billing.search_attributes import SEARCH_ATTRIBUTES
 from tooling.cli.main import app
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -122,7 +123,7 @@ def test_temporal_runs_on_the_compose_postgres(services: dict[str, dict[str, Any
     assert env["DB_PORT"] == "5432"
     assert _environment(services["temporal-ui"])["TEMPORAL_ADDRESS"] == "temporal:7233"
     script = " ".join(services["temporal-search-attributes"]["command"])
-    for attribute in ("OrgId", "BillingStatus", "StripeCustomerId"):
+    for attribute in SEARCH_ATTRIBUTES:
         assert attribute in script
     assert "search-attribute create" in script and "--type Keyword" in script
 

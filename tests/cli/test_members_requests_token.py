@@ -10,7 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from billing.auth import decode_token
-from billing.db.models import RequestLog
+from billing.db.models import Membership, RequestLog, User
 from stripe_emulator.server import EmulatorServer
 from tests.cli.conftest import JWT_SECRET, Invoke, assert_clean_error
 
@@ -38,6 +38,31 @@ def test_add_and_remove_a_member(invoke: Invoke) -> None:
     assert json.loads(removed.stdout) == {
         "org_id": org_id, "email": "grace@acme.test", "removed": True, "members": 1,
     }
+
+
+def test_removing_a_member_keeps_the_history_and_they_can_come_back(
+    invoke: Invoke, session_factory: sessionmaker[Session]
+) -> None:
+    org_id = _org(invoke)
+    invoke("members", "add", str(org_id), "--email", "grace@acme.test")
+    assert invoke("members", "remove", str(org_id), "--email", "grace@acme.test").exit_code == 0
+
+    back = invoke("members", "add", str(org_id), "--email", "grace@acme.test", "--json")
+    shown = invoke("orgs", "show", str(org_id), "--json")
+
+    assert back.exit_code == 0, back.output
+    assert json.loads(back.stdout)["members"] == 2
+    assert json.loads(shown.stdout)["org"]["members"] == 2
+    with session_factory() as session:
+        stays = session.execute(
+            select(Membership.joined_at, Membership.left_at)
+            .join(User, User.id == Membership.user_id)
+            .where(Membership.org_id == org_id, User.email == "grace@acme.test")
+            .order_by(Membership.joined_at)
+        ).all()
+    assert len(stays) == 2
+    assert stays[0].left_at is not None and stays[0].left_at <= stays[1].joined_at
+    assert stays[1].left_at is None
 
 
 def test_a_user_can_belong_to_two_orgs(invoke: Invoke) -> None:

@@ -10,7 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from sqlalchemy.orm import Session, sessionmaker
-from temporalio.client import Client
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import Client, WorkflowHistory
 
 from activities.stripe_activities import StripeActivities
 from billing.config import Settings
@@ -125,13 +126,56 @@ async def wait_for_status(
     )
 
 
-async def capture_history(client: Client, workflow_id: str, name: str) -> None:
-    """Save a run's history for the replay test when BILLING_CAPTURE_HISTORIES=1."""
+def scheduled(activity_type: str) -> Callable[[WorkflowHistory], int]:
+    """Scores a run by how many `activity_type` activities it scheduled."""
+
+    def score(history: WorkflowHistory) -> int:
+        return sum(
+            1
+            for e in history.events
+            if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+            and e.activity_task_scheduled_event_attributes.activity_type.name == activity_type
+        )
+
+    return score
+
+
+def counted(event_type: EventType.ValueType) -> Callable[[WorkflowHistory], int]:
+    """Scores a run by how many events of `event_type` it holds."""
+
+    def score(history: WorkflowHistory) -> int:
+        return sum(1 for e in history.events if e.event_type == event_type)
+
+    return score
+
+
+async def capture_history(
+    client: Client,
+    workflow_id: str,
+    name: str,
+    *,
+    run_id: str | None = None,
+    pick: Callable[[WorkflowHistory], int] | None = None,
+) -> None:
+    """Save a run's history for the replay test when BILLING_CAPTURE_HISTORIES=1.
+
+    The latest run by default; `run_id` names another, and `pick` takes the run
+    it scores highest (the one that did the work, before it continued as new).
+    """
     import os
     from pathlib import Path
 
     if os.environ.get("BILLING_CAPTURE_HISTORIES") != "1":
         return
-    history = await client.get_workflow_handle(workflow_id).fetch_history()
+    if pick is not None:
+        runs = [wf.run_id async for wf in client.list_workflows(f"WorkflowId = '{workflow_id}'")]
+        histories = [
+            await client.get_workflow_handle(workflow_id, run_id=run).fetch_history()
+            for run in runs
+        ]
+        history = max(histories, key=pick)
+        assert pick(history) > 0, f"no run of {workflow_id} is worth saving as {name}"
+    else:
+        history = await client.get_workflow_handle(workflow_id, run_id=run_id).fetch_history()
     target = Path(__file__).resolve().parent.parent / "histories" / f"{name}.json"
     target.write_text(history.to_json())

@@ -47,10 +47,13 @@ from tests.factories.stack import create_org, make_settings, running_worker, wai
 from tooling.binaries import temporal_cli_path
 from tooling.codec_server import check_startup, create_codec_app
 from workflows import ALL_WORKFLOWS
+from workflows.org_billing import PATCH_IDS
 
 KID1 = new_key_entry("kid1")
 KID2 = new_key_entry("kid2")
 # Stripe object ids as Stripe (and the emulator) shape them.
+# Temporal records the patches a run took in this search attribute.
+CHANGE_VERSION = "TemporalChangeVersion"
 STRIPE_ID = re.compile(rb"\b(cus|sub|si|evt|in|ii|pm|price|prod|bps|mtr|clock)_[A-Za-z0-9]{6,}")
 
 
@@ -207,8 +210,11 @@ async def test_histories_hold_no_personal_data_and_operators_still_read_them(
     assert STRIPE_ID.search(raw) is None, STRIPE_ID.search(raw)
     assert key_ids(*histories) == {"kid2"}
 
-    # Search attributes stay plaintext: only the documented three, none personal.
-    assert set(attributes) <= set(SEARCH_ATTRIBUTES), attributes
+    # Search attributes stay plaintext: only the documented ones, none personal, and
+    # Temporal's own `TemporalChangeVersion`, which lists the workflow's patch ids.
+    assert set(attributes) <= {*SEARCH_ATTRIBUTES, CHANGE_VERSION}, attributes
+    versions = {v for value in attributes.get(CHANGE_VERSION, set()) for v in json.loads(value)}
+    assert versions <= set(PATCH_IDS), versions
     searchable = b" ".join(value for values in attributes.values() for value in values)
     assert owner_email.encode() not in searchable and org_name.encode() not in searchable
     assert b"Grace" not in searchable

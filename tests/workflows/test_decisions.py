@@ -9,6 +9,7 @@ import pytest
 from activities.models import FetchSubscriptionInput, UsagePlan
 from billing.domain import (
     BillingPeriod,
+    BillingProblem,
     BillingStatus,
     OrgBillingState,
     OrgBillingTuning,
@@ -18,7 +19,12 @@ from billing.domain import (
     SubscriptionStatus,
     UsagePeriodReport,
 )
-from billing.search_attributes import BILLING_STATUS_KEY, ORG_ID_KEY, STRIPE_CUSTOMER_ID_KEY
+from billing.search_attributes import (
+    BILLING_PROBLEM_KEY,
+    BILLING_STATUS_KEY,
+    ORG_ID_KEY,
+    STRIPE_CUSTOMER_ID_KEY,
+)
 from workflows import decisions
 from workflows.decisions import KEPT_USAGE_PERIODS, TRIAL_WILL_END, Refusal, UsageStep
 
@@ -33,6 +39,7 @@ TUNING = OrgBillingTuning(
 LEAD = timedelta(seconds=TUNING.usage_lead_seconds)
 GRACE = timedelta(seconds=TUNING.usage_grace_seconds)
 DAY = timedelta(seconds=TUNING.resync_interval_seconds)
+SEC = timedelta(seconds=1)
 JAN = datetime(2026, 1, 15, tzinfo=UTC)
 FEB = datetime(2026, 2, 15, tzinfo=UTC)
 MAR = datetime(2026, 3, 15, tzinfo=UTC)
@@ -562,3 +569,232 @@ def test_search_attributes_name_the_customer_once_known() -> None:
         BILLING_STATUS_KEY.value_set("active"),
         STRIPE_CUSTOMER_ID_KEY.value_set("cus_1"),
     ]
+
+
+def test_a_solved_problem_is_unset_and_an_unknown_one_never_shown() -> None:
+    state = billed()
+    wanted = decisions.wanted_attributes(state, BillingProblem.STRIPE_AUTH)
+    assert wanted["BillingProblem"] == "stripe_auth"
+    assert decisions.attribute_updates(wanted)[-1] == BILLING_PROBLEM_KEY.value_set("stripe_auth")
+    solved = decisions.wanted_attributes(state)
+    assert "BillingProblem" not in solved
+    assert decisions.attribute_updates(solved, wanted)[-1] == BILLING_PROBLEM_KEY.value_unset()
+    # Never shown, never unset: the upsert is the one saved histories have.
+    assert decisions.attribute_updates(solved, solved) == decisions.attribute_updates(solved)
+    assert len(decisions.attribute_updates(solved)) == 3
+
+
+# Problems -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("state", "problem"),
+    [
+        (
+            OrgBillingState(org_id=7, status=BillingStatus.PROVISIONING_FAILED),
+            "provisioning_failed",
+        ),
+        (billed(usage_problem=BillingProblem.STRIPE_AUTH), "stripe_auth"),
+        (billed(usage_problem=BillingProblem.USAGE_REPORT_FAILING), "usage_report_failing"),
+        (billed(SubscriptionStatus.PAST_DUE), "payment_failed"),
+        (billed(SubscriptionStatus.UNPAID), "payment_failed"),
+        (billed(), None),
+        (billed(SubscriptionStatus.CANCELED), None),
+        (OrgBillingState(org_id=7, status=BillingStatus.NOT_BILLED), None),
+    ],
+)
+def test_the_problem_shown_is_the_one_a_person_must_fix(
+    state: OrgBillingState, problem: str | None
+) -> None:
+    found = decisions.billing_problem(state)
+    assert (found.value if found else None) == problem
+
+
+def test_failed_events_are_a_problem_below_failing_usage() -> None:
+    state = billed(SubscriptionStatus.PAST_DUE)
+    decisions.event_failed(state, event(), "sub_1", "403", TUNING, JAN)
+    assert decisions.billing_problem(state) is BillingProblem.EVENT_FAILED
+    state.usage_problem = BillingProblem.STRIPE_AUTH
+    assert decisions.billing_problem(state) is BillingProblem.STRIPE_AUTH
+
+
+# Refused usage reports ---------------------------------------------------------------------
+
+RETRY = TUNING.model_copy(
+    update={"usage_retry_initial_seconds": 30, "usage_retry_max_seconds": 300}
+)
+
+
+def test_backoff_doubles_up_to_its_maximum() -> None:
+    assert [decisions.backoff(n, 30, 300).total_seconds() for n in range(1, 7)] == [
+        30,
+        60,
+        120,
+        240,
+        300,
+        300,
+    ]
+    assert decisions.backoff(10_000, 30, 300) == timedelta(seconds=300)
+    assert decisions.backoff(0, 30, 300) == timedelta(seconds=30)
+
+
+@pytest.mark.parametrize(
+    ("kind", "problem"),
+    [
+        ("StripeAuthenticationError", BillingProblem.STRIPE_AUTH),
+        ("StripePermissionError", BillingProblem.STRIPE_AUTH),
+        ("StripeInvalidRequestError", BillingProblem.USAGE_REPORT_FAILING),
+        (None, BillingProblem.USAGE_REPORT_FAILING),
+    ],
+)
+def test_a_refused_report_is_retried_soon_whatever_refused_it(
+    kind: str | None, problem: BillingProblem
+) -> None:
+    state = billed()
+    now = FEB + GRACE
+    assert decisions.usage_refused(state, kind, RETRY, now) == timedelta(seconds=30)
+    assert state.usage_problem is problem
+    assert state.usage_retry_after == now + timedelta(seconds=30)
+    # Within the hour Stripe leaves before finalizing the invoice: retried again and again.
+    assert decisions.usage_refused(state, kind, RETRY, now) == timedelta(seconds=60)
+    assert state.usage_failures == 2
+    assert decisions.usage_step(state, RETRY, now + timedelta(seconds=60)) is UsageStep.RESYNC
+
+
+def test_a_report_that_goes_through_clears_the_usage_problem_only() -> None:
+    state = billed(last_error="usage report: revoked key")
+    assert not decisions.usage_recovered(state, "usage report")
+    decisions.usage_refused(state, "StripeAuthenticationError", RETRY, FEB)
+    assert decisions.usage_recovered(state, "usage report")
+    assert (state.usage_failures, state.usage_problem, state.usage_retry_after) == (0, None, None)
+    assert state.last_error is None
+    other = billed(last_error="event evt_1: no such subscription")
+    decisions.usage_refused(other, None, RETRY, FEB)
+    assert decisions.usage_recovered(other, "usage report")
+    assert other.last_error == "event evt_1: no such subscription"
+
+
+def test_the_period_is_confirmed_only_when_stripe_shows_the_same_one() -> None:
+    assert decisions.same_period(billed(), JAN, FEB)
+    assert not decisions.same_period(billed(start=JAN + DAY), JAN, FEB)  # trial ended early
+    assert not decisions.same_period(billed(end=FEB - DAY), JAN, FEB)  # anchor reset
+    assert not decisions.same_period(billed(SubscriptionStatus.CANCELED), JAN, FEB)
+
+
+# Failed events ----------------------------------------------------------------------------
+
+EVENTS = TUNING.model_copy(
+    update={"event_retry_initial_seconds": 30, "event_retry_max_seconds": 600}
+)
+
+
+def test_a_failed_event_is_kept_unseen_and_retried_with_backoff() -> None:
+    state = billed()
+    assert decisions.event_failed(state, event("evt_1"), "sub_1", "403", EVENTS, JAN) is None
+    [kept] = state.failed_events
+    assert (kept.event.event_id, kept.attempts, kept.retry_at) == ("evt_1", 1, JAN + 30 * SEC)
+    assert "evt_1" not in state.seen_event_ids
+    assert decisions.due_failed_event(state, JAN + 29 * SEC) is None
+    assert decisions.next_event_retry(state, JAN) == 30 * SEC
+    due = decisions.due_failed_event(state, JAN + 30 * SEC)
+    assert due is not None and due.event.event_id == "evt_1"
+    assert state.failed_events  # kept until it goes through
+    decisions.event_failed(state, event("evt_1"), "sub_1", "403", EVENTS, JAN + 30 * SEC)
+    [again] = state.failed_events
+    assert (again.attempts, again.retry_at) == (2, JAN + 90 * SEC)
+    assert decisions.next_event_retry(state, JAN + 90 * SEC) == SEC  # never less than a second
+
+
+def test_one_failed_event_is_kept_per_object_the_newest() -> None:
+    state = billed()
+    decisions.event_failed(state, event("evt_1", created=100), "sub_1", "403", EVENTS, JAN)
+    covered = decisions.event_failed(
+        state, event("evt_2", created=200), "sub_1", "403", EVENTS, JAN
+    )
+    assert covered is not None and covered.event_id == "evt_1"
+    older = decisions.event_failed(state, event("evt_0", created=50), "sub_1", "403", EVENTS, JAN)
+    assert older is not None and older.event_id == "evt_0"
+    decisions.event_failed(state, event("evt_9", object_id="sub_9"), "sub_9", "403", EVENTS, JAN)
+    assert [(f.key, f.event.event_id, f.attempts) for f in state.failed_events] == [
+        ("sub_1", "evt_2", 3),
+        ("sub_9", "evt_9", 1),
+    ]
+    resolved = decisions.event_resolved(state, "sub_1")
+    assert [e.event_id for e in resolved] == ["evt_2"]
+    assert [f.key for f in state.failed_events] == ["sub_9"]
+    decisions.event_resolved_by_id(state, "evt_9")
+    assert state.failed_events == []
+    assert decisions.next_event_retry(state, JAN) is None
+
+
+def test_failed_event_retries_wake_the_loop_even_while_usage_waits() -> None:
+    now = FEB + GRACE
+    state = billed(last_synced_at=now, usage_retry_after=now + timedelta(hours=2))
+    decisions.event_failed(state, event(), "sub_1", "403", EVENTS, now)
+    assert decisions.next_wake(state, EVENTS, now) == 30 * SEC
+
+
+# Watermark cap ------------------------------------------------------------------------------
+
+
+def test_the_watermark_cap_is_stripes_clock_at_the_read() -> None:
+    snap = snapshot(start=FEB, end=MAR)
+    # A test clock's time, ahead of the wall clock or behind it.
+    assert decisions.watermark_cap(snap.model_copy(update={"read_at": APR}), MAR) == int(
+        APR.timestamp()
+    )
+    behind = snap.model_copy(update={"read_at": FEB + DAY})
+    assert decisions.watermark_cap(behind, MAR) == int((FEB + DAY).timestamp())
+    # Without the read's clock: now, or the period start if later.
+    assert decisions.watermark_cap(snap, JAN) == int(FEB.timestamp())
+    assert decisions.watermark_cap(snap, MAR) == int(MAR.timestamp())
+    assert decisions.watermark_cap(snapshot(start=None, end=None), JAN) == int(JAN.timestamp())
+
+
+def test_an_event_dated_far_ahead_moves_its_watermark_only_to_the_cap() -> None:
+    state = billed()
+    cap = int(FEB.timestamp())
+    decisions.advance_watermark(state, "sub_1", 2**53, cap)
+    assert state.watermarks["sub_1"] == cap
+    # A real event after it is not stale.
+    assert not decisions.plan_event(state, event(created=cap)).stale
+    decisions.advance_watermark(state, "sub_1", cap - 10, cap)
+    assert state.watermarks["sub_1"] == cap  # still never back
+
+
+def test_a_read_heals_watermarks_past_its_cap() -> None:
+    state = billed(watermarks={"sub_1": 2**53, "cus_1": 5, "sub_2": 2**53})
+    decisions.cap_watermarks(state, ["sub_1", "cus_1", "sub_3"], 1000)
+    assert state.watermarks == {"sub_1": 1000, "cus_1": 5, "sub_2": 2**53}
+
+
+# Moving to a marketplace ------------------------------------------------------------------
+
+
+def test_an_org_moved_to_a_marketplace_ends_its_subscription_at_period_end() -> None:
+    state = billed()
+    live = snapshot(start=JAN, end=FEB)
+    assert decisions.marketplace_cancel(state, live, billed_elsewhere=True) is True
+    trialing = snapshot(SubscriptionStatus.TRIALING, start=JAN, end=FEB)
+    assert decisions.marketplace_cancel(state, trialing, billed_elsewhere=True) is True
+    # A cancel later than the period end would let Stripe renew: end it at the period's end.
+    later = live.model_copy(update={"cancel_at": MAR})
+    assert decisions.marketplace_cancel(state, later, billed_elsewhere=True) is True
+    ending = live.model_copy(update={"cancel_at": FEB})
+    assert decisions.marketplace_cancel(state, ending, billed_elsewhere=True) is None
+    ended = snapshot(SubscriptionStatus.CANCELED, start=JAN, end=FEB)
+    assert decisions.marketplace_cancel(state, ended, billed_elsewhere=True) is None
+    other = live.model_copy(update={"id": "sub_2"})
+    assert decisions.marketplace_cancel(state, other, billed_elsewhere=True) is None
+    assert decisions.marketplace_cancel(state, live, billed_elsewhere=False) is None
+
+
+def test_back_from_the_marketplace_in_time_only_our_cancel_is_taken_back() -> None:
+    ending = snapshot(start=JAN, end=FEB, cancel_at=FEB)
+    ours = billed(marketplace_cancel_of="sub_1")
+    assert decisions.marketplace_cancel(ours, ending, billed_elsewhere=False) is False
+    # A cancel the customer asked for is theirs.
+    assert decisions.marketplace_cancel(billed(), ending, billed_elsewhere=False) is None
+    # Too late: the subscription ended.
+    ended = ending.model_copy(update={"status": SubscriptionStatus.CANCELED})
+    assert decisions.marketplace_cancel(ours, ended, billed_elsewhere=False) is None

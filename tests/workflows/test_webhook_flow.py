@@ -380,3 +380,38 @@ async def test_a_fresh_run_for_a_canceled_org_does_not_subscribe_it_again(
         {"customer": state.stripe_customer_id, "status": "all"}
     ).data
     assert [s.id for s in subs] == [state.stripe_subscription_id]
+
+
+async def test_an_event_dated_far_ahead_cannot_make_later_events_look_stale(
+    stack: LiveStack,
+) -> None:
+    """Test mode accepts events dated in a test clock's future; the workflow caps what
+    an event's `created` can do to its watermark at Stripe's own clock."""
+    state = await provisioned_org(stack)
+    assert state.stripe_subscription_id
+    await stack.settled(state.org_id)
+    sub = stack.subscription(state.stripe_subscription_id)
+    forged = {
+        "id": f"evt_far_ahead_{uuid.uuid4().hex[:8]}",
+        "object": "event",
+        "type": "customer.subscription.updated",
+        "created": 2**53,
+        "data": {"object": sub.to_dict()},
+        "api_version": stripe.api_version,
+        "livemode": False,
+    }
+    assert (await _post(stack, forged)).status_code == 200
+    applied = await eventually(
+        lambda: query_state(stack.client, state.org_id), lambda s: forged["id"] in s.seen_event_ids
+    )
+    assert applied.watermarks[sub.id] <= stack.clock_time() + 300
+
+    cancel_at = stack.clock_time() + 10 * 86400
+    stack.stripe.v1.subscriptions.update(sub.id, {"cancel_at": cancel_at})
+
+    await eventually(
+        lambda: _row_end(stack, state.org_id),
+        lambda end: end == datetime.fromtimestamp(cancel_at, UTC),
+        timeout=20,
+    )
+    await stack.settled(state.org_id)
