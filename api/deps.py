@@ -17,7 +17,7 @@ from api import store
 from api.errors import auth_not_configured, forbidden, stripe_not_configured, unauthorized
 from api.metrics import BillingMetrics
 from api.temporal import TemporalLink
-from billing.auth import Claims, InvalidTokenError, decode_token
+from billing.auth import Claims, InvalidTokenError, TokenRules, decode_token
 from billing.config import Settings
 from billing.db import orgs
 from billing.stripe_gateway import StripeGateway
@@ -90,7 +90,11 @@ StripeDep = Annotated[StripeGateway, Depends(get_stripe)]
 bearer_scheme = HTTPBearer(
     auto_error=False,
     bearerFormat="JWT",
-    description="HS256 JWT signed with AUTH_JWT_SECRET; claims `sub` (user id), `org_id`, `exp`.",
+    description=(
+        "HS256 JWT signed with AUTH_JWT_SECRET; claims `sub` (user id), `org_id`, `iat`, "
+        "`exp` (at most AUTH_JWT_MAX_TTL_SECONDS after `iat`), `aud` (AUTH_JWT_AUDIENCE) "
+        "and `iss` (AUTH_JWT_ISSUER)."
+    ),
 )
 
 
@@ -104,7 +108,7 @@ async def get_claims(
     if credentials is None:
         raise unauthorized("Missing bearer token")
     try:
-        return decode_token(settings.auth_jwt_secret, credentials.credentials)
+        return decode_token(TokenRules.of(settings), credentials.credentials)
     except InvalidTokenError as err:
         raise unauthorized(err.reason) from None
 

@@ -30,9 +30,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from temporalio.testing import WorkflowEnvironment
 
 from api.main import create_app
-from billing.auth import mint_token
 from billing.config import Settings
-from tests.api.support import JWT_SECRET, WEBHOOK_SECRET
+from tests.api.support import WEBHOOK_SECRET, bearer
 from tests.factories.orgs import make_org_with_member
 from tests.factories.stripe_events import sign_stripe_payload
 
@@ -99,7 +98,7 @@ def test_every_answer_is_documented_and_none_is_a_500(
 ) -> None:
     customer = stripe_client.v1.customers.create({"email": "fuzz@example.com"})
     org, user = make_org_with_member(session_factory, stripe_customer_id=customer.id)
-    member = {"Authorization": f"Bearer {mint_token(JWT_SECRET, user.id, org.id)}"}
+    member = bearer(user.id, org.id)
     schema = schemathesis.openapi.from_asgi("/openapi.json", fuzz_app)
 
     operations = []
