@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from billing.db.models import Membership, Org, RequestLog, User
 from billing.domain import (
+    GRANTABLE_ROLES,
     FieldDifference,
     MembershipRole,
     OrgProfile,
@@ -356,10 +357,27 @@ class MemberView:
 
 
 def is_member(session: Session, org_id: int, user_id: int) -> bool:
-    found = session.scalar(
-        select(Membership.id).where(Membership.org_id == org_id, Membership.user_id == user_id)
+    return member_role(session, org_id, user_id) is not None
+
+
+def member_role(session: Session, org_id: int, user_id: int) -> MembershipRole | None:
+    """The user's role in the org, or None when they are not a member (or it does not exist)."""
+    return session.scalar(
+        select(Membership.role).where(Membership.org_id == org_id, Membership.user_id == user_id)
     )
-    return found is not None
+
+
+def grantable_role(value: str) -> MembershipRole:
+    """A role an operator may give a member: `member` or `billing_admin`, never `owner`."""
+    names = " or ".join(role.value for role in GRANTABLE_ROLES)
+    if value == MembershipRole.OWNER:
+        raise InvalidInputError(
+            f"An org has exactly one owner, set when it is created; use {names}."
+        )
+    for role in GRANTABLE_ROLES:
+        if value == role.value:
+            return role
+    raise InvalidInputError(f"{value!r} is not a role; use {names}.")
 
 
 def member_count(session: Session, org_id: int) -> int:
@@ -382,8 +400,15 @@ def get_membership(session: Session, org_id: int, email: str) -> Membership:
     return membership
 
 
-def add_member(session: Session, org_id: int, email: str, full_name: str | None = None) -> User:
-    """Add a user (created if new) to the org as a plain member."""
+def add_member(
+    session: Session,
+    org_id: int,
+    email: str,
+    full_name: str | None = None,
+    role: MembershipRole = MembershipRole.MEMBER,
+) -> User:
+    """Add a user (created if new) to the org, as a plain member or a billing admin."""
+    role = grantable_role(role)
     get_org(session, org_id)
     first, last = split_name(full_name)
     user = _get_or_create_user(session, normalize_email(email), first, last)
@@ -392,7 +417,7 @@ def add_member(session: Session, org_id: int, email: str, full_name: str | None 
     )
     if existing is not None:
         raise ConflictError(f"{user.email} is already a member of org {org_id}.")
-    session.add(Membership(org_id=org_id, user_id=user.id, role=MembershipRole.MEMBER))
+    session.add(Membership(org_id=org_id, user_id=user.id, role=role))
     try:
         session.flush()
     except IntegrityError as err:

@@ -7,11 +7,13 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import jwt
+import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from billing.auth import TokenRules, decode_token
-from billing.db.models import RequestLog
+from billing.db.models import Membership, RequestLog
+from billing.db.orgs import find_user
 from tests.cli.conftest import JWT_SECRET, Invoke, assert_clean_error
 
 FROM_HOME_SECRET = "from-home-secret-of-at-least-32-bytes"
@@ -47,6 +49,55 @@ def test_add_and_remove_a_member(invoke: Invoke) -> None:
     assert json.loads(removed.stdout) == {
         "org_id": org_id, "email": "grace@acme.test", "removed": True, "members": 1,
     }
+
+
+def _role(session_factory: sessionmaker[Session], org_id: int, email: str) -> str:
+    with session_factory() as session:
+        user = find_user(session, email)
+        role = session.scalar(
+            select(Membership.role).where(
+                Membership.org_id == org_id, Membership.user_id == user.id
+            )
+        )
+    return str(role)
+
+
+def test_add_a_billing_admin(invoke: Invoke, session_factory: sessionmaker[Session]) -> None:
+    org_id = _org(invoke)
+
+    admin = invoke("members", "add", str(org_id), "--email", "bill@acme.test",
+                   "--role", "billing_admin", "--json")
+    plain = invoke("members", "add", str(org_id), "--email", "pat@acme.test")
+    shown = invoke("orgs", "show", str(org_id), "--json")
+
+    assert admin.exit_code == 0, admin.output
+    assert json.loads(admin.stdout) == {
+        "org_id": org_id, "email": "bill@acme.test", "role": "billing_admin", "members": 2,
+    }
+    assert plain.exit_code == 0 and "as member" in plain.stdout
+    assert _role(session_factory, org_id, "bill@acme.test") == "billing_admin"
+    assert _role(session_factory, org_id, "pat@acme.test") == "member"
+    roles = {m["email"]: m["role"] for m in json.loads(shown.stdout)["members"]}
+    assert roles == {
+        "ada@acme.test": "owner", "bill@acme.test": "billing_admin", "pat@acme.test": "member",
+    }
+
+
+@pytest.mark.parametrize(
+    ("role", "message"),
+    [
+        ("owner", "exactly one owner"),
+        ("admin", "'admin' is not a role; use member or billing_admin"),
+    ],
+)
+def test_a_role_that_cannot_be_granted_is_refused(invoke: Invoke, role: str, message: str) -> None:
+    org_id = _org(invoke)
+
+    result = invoke("members", "add", str(org_id), "--email", "eve@acme.test", "--role", role)
+
+    assert_clean_error(result, message)
+    listed = invoke("orgs", "show", str(org_id), "--json")
+    assert [m["email"] for m in json.loads(listed.stdout)["members"]] == ["ada@acme.test"]
 
 
 def test_a_user_can_belong_to_two_orgs(invoke: Invoke) -> None:
