@@ -17,9 +17,10 @@ from api import store
 from api.errors import auth_not_configured, forbidden, stripe_not_configured, unauthorized
 from api.metrics import BillingMetrics
 from api.temporal import TemporalLink
-from billing.auth import Claims, InvalidTokenError, decode_token
+from billing.auth import Claims, InvalidTokenError, TokenRules, decode_token
 from billing.config import Settings
 from billing.db import orgs
+from billing.domain import BILLING_MANAGER_ROLES, MembershipRole
 from billing.stripe_gateway import StripeGateway
 
 
@@ -90,7 +91,11 @@ StripeDep = Annotated[StripeGateway, Depends(get_stripe)]
 bearer_scheme = HTTPBearer(
     auto_error=False,
     bearerFormat="JWT",
-    description="HS256 JWT signed with AUTH_JWT_SECRET; claims `sub` (user id), `org_id`, `exp`.",
+    description=(
+        "HS256 JWT signed with AUTH_JWT_SECRET; claims `sub` (user id), `org_id`, `iat`, "
+        "`exp` (at most AUTH_JWT_MAX_TTL_SECONDS after `iat`), `aud` (AUTH_JWT_AUDIENCE) "
+        "and `iss` (AUTH_JWT_ISSUER)."
+    ),
 )
 
 
@@ -104,24 +109,47 @@ async def get_claims(
     if credentials is None:
         raise unauthorized("Missing bearer token")
     try:
-        return decode_token(settings.auth_jwt_secret, credentials.credentials)
+        return decode_token(TokenRules.of(settings), credentials.credentials)
     except InvalidTokenError as err:
         raise unauthorized(err.reason) from None
 
 
 ClaimsDep = Annotated[Claims, Depends(get_claims)]
 
+NOT_A_MEMBER = "Not a member of this organization"
+NOT_A_BILLING_MANAGER = "Only the organization's owner or a billing admin may manage billing"
+
+
+async def require_role(
+    factory: store.SessionFactory,
+    claims: Claims,
+    allowed: frozenset[MembershipRole] | None = None,
+) -> MembershipRole:
+    """The caller's role in the token's org; 403 unless a member (with a role in `allowed`).
+
+    A non-member always gets the same 403, whether or not the org exists, so a
+    token never tells its holder which orgs there are.
+    """
+    role = await store.read(factory, lambda s: orgs.member_role(s, claims.org_id, claims.user_id))
+    if role is None:
+        raise forbidden(NOT_A_MEMBER)
+    if allowed is not None and role not in allowed:
+        raise forbidden(NOT_A_BILLING_MANAGER)
+    return role
+
 
 async def require_member(factory: store.SessionFactory, claims: Claims) -> None:
     """403 unless the token's user is (still) a member of the token's org."""
-    if not await store.read(factory, lambda s: orgs.is_member(s, claims.org_id, claims.user_id)):
-        raise forbidden("Not a member of this organization")
+    await require_role(factory, claims)
 
 
-async def get_member_claims(claims: ClaimsDep, factory: SessionFactoryDep) -> Claims:
-    """A verified token whose user is a current member of the token's org."""
-    await require_member(factory, claims)
+async def get_billing_manager_claims(claims: ClaimsDep, factory: SessionFactoryDep) -> Claims:
+    """A verified token of the org's owner or a billing admin: who may change billing.
+
+    For every route that acts on the org's Stripe billing (the portal, checkout).
+    """
+    await require_role(factory, claims, BILLING_MANAGER_ROLES)
     return claims
 
 
-MemberDep = Annotated[Claims, Depends(get_member_claims)]
+BillingManagerDep = Annotated[Claims, Depends(get_billing_manager_claims)]

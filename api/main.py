@@ -31,6 +31,7 @@ from api.metrics import CLIENT_CLOSED_STATUS, BillingMetrics, method_label, stat
 from api.routes import health, orgs, payments, webhooks
 from api.server import BodyTimeoutMiddleware
 from api.temporal import TemporalLink
+from billing.auth import AuthConfigError, check_settings
 from billing.config import Settings, get_settings
 from billing.db.session import make_engine, make_session_factory
 from billing.logging import log_context
@@ -112,6 +113,17 @@ def _stripe_gateway(
     return StripeGateway(client, settings)
 
 
+def _check_auth(settings: Settings) -> None:
+    """Refuse to start with a secret too weak to trust; say so when there is none."""
+    try:
+        check_settings(settings)
+    except AuthConfigError as err:
+        log.error("The API cannot start: %s", err)
+        raise
+    if not settings.auth_jwt_secret:
+        log.warning("AUTH_JWT_SECRET is not set: the portal and billing routes will answer 500")
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -125,6 +137,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        _check_auth(resolved)
         engine: Engine | None = None
         factory = session_factory
         if factory is None:

@@ -389,7 +389,7 @@ async def open_stack() -> AsyncIterator[Stack]:
                     "stripe_price_id": catalog.base_price_id,
                     "stripe_users_price_id": catalog.users_price_id,
                     "stripe_requests_price_id": catalog.requests_price_id,
-                    "auth_jwt_secret": "bench",
+                    "auth_jwt_secret": "bench-jwt-secret-of-at-least-32-bytes",
                 }
             )
             # The product's own client: encrypted when BILLING_ENCRYPTION_KEYS is set.

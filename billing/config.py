@@ -45,7 +45,12 @@ class Settings(BaseSettings):
     # `billing codec-server`: the bearer token it demands, and the web origins it answers.
     billing_codec_server_token: SecretStr | None = None
     billing_codec_cors_origins: str = "http://localhost:8233,http://127.0.0.1:8233"
+    # Members' bearer tokens (billing/auth.py): HS256 secret of at least 32 bytes,
+    # the `aud` and `iss` every token must carry, and the longest lifetime accepted.
     auth_jwt_secret: str = ""
+    auth_jwt_audience: str = Field(default="org-billing", min_length=1, max_length=255)
+    auth_jwt_issuer: str = Field(default="org-billing", min_length=1, max_length=255)
+    auth_jwt_max_ttl_seconds: int = Field(default=3600, ge=60, le=86400)
 
     stripe_secret_key: str = ""
     stripe_webhook_secret: str = ""

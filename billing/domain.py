@@ -61,10 +61,22 @@ class BillingProblem(StrEnum):
 
 
 class MembershipRole(StrEnum):
-    """A user's role in an org (`memberships.role`); every org has exactly one owner."""
+    """A user's role in an org (`memberships.role`); every org has exactly one owner.
+
+    A billing admin may do what the owner does with billing (portal, checkout);
+    a member may only read the org's public billing view.
+    """
 
     OWNER = "owner"
+    BILLING_ADMIN = "billing_admin"
     MEMBER = "member"
+
+
+# Roles that may act on the org's billing: open the Stripe portal (card, invoices,
+# cancel) and, later, checkout.
+BILLING_MANAGER_ROLES = frozenset({MembershipRole.OWNER, MembershipRole.BILLING_ADMIN})
+# Roles an operator may grant: the owner is set when the org is created, and stays one.
+GRANTABLE_ROLES = (MembershipRole.MEMBER, MembershipRole.BILLING_ADMIN)
 
 
 class LedgerStatus(StrEnum):

@@ -38,6 +38,7 @@ import psutil  # type: ignore[import-untyped]
 from rich.console import Console
 from rich.table import Table
 
+from billing.auth import MIN_SECRET_BYTES
 from billing.config import Settings
 from billing.constants import ORG_BILLING_WORKFLOW
 from tooling.home import (
@@ -274,7 +275,7 @@ class DevStack:
                 "TEMPORAL_ADDRESS": temporal_address,
                 "TEMPORAL_NAMESPACE": self.env_settings.temporal_namespace,
                 "TEMPORAL_TASK_QUEUE": self.env_settings.temporal_task_queue,
-                "AUTH_JWT_SECRET": previous.get("AUTH_JWT_SECRET") or secrets.token_urlsafe(32),
+                "AUTH_JWT_SECRET": _jwt_secret(previous.get("AUTH_JWT_SECRET")),
                 # Not settings of the product: where `curl` and a browser reach the stack
                 # (`billing dev env` prints them with the rest).
                 "BILLING_API_URL": f"http://{HOST}:{ports.api}",
@@ -633,6 +634,14 @@ def _as_fields(values: Mapping[str, str]) -> dict[str, str]:
 
 
 # Readiness checks ------------------------------------------------------------------
+
+
+def _jwt_secret(previous: str | None) -> str:
+    """The home's token secret, kept across restarts so minted tokens stay valid;
+    a new one when there is none or it is too short for the API to start with."""
+    if previous and len(previous.encode()) >= MIN_SECRET_BYTES:
+        return previous
+    return secrets.token_urlsafe(48)
 
 
 def _migrate(database_url: str) -> None:

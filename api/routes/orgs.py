@@ -1,10 +1,19 @@
-"""`GET /api/orgs/{org_id}/billing`: an org's billing state, for its members."""
+"""`GET /api/orgs/{org_id}/billing`: an org's billing as its members may see it.
+
+Members get a public view: status, the dates that matter to them, and the
+usage of the current period so far. The workflow's full state (Stripe ids,
+raw Stripe errors, watermarks, event ids) is for operators, who read it with
+`billing orgs show` or the workflow's `state` query in the Temporal UI.
+"""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, HTTPException, Path, status
+from pydantic import BaseModel, Field
+from sqlalchemy.orm import Session
 
 from api import store
 from api.deps import ClaimsDep, SessionFactoryDep, TemporalDep, require_member
@@ -12,7 +21,7 @@ from api.errors import forbidden, responses
 from api.temporal import workflow_state
 from billing.db import orgs
 from billing.db.models import Org
-from billing.domain import OrgBillingState, row_billing_status
+from billing.domain import BillingStatus, OrgBillingState, row_billing_status
 from billing.logging import bind_log_context
 
 router = APIRouter(prefix="/api/orgs", tags=["orgs"])
@@ -20,18 +29,35 @@ router = APIRouter(prefix="/api/orgs", tags=["orgs"])
 OrgId = Annotated[int, Path(ge=1, le=2**31 - 1, description="The org's id")]
 
 
-class OrgBillingPublic(OrgBillingState):
-    """The workflow's `state`, plus where it came from.
+class UsageSoFarPublic(BaseModel):
+    """What the org used in its current billing period, from its start until `as_of`."""
+
+    users: int = Field(description="Members of the org now (the users meter is a level)")
+    requests: int = Field(description="Requests recorded since the period started")
+    as_of: datetime
+
+
+class OrgBillingPublic(BaseModel):
+    """An org's billing for its members: no Stripe ids, raw errors or bookkeeping.
 
     `source` is `workflow` for live state, `database` when the workflow could
     not answer (not started yet, no worker, Temporal down): then only the
-    row's fields are filled in.
+    row's status and subscription end are known.
     """
 
+    org_id: int
+    status: BillingStatus
+    subscription_end: datetime | None = None
+    trial_end: datetime | None = None
+    current_period_start: datetime | None = None
+    current_period_end: datetime | None = None
+    usage: UsageSoFarPublic | None = Field(
+        default=None, description="Usage of the current period so far; null when it is not known"
+    )
     source: Literal["workflow", "database"]
 
 
-def _state_from_row(org: Org) -> OrgBillingPublic:
+def _from_row(org: Org) -> OrgBillingPublic:
     return OrgBillingPublic(
         org_id=org.id,
         status=row_billing_status(
@@ -39,11 +65,37 @@ def _state_from_row(org: Org) -> OrgBillingPublic:
             stripe_subscription_id=org.stripe_subscription_id,
             subscription_status=org.subscription_status,
         ),
-        stripe_customer_id=org.stripe_customer_id,
-        stripe_subscription_id=org.stripe_subscription_id,
-        subscription_status=org.subscription_status,
         subscription_end=org.subscription_end,
         source="database",
+    )
+
+
+def _usage_so_far(
+    session: Session, org_id: int, start: datetime, end: datetime
+) -> UsageSoFarPublic:
+    now = datetime.now(UTC)
+    until = min(now, end)
+    return UsageSoFarPublic(
+        users=orgs.member_count(session, org_id),
+        requests=orgs.request_total(session, org_id, since=start, until=until),
+        as_of=until,
+    )
+
+
+async def _from_state(factory: store.SessionFactory, state: OrgBillingState) -> OrgBillingPublic:
+    start, end = state.current_period_start, state.current_period_end
+    usage = None
+    if start is not None and end is not None:
+        usage = await store.read(factory, lambda s: _usage_so_far(s, state.org_id, start, end))
+    return OrgBillingPublic(
+        org_id=state.org_id,
+        status=state.status,
+        subscription_end=state.subscription_end,
+        trial_end=state.trial_end,
+        current_period_start=start,
+        current_period_end=end,
+        usage=usage,
+        source="workflow",
     )
 
 
@@ -51,12 +103,12 @@ def _state_from_row(org: Org) -> OrgBillingPublic:
     "/{org_id}/billing",
     response_model=OrgBillingPublic,
     responses=responses(401, 403, 404, 500, 503),
-    summary="Read an org's billing state",
+    summary="Read an org's billing (public view for its members)",
 )
 async def read_org_billing(
     org_id: OrgId, claims: ClaimsDep, factory: SessionFactoryDep, link: TemporalDep
 ) -> OrgBillingPublic:
-    """The org workflow's live state, or the database row when the workflow cannot answer."""
+    """The org's live billing from its workflow, or from its row when the workflow cannot answer."""
     # The token's org is compared first, so a caller learns nothing about other orgs.
     if claims.org_id != org_id:
         raise forbidden("This token is not valid for this organization")
@@ -69,5 +121,5 @@ async def read_org_billing(
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail="Organization not found")
     state = await workflow_state(link, org_id)
     if state is None:
-        return _state_from_row(org)
-    return OrgBillingPublic.model_validate({**state.model_dump(), "source": "workflow"})
+        return _from_row(org)
+    return await _from_state(factory, state)

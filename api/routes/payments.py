@@ -1,4 +1,8 @@
-"""`POST /api/payments/stripe/portal`: a Stripe billing portal link for a member's org."""
+"""`POST /api/payments/stripe/portal`: a Stripe billing portal link, for who manages billing.
+
+The portal changes the card, shows invoices and cancels the subscription, so
+only the org's owner and its billing admins get one; a plain member gets 403.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from pydantic import BaseModel
 
 from api import store
 from api.deps import (
-    MemberDep,
+    BillingManagerDep,
     MetricsDep,
     SessionFactoryDep,
     SettingsDep,
@@ -62,14 +66,14 @@ def _stripe_failed(err: stripe.StripeError) -> HTTPException:
     summary="Create a Stripe billing portal session",
 )
 async def create_portal_session(
-    claims: MemberDep,
+    claims: BillingManagerDep,
     gateway: StripeDep,
     settings: SettingsDep,
     factory: SessionFactoryDep,
     link: TemporalDep,
     metrics: MetricsDep,
 ) -> PortalSessionPublic:
-    """A billing portal link for the org named in the caller's token."""
+    """A billing portal link for the org named in the caller's token (owner or billing admin)."""
     bind_log_context(org_id=claims.org_id)
     customer_id = await _customer_id(link, factory, claims.org_id)
     if customer_id is None:

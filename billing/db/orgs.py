@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from billing.db.models import Membership, Org, RequestLog, User
 from billing.domain import (
+    GRANTABLE_ROLES,
     FieldDifference,
     MembershipRole,
     OrgProfile,
@@ -416,12 +417,29 @@ def _current() -> ColumnElement[bool]:
 
 
 def is_member(session: Session, org_id: int, user_id: int) -> bool:
-    found = session.scalar(
-        select(Membership.id).where(
+    return member_role(session, org_id, user_id) is not None
+
+
+def member_role(session: Session, org_id: int, user_id: int) -> MembershipRole | None:
+    """The user's current role in the org, or None when they are not a member (now)."""
+    return session.scalar(
+        select(Membership.role).where(
             Membership.org_id == org_id, Membership.user_id == user_id, _current()
         )
     )
-    return found is not None
+
+
+def grantable_role(value: str) -> MembershipRole:
+    """A role an operator may give a member: `member` or `billing_admin`, never `owner`."""
+    names = " or ".join(role.value for role in GRANTABLE_ROLES)
+    if value == MembershipRole.OWNER:
+        raise InvalidInputError(
+            f"An org has exactly one owner, set when it is created; use {names}."
+        )
+    for role in GRANTABLE_ROLES:
+        if value == role.value:
+            return role
+    raise InvalidInputError(f"{value!r} is not a role; use {names}.")
 
 
 def member_count(session: Session, org_id: int) -> int:
@@ -475,14 +493,16 @@ def add_member(
     org_id: int,
     email: str,
     full_name: str | None = None,
+    role: MembershipRole = MembershipRole.MEMBER,
     *,
     at: datetime | None = None,
 ) -> User:
-    """Add a user (created if new) to the org as a plain member, from `at` (default now).
+    """Add a user (created if new) to the org as a member or billing admin, from `at`.
 
     A user who left before comes back with a new membership; the old one stays
     as history.
     """
+    role = grantable_role(role)
     get_org(session, org_id)
     first, last = split_name(full_name)
     user = _get_or_create_user(session, normalize_email(email), first, last)
@@ -493,11 +513,7 @@ def add_member(
     )
     if existing is not None:
         raise ConflictError(f"{user.email} is already a member of org {org_id}.")
-    session.add(
-        Membership(
-            org_id=org_id, user_id=user.id, role=MembershipRole.MEMBER, joined_at=_moment(at)
-        )
-    )
+    session.add(Membership(org_id=org_id, user_id=user.id, role=role, joined_at=_moment(at)))
     try:
         session.flush()
     except IntegrityError as err:

@@ -6,6 +6,7 @@ import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
@@ -16,7 +17,7 @@ from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 
-from billing.auth import mint_token
+from billing.auth import TokenRules, mint_token
 from billing.config import Settings
 from billing.constants import STRIPE_EVENT_SIGNAL, org_workflow_id
 from billing.db.models import StripeEventLog
@@ -109,8 +110,25 @@ async def post_event(
     )
 
 
+def token_rules(**settings: object) -> TokenRules:
+    """The token rules of an API built with `make_api_settings(**settings)`."""
+    return TokenRules.of(make_api_settings(**settings))
+
+
+def member_token(
+    user_id: int,
+    org_id: int,
+    *,
+    secret: str = JWT_SECRET,
+    ttl: timedelta | None = None,
+    now: datetime | None = None,
+) -> str:
+    """A token as the console (or `billing token`) would mint it for the test API."""
+    return mint_token(token_rules(auth_jwt_secret=secret), user_id, org_id, ttl, now=now)
+
+
 def bearer(user_id: int, org_id: int, *, secret: str = JWT_SECRET) -> dict[str, str]:
-    return {"Authorization": f"Bearer {mint_token(secret, user_id, org_id)}"}
+    return {"Authorization": f"Bearer {member_token(user_id, org_id, secret=secret)}"}
 
 
 @asynccontextmanager

@@ -136,7 +136,17 @@ async def test_token_expiry_that_is_no_timestamp_is_a_401(
     api: Api, exp: object, reason: str
 ) -> None:
     org, user = make_org_with_member(api.session_factory)
-    headers = _token({"sub": str(user.id), "org_id": org.id, "exp": exp})
+    now = int(time.time())
+    headers = _token(
+        {
+            "sub": str(user.id),
+            "org_id": org.id,
+            "iat": now,
+            "exp": exp,
+            "aud": "org-billing",
+            "iss": "org-billing",
+        }
+    )
     for response in (
         await api.http.get(f"/api/orgs/{org.id}/billing", headers=headers),
         await api.http.post("/api/payments/stripe/portal", headers=headers),

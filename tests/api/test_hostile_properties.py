@@ -176,8 +176,16 @@ def test_a_real_members_token_still_works_through_the_same_client(
 ) -> None:
     """The properties above would pass on an app that refuses everything: this one must not."""
     org, user = make_org_with_member(session_factory)
+    now = int(time.time())
     token = jwt.encode(
-        {"sub": str(user.id), "org_id": org.id, "exp": int(time.time()) + 600},
+        {
+            "sub": str(user.id),
+            "org_id": org.id,
+            "iat": now,
+            "exp": now + 600,
+            "aud": "org-billing",
+            "iss": "org-billing",
+        },
         JWT_SECRET,
         algorithm="HS256",
     )

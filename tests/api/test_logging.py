@@ -10,10 +10,15 @@ from collections.abc import Iterator
 
 import pytest
 
-from billing.auth import mint_token
 from billing.logging import configure_logging, log_context
 from tests.api.conftest import Api
-from tests.api.support import JWT_SECRET, STRIPE_KEY, WEBHOOK_SECRET, post_event
+from tests.api.support import (
+    JWT_SECRET,
+    STRIPE_KEY,
+    WEBHOOK_SECRET,
+    member_token,
+    post_event,
+)
 from tests.factories.orgs import make_org_with_member
 from tests.factories.stripe_events import (
     event_body,
@@ -60,7 +65,7 @@ def test_records_are_json_with_context_and_extras(log_stream: io.StringIO) -> No
 
 
 def test_secrets_are_redacted_wherever_they_appear(log_stream: io.StringIO) -> None:
-    token = mint_token(JWT_SECRET, 1, 2)
+    token = member_token(1, 2)
     signature = sign_stripe_payload(b"{}", WEBHOOK_SECRET)
     log = logging.getLogger("billing.test")
 
@@ -86,7 +91,7 @@ async def test_webhook_and_portal_requests_log_no_secrets(
     org, _ = make_org_with_member(api.session_factory)
     # Another org for the bearer requests: one without a workflow answers at once.
     other, user = make_org_with_member(api.session_factory)
-    token = mint_token(JWT_SECRET, user.id, other.id)
+    token = member_token(user.id, other.id)
     event = stripe_event("customer.subscription.updated", subscription_object(org_id=org.id))
     body = event_body(event)
     good_signature = sign_stripe_payload(body, WEBHOOK_SECRET, timestamp=int(time.time()))

@@ -30,10 +30,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from temporalio.testing import WorkflowEnvironment
 
 from api.main import create_app
-from billing.auth import mint_token
 from billing.config import Settings
-from tests.api.support import JWT_SECRET, WEBHOOK_SECRET
-from tests.factories.orgs import make_org_with_member
+from tests.api.support import WEBHOOK_SECRET, bearer
+from tests.factories.orgs import add_member, make_org_with_member, make_user
 from tests.factories.stripe_events import sign_stripe_payload
 
 CHECKS = [
@@ -99,7 +98,11 @@ def test_every_answer_is_documented_and_none_is_a_500(
 ) -> None:
     customer = stripe_client.v1.customers.create({"email": "fuzz@example.com"})
     org, user = make_org_with_member(session_factory, stripe_customer_id=customer.id)
-    member = {"Authorization": f"Bearer {mint_token(JWT_SECRET, user.id, org.id)}"}
+    member = bearer(user.id, org.id)
+    # The portal answers a plain member 403; its other answers need the owner.
+    owner_user = make_user(session_factory)
+    add_member(session_factory, org.id, owner_user.id, role="owner")
+    owner = bearer(owner_user.id, org.id)
     schema = schemathesis.openapi.from_asgi("/openapi.json", fuzz_app)
 
     operations = []
@@ -120,6 +123,8 @@ def test_every_answer_is_documented_and_none_is_a_500(
             _fuzz(operation, signed=True)
         if operation.label == "POST /api/payments/stripe/portal":
             _fuzz(operation, headers=member)
+            _fuzz(operation, headers=owner)
         if operation.label == "GET /api/orgs/{org_id}/billing":
             _fuzz(operation, headers=member)
             _fuzz(operation, headers=member, path_parameters={"org_id": org.id})
+            _fuzz(operation, headers=owner, path_parameters={"org_id": org.id})

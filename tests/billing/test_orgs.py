@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 from sqlalchemy import func, select, text
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from activities.db_activities import DbActivities
@@ -14,7 +15,7 @@ from activities.models import SaveSubscriptionInput
 from billing.config import Settings
 from billing.db import orgs
 from billing.db.models import Membership, Org, User
-from billing.domain import SubscriptionSnapshot, SubscriptionStatus
+from billing.domain import MembershipRole, SubscriptionSnapshot, SubscriptionStatus
 
 
 def _org(session: Session, name: str, *, aws: str | None = None, azure: str | None = None) -> int:
@@ -203,3 +204,40 @@ def test_a_stale_read_never_overwrites_a_newer_one(
     assert {d.field for d in again} == {"subscription_status", "subscription_end"}
     with session_factory() as session:
         assert orgs.get_org(session, org_id).subscription_status == "active"
+def test_roles_are_owner_billing_admin_and_member_with_exactly_one_owner(
+    session_factory: sessionmaker[Session],
+) -> None:
+    with session_factory.begin() as session:
+        org_id = _org(session, "roles")
+        admin = orgs.add_member(
+            session, org_id, "admin@roles.test", role=MembershipRole.BILLING_ADMIN
+        )
+        member = orgs.add_member(session, org_id, "member@roles.test")
+        owner = orgs.find_user(session, "owner@roles.test")
+    with session_factory() as session:
+        assert orgs.member_role(session, org_id, owner.id) == MembershipRole.OWNER
+        assert orgs.member_role(session, org_id, admin.id) == MembershipRole.BILLING_ADMIN
+        assert orgs.member_role(session, org_id, member.id) == MembershipRole.MEMBER
+        assert orgs.member_role(session, org_id + 1, member.id) is None
+        assert orgs.member_role(session, org_id, 2**31 - 1) is None
+    # The database keeps the rules too, whoever writes to it.
+    for statement in (
+        f"UPDATE memberships SET role = 'admin' WHERE user_id = {member.id}",
+        f"UPDATE memberships SET role = 'owner' WHERE user_id = {admin.id}",
+    ):
+        with pytest.raises(IntegrityError), session_factory.begin() as session:
+            session.execute(text(statement))
+
+
+@pytest.mark.parametrize(
+    ("role", "message"), [("owner", "exactly one owner"), ("root", "'root' is not a role")]
+)
+def test_only_member_and_billing_admin_can_be_granted(
+    session_factory: sessionmaker[Session], role: str, message: str
+) -> None:
+    with session_factory.begin() as session:
+        org_id = _org(session, f"grant-{role}")
+        with pytest.raises(orgs.InvalidInputError, match=message):
+            orgs.add_member(session, org_id, "eve@grant.test", role=role)  # type: ignore[arg-type]
+        members = [m.email for m in orgs.list_members(session, org_id)]
+        assert members == [f"owner@grant-{role}.test"]

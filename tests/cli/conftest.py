@@ -22,7 +22,7 @@ from tooling.cli.main import app
 
 Invoke = Callable[..., Result]
 
-JWT_SECRET = "cli-test-secret"
+JWT_SECRET = "cli-test-secret-of-at-least-32-bytes"
 
 
 def pytest_configure(config: pytest.Config) -> None:

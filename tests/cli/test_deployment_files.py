@@ -128,6 +128,64 @@ def test_temporal_runs_on_the_compose_postgres(services: dict[str, dict[str, Any
     assert "search-attribute create" in script and "--type Keyword" in script
 
 
+# Only the API must be reachable from outside the host (Stripe delivers webhooks to it).
+PUBLIC_SERVICES = {"api"}
+LOOPBACK = {"127.0.0.1", "::1"}
+
+
+def _published(service: dict[str, Any]) -> list[tuple[str | None, str]]:
+    """(host address, container port) of each published port; None means every interface."""
+    found: list[tuple[str | None, str]] = []
+    for entry in service.get("ports") or []:
+        if isinstance(entry, dict):  # long syntax
+            found.append((entry.get("host_ip") or None, str(entry["target"])))
+            continue
+        parts = str(entry).rsplit(":", 2)  # [address:][host port:]container port
+        address = parts[0].strip("[]") if len(parts) == 3 else None
+        found.append((address or None, parts[-1]))
+    return found
+
+
+def test_published_port_parsing() -> None:
+    """The parser behind the next test reads every syntax compose accepts the way compose does."""
+    service = {
+        "ports": [
+            "7233",
+            "7233:7233",
+            "0.0.0.0:8080:8080",
+            "127.0.0.1:8233:8233",
+            "[::1]:9000:9000",
+            {"target": 80, "published": 8080},
+            {"target": 81, "host_ip": "127.0.0.1", "published": 8081},
+        ]
+    }
+    assert _published(service) == [
+        (None, "7233"),
+        (None, "7233"),
+        ("0.0.0.0", "8080"),
+        ("127.0.0.1", "8233"),
+        ("::1", "9000"),
+        (None, "80"),
+        ("127.0.0.1", "81"),
+    ]
+
+
+def test_temporal_and_everything_but_the_api_listen_on_loopback_only(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    """Whoever reaches the Temporal frontend or UI can signal, reset and terminate every
+    org workflow: they are published on 127.0.0.1 (or not at all), never on all interfaces."""
+    for name in ("temporal", "temporal-ui"):
+        for address, port in _published(services[name]):
+            assert address in LOOPBACK, f"{name} publishes {port} on {address or 'every interface'}"
+    for name, service in services.items():
+        assert service.get("network_mode") != "host", f"{name} shares the host's network"
+        if name in PUBLIC_SERVICES:
+            continue
+        for address, port in _published(service):
+            assert address in LOOPBACK, f"{name} publishes {port} on {address or 'every interface'}"
+
+
 def test_every_variable_is_read_by_someone(services: dict[str, dict[str, Any]]) -> None:
     for name, service in services.items():
         env = set(_environment(service))

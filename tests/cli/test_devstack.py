@@ -172,6 +172,36 @@ def test_dev_starts_keeps_data_and_stops_every_child(dev_home: Path) -> None:
     assert f"Running org workflows in the Temporal UI: {ui}ExecutionStatus%3D%22Running" in fresh
 
 
+def test_dev_replaces_a_jwt_secret_too_short_for_the_api(dev_home: Path) -> None:
+    """A home written when any secret would do: the API refuses one under 32 bytes, so
+    `billing dev` makes a new one, and the tokens it mints are accepted."""
+    from tooling.home import write_settings_file
+
+    write_settings_file(dev_home, {"AUTH_JWT_SECRET": "short-old-secret"})
+    env = _clean_env(dev_home)
+    dev = DevProcess(dev_home, _free_ports(4), env)
+    try:
+        dev.wait_ready()
+        created = _billing(
+            env, "orgs", "create", "--name", "Acme", "--owner-email", "ada@acme.test", "--json"
+        )
+        org_id = json.loads(created.stdout)["org"]["id"]
+        token = _billing(env, "token", str(org_id), "--email", "ada@acme.test")
+        billing = httpx.get(
+            f"{dev.api_url}/api/orgs/{org_id}/billing",
+            headers={"Authorization": f"Bearer {token.stdout.strip()}"},
+            timeout=10,
+        )
+    finally:
+        code = dev.interrupt()
+
+    assert code == 0, dev.output.read_text()
+    secret = _dev_settings(dev_home)["AUTH_JWT_SECRET"]
+    assert len(secret.encode()) >= 32 and secret != "short-old-secret"
+    assert token.returncode == 0, token.stderr
+    assert billing.status_code == 200, billing.text
+
+
 def test_a_busy_port_is_a_clear_error(tmp_path: Path) -> None:
     ports = _free_ports(4)
     with socket.socket() as busy:

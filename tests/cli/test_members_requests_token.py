@@ -3,16 +3,29 @@
 from __future__ import annotations
 
 import json
+import time
 from datetime import UTC, datetime, timedelta
 
+import jwt
+import pytest
 import stripe
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from billing.auth import decode_token
+from billing.auth import TokenRules, decode_token
 from billing.db.models import Membership, RequestLog, User
+from billing.db.orgs import find_user
 from stripe_emulator.server import EmulatorServer
 from tests.cli.conftest import JWT_SECRET, Invoke, assert_clean_error
+
+FROM_HOME_SECRET = "from-home-secret-of-at-least-32-bytes"
+
+
+def _rules(secret: str = JWT_SECRET) -> TokenRules:
+    """What the CLI mints with when only the secret is set: the documented defaults."""
+    return TokenRules(
+        secret=secret, audience="org-billing", issuer="org-billing", max_ttl=timedelta(hours=1)
+    )
 
 
 def _org(invoke: Invoke, name: str = "Acme", email: str = "ada@acme.test") -> int:
@@ -63,6 +76,55 @@ def test_removing_a_member_keeps_the_history_and_they_can_come_back(
     assert len(stays) == 2
     assert stays[0].left_at is not None and stays[0].left_at <= stays[1].joined_at
     assert stays[1].left_at is None
+
+
+def _role(session_factory: sessionmaker[Session], org_id: int, email: str) -> str:
+    with session_factory() as session:
+        user = find_user(session, email)
+        role = session.scalar(
+            select(Membership.role).where(
+                Membership.org_id == org_id, Membership.user_id == user.id
+            )
+        )
+    return str(role)
+
+
+def test_add_a_billing_admin(invoke: Invoke, session_factory: sessionmaker[Session]) -> None:
+    org_id = _org(invoke)
+
+    admin = invoke("members", "add", str(org_id), "--email", "bill@acme.test",
+                   "--role", "billing_admin", "--json")
+    plain = invoke("members", "add", str(org_id), "--email", "pat@acme.test")
+    shown = invoke("orgs", "show", str(org_id), "--json")
+
+    assert admin.exit_code == 0, admin.output
+    assert json.loads(admin.stdout) == {
+        "org_id": org_id, "email": "bill@acme.test", "role": "billing_admin", "members": 2,
+    }
+    assert plain.exit_code == 0 and "as member" in plain.stdout
+    assert _role(session_factory, org_id, "bill@acme.test") == "billing_admin"
+    assert _role(session_factory, org_id, "pat@acme.test") == "member"
+    roles = {m["email"]: m["role"] for m in json.loads(shown.stdout)["members"]}
+    assert roles == {
+        "ada@acme.test": "owner", "bill@acme.test": "billing_admin", "pat@acme.test": "member",
+    }
+
+
+@pytest.mark.parametrize(
+    ("role", "message"),
+    [
+        ("owner", "exactly one owner"),
+        ("admin", "'admin' is not a role; use member or billing_admin"),
+    ],
+)
+def test_a_role_that_cannot_be_granted_is_refused(invoke: Invoke, role: str, message: str) -> None:
+    org_id = _org(invoke)
+
+    result = invoke("members", "add", str(org_id), "--email", "eve@acme.test", "--role", role)
+
+    assert_clean_error(result, message)
+    listed = invoke("orgs", "show", str(org_id), "--json")
+    assert [m["email"] for m in json.loads(listed.stdout)["members"]] == ["ada@acme.test"]
 
 
 def test_a_user_can_belong_to_two_orgs(invoke: Invoke) -> None:
@@ -187,9 +249,50 @@ def test_token_for_a_member(invoke: Invoke) -> None:
 
     assert result.exit_code == 0, result.output
     token = result.stdout.strip()
-    claims = decode_token(JWT_SECRET, token)
+    claims = decode_token(_rules(), token)
     assert claims.org_id == org_id
     assert claims.user_id > 0
+
+
+def test_token_carries_audience_issuer_and_a_bounded_lifetime(invoke: Invoke) -> None:
+    org_id = _org(invoke)
+    env = {
+        "AUTH_JWT_AUDIENCE": "console",
+        "AUTH_JWT_ISSUER": "accounts",
+        "AUTH_JWT_MAX_TTL_SECONDS": "900",
+    }
+
+    default = invoke("token", str(org_id), "--email", "ada@acme.test", env=env)
+    short = invoke("token", str(org_id), "--email", "ada@acme.test", "--ttl-minutes", "5",
+                   env=env)
+
+    assert default.exit_code == 0, default.output
+    payload = jwt.decode(default.stdout.strip(), JWT_SECRET, algorithms=["HS256"],
+                         audience="console", issuer="accounts")
+    assert payload["exp"] - payload["iat"] == 900  # an hour, cut to the maximum
+    assert abs(payload["iat"] - time.time()) < 10
+    short_payload = jwt.decode(short.stdout.strip(), JWT_SECRET, algorithms=["HS256"],
+                               audience="console")
+    assert short_payload["exp"] - short_payload["iat"] == 300
+
+
+def test_token_longer_than_the_maximum_is_refused(invoke: Invoke) -> None:
+    org_id = _org(invoke)
+
+    result = invoke("token", str(org_id), "--email", "ada@acme.test", "--ttl-minutes", "61")
+
+    assert_clean_error(result, "AUTH_JWT_MAX_TTL_SECONDS", "3600 s")
+    assert result.stdout == ""
+
+
+def test_token_refuses_a_secret_shorter_than_32_bytes(invoke: Invoke) -> None:
+    org_id = _org(invoke)
+
+    result = invoke("token", str(org_id), "--email", "ada@acme.test",
+                    env={"AUTH_JWT_SECRET": "cli-test-secret"})
+
+    assert_clean_error(result, "AUTH_JWT_SECRET is 15 bytes long", "at least 32 bytes")
+    assert result.stdout == ""
 
 
 def test_token_refused_for_a_non_member(invoke: Invoke) -> None:
@@ -217,12 +320,12 @@ def test_settings_come_from_the_dev_home(invoke: Invoke, cli_home: object) -> No
     from tooling.home import write_settings_file
 
     assert isinstance(cli_home, Path)
-    write_settings_file(cli_home, {"AUTH_JWT_SECRET": "from-home"})
+    write_settings_file(cli_home, {"AUTH_JWT_SECRET": FROM_HOME_SECRET})
     org_id = _org(invoke)
 
     from_home = invoke("token", str(org_id), "--email", "ada@acme.test",
                        env={"AUTH_JWT_SECRET": None})
     env_wins = invoke("token", str(org_id), "--email", "ada@acme.test")
 
-    assert decode_token("from-home", from_home.stdout.strip()).org_id == org_id
-    assert decode_token(JWT_SECRET, env_wins.stdout.strip()).org_id == org_id
+    assert decode_token(_rules(FROM_HOME_SECRET), from_home.stdout.strip()).org_id == org_id
+    assert decode_token(_rules(), env_wins.stdout.strip()).org_id == org_id

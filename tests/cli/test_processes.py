@@ -30,6 +30,14 @@ def test_api_and_worker_name_the_missing_stripe_settings(invoke: Invoke) -> None
         assert "STRIPE_WEBHOOK_SECRET" not in result.stderr
 
 
+def test_api_refuses_to_start_with_a_short_jwt_secret(invoke: Invoke) -> None:
+    stripe = {"STRIPE_SECRET_KEY": "sk_test_x", "STRIPE_WEBHOOK_SECRET": "whsec_x"}
+
+    result = invoke("api", env={**stripe, "AUTH_JWT_SECRET": "change-me"})
+
+    assert_clean_error(result, "AUTH_JWT_SECRET is 9 bytes long", "at least 32 bytes")
+
+
 def test_an_invalid_setting_is_named(invoke: Invoke) -> None:
     result = invoke("orgs", "list", env={"STRIPE_TRIAL_DAYS": "many"})
 

@@ -68,10 +68,10 @@ def remove_member(session_factory: sessionmaker[Session], org_id: int, user_id: 
 
 
 def make_org_with_member(
-    session_factory: sessionmaker[Session], **org_fields: object
+    session_factory: sessionmaker[Session], *, role: str = "member", **org_fields: object
 ) -> tuple[Org, User]:
-    """An org and one user who is a member of it."""
+    """An org and one user who is a member of it (`role`: member, billing_admin, owner)."""
     org = make_org(session_factory, **org_fields)  # type: ignore[arg-type]
     user = make_user(session_factory)
-    add_member(session_factory, org.id, user.id)
+    add_member(session_factory, org.id, user.id, role=role)
     return org, user

@@ -39,7 +39,7 @@ def make_settings(
         "stripe_secret_key": "sk_test_billing",
         "stripe_webhook_secret": "whsec_test",
         "stripe_api_base": emulator_url,
-        "auth_jwt_secret": "test-secret",
+        "auth_jwt_secret": "stack-tests-jwt-secret-0123456789abcdef",
         "stripe_activities_per_second": 500.0,
         **catalog,
         **overrides,

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from temporalio.testing import WorkflowEnvironment
 
 from api.main import create_app
-from billing.auth import mint_token
+from billing.auth import TokenRules, mint_token
 from billing.config import Settings
 from billing.db import orgs
 from billing.domain import BillingStatus
@@ -111,7 +111,7 @@ async def test_an_org_provisions_gets_its_webhooks_and_opens_a_portal_over_mtls(
 
         with session_factory() as session:
             owner_id = orgs.find_user(session, owner_email).id
-        token = mint_token(stack.settings.auth_jwt_secret, owner_id, org_id)
+        token = mint_token(TokenRules.of(stack.settings), owner_id, org_id)
         portal = await http.post(
             "/api/payments/stripe/portal", headers={"Authorization": f"Bearer {token}"}
         )

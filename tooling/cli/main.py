@@ -19,6 +19,7 @@ from typing import Annotated
 
 import typer
 
+from billing.auth import AuthConfigError, check_settings
 from billing.config import StripeNotConfiguredError
 from tooling.cli import emulator, members, operations, orgs, request_log
 from tooling.cli.context import (
@@ -113,7 +114,8 @@ def api(
     settings = state_of(ctx).settings
     try:
         settings.require_stripe()
-    except StripeNotConfiguredError as error:
+        check_settings(settings)
+    except (StripeNotConfiguredError, AuthConfigError) as error:
         raise CliError(str(error)) from None
     configure_logging(log_level.upper())
     uvicorn.run(

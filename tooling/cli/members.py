@@ -24,23 +24,26 @@ def add(
     org_id: OrgArgument,
     email: EmailOption,
     name: Annotated[str | None, typer.Option("--name", help="Full name of a new user.")] = None,
+    role: Annotated[
+        str,
+        typer.Option(
+            "--role",
+            help="member, or billing_admin: may open the billing portal like the owner.",
+        ),
+    ] = MembershipRole.MEMBER.value,
     as_json: JsonOption = False,
 ) -> None:
     """Add a user (created if new) to the org."""
     with state_of(ctx).session() as session:
-        user = orgs.add_member(session, org_id, email, name)
+        granted = orgs.grantable_role(role)
+        user = orgs.add_member(session, org_id, email, name, granted)
         members = len(orgs.list_members(session, org_id))
     if as_json:
-        print_json(
-            {
-                "org_id": org_id,
-                "email": user.email,
-                "role": MembershipRole.MEMBER,
-                "members": members,
-            }
-        )
+        print_json({"org_id": org_id, "email": user.email, "role": granted, "members": members})
         return
-    out.print(f"Added {safe(user.email)} to org {org_id}; it now has {members} members.")
+    out.print(
+        f"Added {safe(user.email)} to org {org_id} as {granted}; it now has {members} members."
+    )
 
 
 @app.command("remove")

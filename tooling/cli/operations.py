@@ -16,7 +16,7 @@ from temporalio.client import (
 )
 from temporalio.service import RPCError, RPCStatusCode
 
-from billing.auth import AuthNotConfiguredError, mint_token
+from billing.auth import AuthConfigError, TokenLifetimeError, TokenRules, mint_token
 from billing.constants import (
     ORG_BILLING_WORKFLOW,
     RECONCILE_UPDATE,
@@ -298,21 +298,31 @@ def token(
     org_id: OrgArgument,
     email: Annotated[str, typer.Option("--email", help="A member of the org.")],
     ttl_minutes: Annotated[
-        int, typer.Option("--ttl-minutes", help="How long the token is valid.", min=1)
-    ] = 60,
+        int | None,
+        typer.Option(
+            "--ttl-minutes",
+            help="How long the token is valid [default: 60, at most AUTH_JWT_MAX_TTL_SECONDS].",
+            min=1,
+            show_default=False,
+        ),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Mint a bearer token for a member of the org (for local use)."""
     state = state_of(ctx)
+    rules = TokenRules.of(state.settings)
+    try:
+        rules.check()
+    except AuthConfigError as error:
+        fail(f"{error} No token was minted.")
     with state.session() as session:
         membership = orgs.get_membership(session, org_id, email)
         user_id = membership.user_id
+    ttl = timedelta(minutes=ttl_minutes) if ttl_minutes is not None else None
     try:
-        minted = mint_token(
-            state.settings.auth_jwt_secret, user_id, org_id, timedelta(minutes=ttl_minutes)
-        )
-    except AuthNotConfiguredError:
-        fail("AUTH_JWT_SECRET is not set, so no token can be minted.")
+        minted = mint_token(rules, user_id, org_id, ttl)
+    except TokenLifetimeError as error:
+        fail(str(error))
     if as_json:
         print_json({"token": minted, "org_id": org_id, "user_id": user_id})
         return
