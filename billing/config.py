@@ -57,8 +57,19 @@ class Settings(BaseSettings):
     stripe_api_base: str | None = None
     stripe_portal_return_url: str = "http://localhost:3000/settings/billing"
 
+    # One budget of Stripe requests per second shared by every worker process of
+    # the environment (billing/stripe_budget.py): 25 is test mode's limit, live 100.
+    stripe_requests_per_second: float = Field(default=25.0, gt=0, le=10_000)
+    # Deprecated: the old limit counted Stripe activities, not requests. Accepted
+    # so old deployments still start; the worker warns and ignores it.
+    stripe_activities_per_second: float | None = Field(default=None, gt=0)
+    # The worker's Prometheus endpoint (Temporal SDK metrics and ours); unset: none.
+    worker_metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    worker_metrics_host: str = "127.0.0.1"
+    # Org workflows a worker process keeps in memory between tasks (sticky cache).
+    worker_max_cached_workflows: int = Field(default=1000, ge=0, le=100_000)
+
     # Operational knobs (not part of the seed's contract).
-    stripe_activities_per_second: float = Field(default=20.0, gt=0)
     backfill_interval_seconds: int = Field(default=300, ge=10)
     usage_report_lead_seconds: int = Field(default=3600, ge=0)
     usage_report_grace_seconds: int = Field(default=300, ge=0)
