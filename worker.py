@@ -60,6 +60,7 @@ log = logging.getLogger("billing.worker")
 # across the queue's partitions), and set explicitly so it replaces any limit an
 # older worker left on the queue.
 DISPATCH_HEADROOM = 4.0
+STRIPE_NETWORK_RETRIES = 2
 
 
 def stripe_worker_concurrency(requests_per_second: float) -> int:
@@ -176,6 +177,9 @@ async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -
     stripe_client = make_stripe_client(
         settings.stripe_secret_key,
         api_base=settings.stripe_api_base,
+        # A dropped connection or a 5xx is retried at once (every POST carries an
+        # idempotency key), each try with its own slot of the budget.
+        max_network_retries=STRIPE_NETWORK_RETRIES,
         budget=budget,
         metrics=StripeRequestMetrics(runtime.metric_meter if runtime else None),
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -80,6 +80,12 @@ class Settings(BaseSettings):
     api_body_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
     # Emulator only: new customers are attached to this test clock (set by `billing dev`).
     stripe_test_clock: str | None = None
+
+    @field_validator("worker_metrics_port", "stripe_activities_per_second", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        """`WORKER_METRICS_PORT=` (as `.env.example` has it) means no endpoint."""
+        return None if isinstance(value, str) and not value.strip() else value
 
     def missing_stripe_settings(self) -> list[str]:
         missing = []

@@ -334,6 +334,21 @@ class BudgetedHTTPXClient(stripe.HTTPXClient):
             )
         raise AssertionError("unreachable")
 
+    def _should_retry(
+        self,
+        response: tuple[Any, int, Mapping[str, str] | None] | None,
+        api_connection_error: stripe.APIConnectionError | None,
+        num_retries: int,
+        max_network_retries: int | None,
+    ) -> bool:
+        """The SDK's own retries (connection errors, 5xx), but never a 429 again:
+        `request_async` has paused the budget and retried it already."""
+        if response is not None and response[1] == 429:
+            return False
+        return bool(
+            super()._should_retry(response, api_connection_error, num_retries, max_network_retries)
+        )
+
     async def request_stream_async(
         self, method: str, url: str, headers: Mapping[str, str], post_data: Any = None
     ) -> tuple[Any, int, Mapping[str, str]]:

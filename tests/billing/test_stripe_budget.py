@@ -131,6 +131,9 @@ async def test_a_429_with_retry_after_pushes_every_process_back(
         with pytest.raises(stripe.RateLimitError):
             await refused.v1.customers.list_async()
         emulator.clear_faults()
+        # Two tries, both paused the budget; the SDK did not retry the 429 on top.
+        refusals = httpx.get(f"{emulator.url}/_emulator/stats").json()["rate_limited_429"]
+        assert refusals == 2
         started = time.monotonic()
         await other.v1.customers.list_async()
         waited = time.monotonic() - started
@@ -149,14 +152,16 @@ async def test_429s_are_retried_inside_the_client_without_failing_the_call(
     # Stripe allows less than the budget says (another client on the account).
     emulator.set_faults(rate_limit_per_second=10, rate_limit_burst=1, retry_after_seconds=0.2)
     try:
-        lists = await asyncio.gather(*(client.v1.customers.list_async() for _ in range(8)))
+        # One after the other, 10 ms apart by the budget: the bucket has refilled a tenth
+        # of a request, so the second is refused, pauses everyone, then goes through.
+        lists = [await client.v1.customers.list_async() for _ in range(6)]
     finally:
         await budget.close()
         emulator.clear_faults()
-    assert len(lists) == 8
+    assert len(lists) == 6
     stats = httpx.get(f"{emulator.url}/_emulator/stats").json()
     assert stats["rate_limited_429"] > 0
-    assert stats["requests"]["GET /v1/customers 200"] == 8
+    assert stats["requests"]["GET /v1/customers 200"] == 6
 
 
 def test_retry_after_is_read_in_seconds_or_as_a_date() -> None:
@@ -167,3 +172,24 @@ def test_retry_after_is_read_in_seconds_or_as_a_date() -> None:
     assert retry_after_seconds({"Retry-After": "86400"}) == MAX_PAUSE_SECONDS
     in_ten = retry_after_seconds({"Retry-After": formatdate(time.time() + 10, usegmt=True)})
     assert 8 <= in_ten <= 10
+
+
+def test_settings_of_the_budget_and_the_worker_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    from billing.config import Settings
+
+    for name in ("STRIPE_REQUESTS_PER_SECOND", "WORKER_METRICS_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("STRIPE_ACTIVITIES_PER_SECOND", "")
+    defaults = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert defaults.stripe_requests_per_second == 25
+    assert defaults.worker_metrics_port is None  # an empty variable: no endpoint
+    assert defaults.stripe_activities_per_second is None
+
+    monkeypatch.setenv("STRIPE_REQUESTS_PER_SECOND", "100")
+    monkeypatch.setenv("WORKER_METRICS_PORT", "9464")
+    live = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert (live.stripe_requests_per_second, live.worker_metrics_port) == (100, 9464)
+
+    monkeypatch.setenv("STRIPE_REQUESTS_PER_SECOND", "0")
+    with pytest.raises(ValueError, match="greater than 0"):
+        Settings(_env_file=None)  # type: ignore[call-arg]

@@ -18,7 +18,7 @@ from billing.db import orgs
 from billing.domain import BillingStatus, OrgBillingState
 from billing.orchestration import query_state
 from billing.stripe_gateway import make_stripe_client
-from worker import build_workers, request_budget
+from worker import STRIPE_NETWORK_RETRIES, build_workers, request_budget
 
 T = TypeVar("T")
 
@@ -58,7 +58,10 @@ async def running_worker(
     in this process."""
     budget = request_budget(settings)
     stripe_client = make_stripe_client(
-        settings.stripe_secret_key, api_base=settings.stripe_api_base, budget=budget
+        settings.stripe_secret_key,
+        api_base=settings.stripe_api_base,
+        max_network_retries=STRIPE_NETWORK_RETRIES,
+        budget=budget,
     )
     with ThreadPoolExecutor(max_workers=8) as executor:
         workers = build_workers(
