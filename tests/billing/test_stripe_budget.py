@@ -180,16 +180,16 @@ def test_settings_of_the_budget_and_the_worker_endpoint(monkeypatch: pytest.Monk
     for name in ("STRIPE_REQUESTS_PER_SECOND", "WORKER_METRICS_PORT"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("STRIPE_ACTIVITIES_PER_SECOND", "")
-    defaults = Settings(_env_file=None)  # type: ignore[call-arg]
+    defaults = Settings(_env_file=None)
     assert defaults.stripe_requests_per_second == 25
     assert defaults.worker_metrics_port is None  # an empty variable: no endpoint
     assert defaults.stripe_activities_per_second is None
 
     monkeypatch.setenv("STRIPE_REQUESTS_PER_SECOND", "100")
     monkeypatch.setenv("WORKER_METRICS_PORT", "9464")
-    live = Settings(_env_file=None)  # type: ignore[call-arg]
+    live = Settings(_env_file=None)
     assert (live.stripe_requests_per_second, live.worker_metrics_port) == (100, 9464)
 
     monkeypatch.setenv("STRIPE_REQUESTS_PER_SECOND", "0")
     with pytest.raises(ValueError, match="greater than 0"):
-        Settings(_env_file=None)  # type: ignore[call-arg]
+        Settings(_env_file=None)
