@@ -376,7 +376,7 @@ async def cycle_phase(
     periods = current_periods(stack, cycle_ids)
     await asyncio.to_thread(seed_requests, stack, periods, 5, rng)
     async with running_workers(
-        stack, args.requests_per_second, processes=args.worker_processes, cached=args.cached
+        stack, args.requests_per_second, processes=args.cycle_worker_processes, cached=args.cached
     ) as workers:
         async with rss_sampling(workers):
             cycle = await asyncio.wait_for(
@@ -391,7 +391,8 @@ async def cycle_phase(
         f"{cycle.wall:.0f} s",
         f"{cycle.accepted} meter events at {rate:.2f}/s = {rate / STRIPE_RATE:.2f} of the "
         f"{STRIPE_RATE:g}/s limit; {cycle.traffic.rate_limited} 429s; sent {sent} "
-        f"(expected {METER_EVENTS_PER_ORG * n}), {cycle.duplicates} duplicates ({cycle.load})",
+        f"(expected {METER_EVENTS_PER_ORG * n}), {cycle.duplicates} duplicates; "
+        f"{args.cycle_worker_processes} worker process(es) ({cycle.load})",
     )
     margin = GRACE_SECONDS - cycle.wall
     figures.add(
@@ -474,7 +475,10 @@ def main() -> int:
         default=",".join(PHASES),
         help=f"comma-separated, of {', '.join(PHASES)} (default all)",
     )
-    parser.add_argument("--worker-processes", type=int, default=1)
+    parser.add_argument("--worker-processes", type=int, default=1, help="while provisioning")
+    parser.add_argument(
+        "--cycle-worker-processes", type=int, default=None, help="in the cycle (as provisioning)"
+    )
     parser.add_argument(
         "--cached", type=int, default=None, help="WORKER_MAX_CACHED_WORKFLOWS (product default)"
     )
@@ -500,6 +504,9 @@ def main() -> int:
     if not 0 <= args.log_rows <= 50_000_000:
         parser.error("--log-rows must be 0..50000000")
     args.cycle_orgs = min(args.cycle_orgs or args.orgs, args.orgs)
+    args.cycle_worker_processes = args.cycle_worker_processes or args.worker_processes
+    if not 1 <= args.cycle_worker_processes <= 8:
+        parser.error("--cycle-worker-processes must be 1..8")
     return asyncio.run(run(args))
 
 
