@@ -206,7 +206,9 @@ class PostgresRequestBudget:
                     cursor = await conn.execute(sql, params)
                     row = await cursor.fetchone()
                     return tuple(row) if row is not None else None
-                except psycopg.OperationalError as err:
+                except psycopg.Error as err:
+                    # Down, restarted, or left mid-statement by a cancelled caller: a
+                    # new connection, once.
                     await self._drop_connection()
                     if attempt == 2:
                         raise BudgetUnavailableError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import subprocess
 import sys
 import textwrap
@@ -19,6 +20,7 @@ from billing.stripe_budget import (
     DEFAULT_PAUSE_SECONDS,
     MAX_PAUSE_SECONDS,
     BudgetedHTTPXClient,
+    BudgetUnavailableError,
     PostgresRequestBudget,
     retry_after_seconds,
 )
@@ -162,6 +164,21 @@ async def test_429s_are_retried_inside_the_client_without_failing_the_call(
     stats = httpx.get(f"{emulator.url}/_emulator/stats").json()
     assert stats["rate_limited_429"] > 0
     assert stats["requests"]["GET /v1/customers 200"] == 6
+
+
+@pytest.mark.asyncio
+async def test_without_the_database_nothing_is_sent(emulator: EmulatorServer) -> None:
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    budget = PostgresRequestBudget(
+        f"postgresql+psycopg://postgres@127.0.0.1:{port}/billing", name=name(), rate=25.0
+    )
+    client = make_stripe_client("sk_test_d", api_base=emulator.url, budget=budget)
+    with pytest.raises(BudgetUnavailableError, match="unavailable"):
+        await client.v1.customers.list_async()
+    stats = httpx.get(f"{emulator.url}/_emulator/stats").json()
+    assert "GET /v1/customers 200" not in stats["requests"]
 
 
 def test_retry_after_is_read_in_seconds_or_as_a_date() -> None:
