@@ -2,8 +2,10 @@
 Temporal client, and runs every workflow and activity.
 
 Two workers share one process: the main task queue (workflows, DB activities)
-and `<queue>-stripe`, whose activities are rate-limited worker-side so a backfill
-of thousands of orgs stays under Stripe's limits.
+and `<queue>-stripe`, whose activities send every HTTP request through the
+environment's shared Stripe request budget (`STRIPE_REQUESTS_PER_SECOND`,
+billing/stripe_budget.py), so a backfill of thousands of orgs, run by any
+number of worker processes, stays inside Stripe's limit.
 
 The DB activities are synchronous: each runs on a thread of the activity
 executor with a pooled connection. The main worker takes at most as many
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +39,7 @@ from temporalio.client import (
     ScheduleUpdate,
     ScheduleUpdateInput,
 )
+from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.worker import Worker
 
 from activities.db_activities import DbActivities
@@ -51,6 +55,7 @@ from billing.constants import (
 from billing.db.session import make_engine, make_session_factory
 from billing.domain import BackfillInput
 from billing.orchestration import tuning_of
+from billing.stripe_budget import PostgresRequestBudget, StripeRequestMetrics
 from billing.stripe_gateway import StripeGateway, make_stripe_client
 from billing.temporal_client import TemporalUnavailableError, connect_client
 from workflows import ALL_WORKFLOWS
@@ -68,6 +73,41 @@ def worker_engine(settings: Settings) -> Engine:
     connection, so each activity transaction has them.
     """
     return make_engine(settings.database_url, pool_size=DB_ACTIVITY_THREADS)
+
+
+# Temporal's own dispatch limit on the Stripe queue: far enough above the request
+# budget never to set the pace (the budget does; Temporal also splits this limit
+# across the queue's partitions), and set explicitly so it replaces any limit an
+# older worker left on the queue.
+DISPATCH_HEADROOM = 4.0
+STRIPE_NETWORK_RETRIES = 2
+
+
+def stripe_worker_concurrency(requests_per_second: float) -> int:
+    """Stripe activities one process runs at once: about two seconds of the budget.
+
+    Each running activity has at most one request waiting for a slot, so this
+    bounds how far ahead a process books the budget, while leaving enough in
+    flight that the gaps between an org's activities never leave a slot unused.
+    """
+    return min(500, max(10, math.ceil(2 * requests_per_second)))
+
+
+def worker_runtime(settings: Settings) -> Runtime | None:
+    """A Temporal runtime with the Prometheus endpoint, when `WORKER_METRICS_PORT` is set."""
+    if settings.worker_metrics_port is None:
+        return None
+    address = f"{settings.worker_metrics_host}:{settings.worker_metrics_port}"
+    return Runtime(telemetry=TelemetryConfig(metrics=PrometheusConfig(bind_address=address)))
+
+
+def request_budget(settings: Settings) -> PostgresRequestBudget:
+    """The environment's one Stripe request budget, in the database every process shares."""
+    return PostgresRequestBudget(
+        settings.database_url,
+        name=settings.billing_source,
+        rate=settings.stripe_requests_per_second,
+    )
 
 
 def build_workers(
@@ -104,7 +144,9 @@ def build_workers(
         ],
         activity_executor=executor,
         max_concurrent_activities=executor._max_workers,
+        max_cached_workflows=settings.worker_max_cached_workflows,
     )
+    rate = settings.stripe_requests_per_second
     stripe_worker = Worker(
         client,
         task_queue=stripe_task_queue(settings.temporal_task_queue),
@@ -116,7 +158,8 @@ def build_workers(
             stripe_activities.cancel_at_period_end,
             stripe_activities.send_meter_event,
         ],
-        max_task_queue_activities_per_second=settings.stripe_activities_per_second,
+        max_concurrent_activities=stripe_worker_concurrency(rate),
+        max_task_queue_activities_per_second=rate * DISPATCH_HEADROOM,
     )
     return [main, stripe_worker]
 
@@ -148,10 +191,24 @@ async def ensure_backfill_schedule(client: Client, settings: Settings) -> None:
 async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     """Run until `stop` is set (or SIGINT/SIGTERM when run as a process)."""
     settings.require_stripe()
-    client = await connect_client(settings)
+    if settings.stripe_activities_per_second is not None:
+        log.warning(
+            "STRIPE_ACTIVITIES_PER_SECOND is deprecated and ignored: the worker limits "
+            "Stripe requests, not activities; set STRIPE_REQUESTS_PER_SECOND instead",
+            extra={"stripe_requests_per_second": settings.stripe_requests_per_second},
+        )
+    runtime = worker_runtime(settings)
+    client = await connect_client(settings, runtime=runtime)
     engine = worker_engine(settings)
+    budget = request_budget(settings)
     stripe_client = make_stripe_client(
-        settings.stripe_secret_key, api_base=settings.stripe_api_base
+        settings.stripe_secret_key,
+        api_base=settings.stripe_api_base,
+        # A dropped connection or a 5xx is retried at once (every POST carries an
+        # idempotency key), each try with its own slot of the budget.
+        max_network_retries=STRIPE_NETWORK_RETRIES,
+        budget=budget,
+        metrics=StripeRequestMetrics(runtime.metric_meter if runtime else None),
     )
     stop = stop or asyncio.Event()
     await ensure_backfill_schedule(client, settings)
@@ -165,11 +222,14 @@ async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -
                 "task_queue": settings.temporal_task_queue,
                 "temporal_address": client.service_client.config.target_host,
                 "temporal_namespace": client.namespace,
+                "stripe_requests_per_second": settings.stripe_requests_per_second,
+                "metrics_port": settings.worker_metrics_port,
             },
         )
         try:
             await asyncio.gather(*(w.run() for w in workers), _shutdown_on(stop, workers))
         finally:
+            await budget.close()
             engine.dispose()
 
 

@@ -119,4 +119,8 @@ class StripeActivities:
         )
         if outcome == "duplicate":
             log.info("meter event already delivered", extra={"identifier": event.identifier})
+        activity.metric_meter().create_counter(
+            "billing_meter_events_sent_total",
+            "Meter events Stripe accepted (sent) or already had (duplicate)",
+        ).add(1, {"outcome": outcome, "event_name": event.event_name})
         return outcome

@@ -1,10 +1,10 @@
-"""What both benchmarks stand on: the product's real components, in this process.
+"""What the benchmarks stand on: the product's real components.
 
-A fresh Postgres database (migrated), the Temporal dev server (in memory, a
-`tooling.supervise.Child`), the Stripe emulator with the catalog, and the
-production worker wiring (`worker.build_workers`). Everything is torn down on
-exit, the database dropped, so a benchmark leaves nothing behind and never
-reuses old state.
+A fresh Postgres database (migrated), the Temporal dev server and the Stripe
+emulator with the catalog run in this process; the worker runs as N separate
+`python worker.py` processes (bench/_workers.py), as deployed, sharing one
+Stripe request budget. Everything is torn down on exit, the database dropped,
+so a benchmark leaves nothing behind and never reuses old state.
 
 Stripe traffic is counted from the emulator's own per-request counters, as a
 difference between two snapshots, so the benchmark's setup calls never count.
@@ -22,13 +22,12 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psycopg
+from _workers import Sample, WorkerProcesses, worker_processes
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
@@ -50,7 +49,6 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.runtime import (
     LogForwardingConfig,
     LoggingConfig,
-    PrometheusConfig,
     Runtime,
     TelemetryConfig,
     TelemetryFilter,
@@ -81,17 +79,14 @@ from tooling.supervise import (
     tcp_open,
     wait_until,
 )
-from worker import build_workers
 
 LOCAL_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 TASK_QUEUE = "billing-bench"
-# Same sizes as `worker.run_worker`: what a production worker process has.
-WORKER_THREADS = 16
 DB_POOL_SIZE = 10
-DEFAULT_ACTIVITIES_PER_SECOND: float = Settings.model_fields["stripe_activities_per_second"].default
+DEFAULT_REQUESTS_PER_SECOND: float = Settings.model_fields["stripe_requests_per_second"].default
 # Stripe's documented test-mode limit, which the emulator enforces when asked.
 STRIPE_RATE = STRIPE_TEST_MODE_RATE
-TARGET_RATIO = 0.9
+TARGET_RATIO = 0.95
 
 console = Console()
 _ACTIVITY_TYPE = re.compile(r"'activity_type': '([^']+)'")
@@ -125,15 +120,16 @@ def _libpq_dsn(url: str) -> str:
 
 
 @contextlib.contextmanager
-def fresh_database(admin_url: str) -> Iterator[str]:
-    """A new, migrated database, dropped afterwards even if connections are left open."""
+def fresh_database(admin_url: str, revision: str = "head") -> Iterator[str]:
+    """A new database migrated to `revision`, dropped afterwards even if connections are
+    left open."""
     name = f"billing_bench_{uuid.uuid4().hex[:10]}"
     admin = _libpq_dsn(admin_url)
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
     try:
-        upgrade(url)
+        upgrade(url, revision)
         yield url
     finally:
         with psycopg.connect(admin, autocommit=True) as conn:
@@ -188,45 +184,21 @@ def quiet_logging() -> WarningCounter:
 # The stack ---------------------------------------------------------------------------
 
 
-_SAMPLE = re.compile(r"^(\w+)(?:\{(.*)\})? ([0-9.eE+-]+|NaN)$")
-_LABEL = re.compile(r'(\w+)="([^"]*)"')
-Sample = tuple[str, frozenset[tuple[str, str]]]
-
-
-class WorkerMetrics:
-    """The worker's own Prometheus metrics (Temporal SDK core), read between two points.
-
-    They say where time goes inside Temporal: how long tasks wait in a queue
-    (the Stripe queue's rate limit shows up here), how long activities and
-    workflow tasks run, and how often a workflow had to be replayed.
-    """
-
-    def __init__(self, port: int) -> None:
-        self.url = f"http://127.0.0.1:{port}/metrics"
-        self.runtime = Runtime(
-            telemetry=TelemetryConfig(
-                logging=LoggingConfig(
-                    filter=TelemetryFilter(core_level="WARN", other_level="ERROR"),
-                    # Core warnings (slow workflow tasks, ...) are counted like ours.
-                    forwarding=LogForwardingConfig(
-                        logger=logging.getLogger("temporalio.core"),
-                        append_target_to_name=False,
-                        prepend_target_on_message=False,
-                        append_log_fields_to_message=False,
-                    ),
+def bench_runtime() -> Runtime:
+    """This process's Temporal runtime: Temporal core's warnings are counted, not printed."""
+    return Runtime(
+        telemetry=TelemetryConfig(
+            logging=LoggingConfig(
+                filter=TelemetryFilter(core_level="WARN", other_level="ERROR"),
+                forwarding=LogForwardingConfig(
+                    logger=logging.getLogger("temporalio.core"),
+                    append_target_to_name=False,
+                    prepend_target_on_message=False,
+                    append_log_fields_to_message=False,
                 ),
-                metrics=PrometheusConfig(bind_address=f"127.0.0.1:{port}"),
-            )
+            ),
         )
-
-    def snapshot(self) -> dict[Sample, float]:
-        samples: dict[Sample, float] = {}
-        for line in httpx.get(self.url, timeout=10).text.splitlines():
-            match = _SAMPLE.match(line)
-            if match and not match.group(1).endswith("_bucket"):
-                key = (match.group(1), frozenset(_LABEL.findall(match.group(2) or "")))
-                samples[key] = samples.get(key, 0.0) + float(match.group(3))
-        return samples
+    )
 
 
 @dataclass(frozen=True)
@@ -265,6 +237,7 @@ def time_table(metrics: MetricsDelta, task_queue: str) -> Table:
     table.add_column("mean", justify="right")
     waited = "temporal_activity_schedule_to_start_latency"
     rows: list[tuple[str, int, float]] = [
+        ("Stripe request wait for its budget slot", *metrics.mean_ms("billing_stripe_budget_wait")),
         (
             "Stripe activity wait in queue (schedule→start)",
             *metrics.mean_ms(waited, task_queue=stripe_task_queue(task_queue)),
@@ -295,6 +268,8 @@ def time_table(metrics: MetricsDelta, task_queue: str) -> Table:
         if count:
             table.add_row(what, str(count), f"{mean:,.0f} ms")
     failures = [
+        ("Stripe requests sent (worker count)", metrics.total("billing_stripe_requests_total")),
+        ("Stripe 429s seen by the worker", metrics.total("billing_stripe_rate_limited_total")),
         ("activity attempts failed", metrics.total("temporal_activity_execution_failed")),
         ("workflow tasks failed", metrics.total("temporal_workflow_task_execution_failed")),
         ("sticky cache misses", metrics.total("temporal_sticky_cache_miss")),
@@ -345,24 +320,18 @@ class Stack:
     emulator: EmulatorServer
     engine: Engine
     sessions: sessionmaker[Session]
-    metrics: WorkerMetrics
     postgres: str
     setup_seconds: float
 
-    def settings_at(self, activities_per_second: float) -> Settings:
-        return self.settings.model_copy(
-            update={"stripe_activities_per_second": activities_per_second}
-        )
-
 
 @contextlib.asynccontextmanager
-async def open_stack() -> AsyncIterator[Stack]:
+async def open_stack(revision: str = "head") -> AsyncIterator[Stack]:
     """Start everything (announcing each step) and stop it all on the way out."""
     started = time.monotonic()
     with contextlib.ExitStack() as sync_stack:
         with console.status("Starting Postgres and migrating a fresh database…"):
             admin_url, postgres = sync_stack.enter_context(postgres_server())
-            database_url = sync_stack.enter_context(fresh_database(admin_url))
+            database_url = sync_stack.enter_context(fresh_database(admin_url, revision))
         engine = make_engine(database_url, pool_size=DB_POOL_SIZE)
         sync_stack.callback(engine.dispose)
         with console.status("Starting the Stripe emulator and its catalog…"):
@@ -373,10 +342,10 @@ async def open_stack() -> AsyncIterator[Stack]:
                 "sk_test_bench", api_base=emulator.url, max_network_retries=2, blocking=True
             )
             catalog = ensure_catalog(setup_client, "additional_users", "additional_requests")
-        metrics = WorkerMetrics(free_port())
+        runtime = bench_runtime()
         with console.status("Starting the Temporal dev server…"):
             address = sync_stack.enter_context(temporal_dev_server())
-            await wait_for_server(address, metrics.runtime)
+            await wait_for_server(address, runtime)
         try:
             settings = Settings.model_validate(
                 {
@@ -389,42 +358,50 @@ async def open_stack() -> AsyncIterator[Stack]:
                     "stripe_price_id": catalog.base_price_id,
                     "stripe_users_price_id": catalog.users_price_id,
                     "stripe_requests_price_id": catalog.requests_price_id,
-                    "auth_jwt_secret": "bench-jwt-secret-of-at-least-32-bytes",
+                    "auth_jwt_secret": "bench",
                 }
             )
             # The product's own client: encrypted when BILLING_ENCRYPTION_KEYS is set.
-            client = await connect_client(settings, runtime=metrics.runtime)
+            client = await connect_client(settings, runtime=runtime)
             yield Stack(
                 settings=settings,
                 client=client,
                 emulator=emulator,
                 engine=engine,
                 sessions=make_session_factory(engine),
-                metrics=metrics,
                 postgres=postgres,
                 setup_seconds=time.monotonic() - started,
             )
         finally:
-            with console.status("Stopping the servers and dropping the database…"):
-                sync_stack.close()
+            # The dev server, the emulator and the database go with the ExitStack.
+            console.print("Stopping the servers and dropping the database…")
 
 
 @contextlib.asynccontextmanager
-async def running_workers(stack: Stack, activities_per_second: float) -> AsyncIterator[Settings]:
-    """The production workers (`worker.build_workers`) with the Stripe queue at this rate."""
-    settings = stack.settings_at(activities_per_second)
-    with ThreadPoolExecutor(max_workers=WORKER_THREADS) as executor:
-        workers = build_workers(
+async def running_workers(
+    stack: Stack,
+    requests_per_second: float,
+    *,
+    processes: int = 1,
+    cached: int | None = None,
+) -> AsyncIterator[WorkerProcesses]:
+    """`processes` worker processes (`python worker.py`) sharing a budget of this many
+    Stripe requests per second; `cached` sets their workflow cache size."""
+    with console.status(f"Starting {processes} worker process(es)…"):
+        running = worker_processes(
             stack.client,
-            settings,
-            stack.sessions,
-            make_stripe_client(settings.stripe_secret_key, api_base=settings.stripe_api_base),
-            executor,
+            stack.settings,
+            count=processes,
+            requests_per_second=requests_per_second,
+            metrics_ports=[free_port() for _ in range(processes)],
+            cached=cached,
         )
-        async with contextlib.AsyncExitStack() as running:
-            for w in workers:
-                await running.enter_async_context(w)
-            yield settings
+        workers = await running.__aenter__()
+    try:
+        yield workers
+    finally:
+        with console.status("Stopping the worker processes…"):
+            await running.__aexit__(None, None, None)
 
 
 async def start_backfill(stack: Stack, run: int = 0) -> WorkflowHandle[Any, BackfillResult]:

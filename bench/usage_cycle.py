@@ -2,16 +2,18 @@
 
 Setup (not measured): N orgs with 1 to 5 members and request-log rows inside their
 current period, provisioned through the real workflows with the emulator's rate
-limit off and a high Stripe-queue limit. Then:
+limit off and a high request budget. Then:
 
 (a) the DB aggregation `plan_usage` does (members count, request sum in the
     period), timed alone, as one grouped query per dimension and as per-org
     queries, without writing ledger rows;
 (b) the `report_usage` Update on every org's `OrgBilling` workflow, bounded
-    concurrency, with Stripe's test-mode limit on: meter events/s against 25/s,
-    no duplicates, a consistent ledger, and what that rate means for 10,000 orgs.
+    concurrency, run by one or more worker processes (`python worker.py`)
+    sharing the request budget, with Stripe's test-mode limit on: meter
+    events/s against 25/s, no duplicates, a consistent ledger, and what that
+    rate means for 10,000 orgs.
 
-    .venv/bin/python bench/usage_cycle.py 2000 [--activities-per-second 20]
+    .venv/bin/python bench/usage_cycle.py 2000 [--requests-per-second 25] [--worker-processes 2]
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 from _stack import (
-    DEFAULT_ACTIVITIES_PER_SECOND,
+    DEFAULT_REQUESTS_PER_SECOND,
     STRIPE_RATE,
     TARGET_RATIO,
     TASK_QUEUE,
@@ -54,6 +56,7 @@ from _stack import (
     wait_with_progress,
     warnings_table,
 )
+from _workers import WorkerProcesses
 from sqlalchemy import func, insert, select, text
 from sqlalchemy.orm import Session
 
@@ -261,7 +264,9 @@ class Cycle:
     duplicates: int
 
 
-async def report_cycle(stack: Stack, org_ids: list[int], concurrency: int) -> Cycle:
+async def report_cycle(
+    stack: Stack, workers: WorkerProcesses, org_ids: list[int], concurrency: int
+) -> Cycle:
     """`report_usage` on every org's workflow, `concurrency` in flight, Stripe's limit on."""
     latencies: list[float] = []
 
@@ -274,7 +279,7 @@ async def report_cycle(stack: Stack, org_ids: list[int], concurrency: int) -> Cy
         latencies.append(time.monotonic() - started)
         return result
 
-    metrics_before = await asyncio.to_thread(stack.metrics.snapshot)
+    metrics_before = await asyncio.to_thread(workers.snapshot)
     stack.emulator.set_faults(rate_limit_per_second=STRIPE_RATE)
     before, stats_before = request_counts(stack.emulator), stat_counts(stack.emulator)
     started = time.monotonic()
@@ -283,7 +288,7 @@ async def report_cycle(stack: Stack, org_ids: list[int], concurrency: int) -> Cy
     after, stats_after = request_counts(stack.emulator), stat_counts(stack.emulator)
     stack.emulator.clear_faults()
     load = machine()
-    metrics_after = await asyncio.to_thread(stack.metrics.snapshot)
+    metrics_after = await asyncio.to_thread(workers.snapshot)
     return Cycle(
         load=load,
         metrics=MetricsDelta.between(metrics_before, metrics_after),
@@ -335,7 +340,7 @@ def ledger_problems(stack: Stack, expected: Usage) -> dict[str, int]:
 
 
 async def run(args: argparse.Namespace) -> int:
-    warned = quiet_logging()
+    quiet_logging()
     rng = random.Random(args.seed)
     n: int = args.orgs
     async with open_stack() as stack:
@@ -344,7 +349,9 @@ async def run(args: argparse.Namespace) -> int:
         org_ids = await asyncio.to_thread(seed_orgs, stack, n, rng)
         console.print(f"{n} orgs with members written in {time.monotonic() - t:.1f} s.")
 
-        async with running_workers(stack, args.setup_activities_per_second):
+        async with running_workers(
+            stack, args.setup_requests_per_second, processes=args.worker_processes
+        ):
             handle = await start_backfill(stack)
             setup = await wait_with_progress(
                 "Setup: provisioning (Stripe limit off)",
@@ -362,19 +369,21 @@ async def run(args: argparse.Namespace) -> int:
             grouped_s, grouped = await asyncio.to_thread(best_time, stack, grouped_usage, periods)
             per_org_s, per_org = await asyncio.to_thread(best_time, stack, per_org_usage, periods)
 
-        async with running_workers(stack, args.activities_per_second):
-            warned_before = warned.counts.copy()
+        async with running_workers(
+            stack, args.requests_per_second, processes=args.worker_processes
+        ) as workers:
             cycle = await asyncio.wait_for(
-                report_cycle(stack, org_ids, args.concurrency), timeout=args.timeout
+                report_cycle(stack, workers, org_ids, args.concurrency), timeout=args.timeout
             )
-            warnings = warned.since(warned_before)
+            warnings = workers.warnings()
+            rss = workers.rss()
         problems = ledger_problems(stack, grouped)
     start_of = {p.org_id: p.start for p in periods}
     problems["Updates that reported another period"] = sum(
         1 for r in cycle.results if not r.periods or r.periods[0].period_start != start_of[r.org_id]
     )
 
-    ok = report(args, grouped_s, per_org_s, grouped == per_org, cycle, problems, grouped)
+    ok = report(args, grouped_s, per_org_s, grouped == per_org, cycle, problems, grouped, rss)
     console.print(route_table(cycle.traffic, cycle.wall))
     console.print(time_table(cycle.metrics, TASK_QUEUE))
     table = warnings_table(warnings)
@@ -391,9 +400,10 @@ def report(
     cycle: Cycle,
     problems: dict[str, int],
     expected: Usage,
+    rss: list[int],
 ) -> bool:
     n: int = args.orgs
-    aps: float = args.activities_per_second
+    rps: float = args.requests_per_second
     console.print(
         report_table(
             f"(a) Usage aggregation alone, {n} orgs, "
@@ -424,7 +434,8 @@ def report(
         (
             "meter events/s",
             fmt_rate(rate),
-            f"{cycle.accepted} accepted; worker limit {aps:g} activities/s",
+            f"{cycle.accepted} accepted; budget {rps:g} requests/s shared by "
+            f"{args.worker_processes} worker process(es)",
         ),
         (
             "events rate / Stripe limit",
@@ -436,12 +447,21 @@ def report(
             fmt_rate(cycle.traffic.served / cycle.wall),
             f"{cycle.traffic.served} requests",
         ),
-        ("429s", str(cycle.traffic.rate_limited), "each one fails one activity attempt"),
+        (
+            "429s",
+            str(cycle.traffic.rate_limited),
+            "each one pauses the budget and is retried in the client",
+        ),
         (
             "Update latency p50 / p95 / max",
             f"{statistics.median(lat):.1f} / {lat[int(0.95 * (len(lat) - 1))]:.1f} "
             f"/ {lat[-1]:.1f} s",
-            "mostly queueing for the Stripe task queue",
+            "mostly waiting for budget slots",
+        ),
+        (
+            "worker RSS",
+            " + ".join(f"{b / 2**20:.0f}" for b in rss) + " MB",
+            "per process, after the cycle",
         ),
         (
             "meter events sent (Updates)",
@@ -466,16 +486,15 @@ def report(
         )
     )
     console.print(report_table(f"(b) One reporting cycle, {n} orgs ({cycle.load})", rows))
-    if ratio < TARGET_RATIO and aps < STRIPE_RATE:
+    if ratio < TARGET_RATIO and rps < STRIPE_RATE:
         console.print(
-            f"[yellow]Below {TARGET_RATIO:.0%} of Stripe's limit: the Stripe queue's "
-            f"{aps:g} activities/s (one request each) sets the pace, not Stripe. "
-            f"Try --activities-per-second {STRIPE_RATE:g}.[/yellow]"
+            f"[yellow]Below {TARGET_RATIO:.0%} of Stripe's limit: the budget of {rps:g} "
+            "requests/s sets the pace, not Stripe.[/yellow]"
         )
     elif ratio < TARGET_RATIO:
         console.print(
-            f"[yellow]Below {TARGET_RATIO:.0%} of Stripe's limit although the Stripe queue "
-            "allows more: the first and last seconds (few orgs in flight), 429 backoff or "
+            f"[yellow]Below {TARGET_RATIO:.0%} of Stripe's limit although the budget "
+            "allows more: the first and last seconds (few orgs in flight), 429 pauses or "
             "the worker's CPU set the pace; see where the time goes below.[/yellow]"
         )
     clean = all(v == 0 for v in problems.values())
@@ -494,17 +513,20 @@ def main() -> int:
     parser.add_argument("n", nargs="?", type=int, default=2000, help="orgs (default 2000)")
     parser.add_argument("--orgs", type=int, help="orgs; overrides the positional N")
     parser.add_argument(
-        "--activities-per-second",
+        "--requests-per-second",
         type=check_rate,
-        default=DEFAULT_ACTIVITIES_PER_SECOND,
-        help="Settings.stripe_activities_per_second during the measured cycle; "
-        f"default {DEFAULT_ACTIVITIES_PER_SECOND:g}",
+        default=DEFAULT_REQUESTS_PER_SECOND,
+        help="STRIPE_REQUESTS_PER_SECOND during the measured cycle; "
+        f"default {DEFAULT_REQUESTS_PER_SECOND:g}",
     )
     parser.add_argument(
-        "--setup-activities-per-second",
+        "--setup-requests-per-second",
         type=check_rate,
-        default=500.0,
-        help="the Stripe queue's limit while setting up (the emulator's limit is off then)",
+        default=1000.0,
+        help="the request budget while setting up (the emulator's limit is off then)",
+    )
+    parser.add_argument(
+        "--worker-processes", type=int, default=1, help="worker processes (default 1)"
     )
     parser.add_argument("--concurrency", type=int, default=200, help="Updates in flight")
     parser.add_argument("--requests-per-org", type=int, default=20, help="request-log rows")
@@ -512,6 +534,8 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per phase")
     args = parser.parse_args()
     args.orgs = args.orgs if args.orgs is not None else args.n
+    if not 1 <= args.worker_processes <= 8:
+        parser.error("--worker-processes must be between 1 and 8")
     return asyncio.run(run(args))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Letters, digits and `_ . -`: the source is quoted inside Stripe search queries.
@@ -68,8 +68,19 @@ class Settings(BaseSettings):
     stripe_api_base: str | None = None
     stripe_portal_return_url: str = "http://localhost:3000/settings/billing"
 
+    # One budget of Stripe requests per second shared by every worker process of
+    # the environment (billing/stripe_budget.py): 25 is test mode's limit, live 100.
+    stripe_requests_per_second: float = Field(default=25.0, gt=0, le=10_000)
+    # Deprecated: the old limit counted Stripe activities, not requests. Accepted
+    # so old deployments still start; the worker warns and ignores it.
+    stripe_activities_per_second: float | None = Field(default=None, gt=0)
+    # The worker's Prometheus endpoint (Temporal SDK metrics and ours); unset: none.
+    worker_metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    worker_metrics_host: str = "127.0.0.1"
+    # Org workflows a worker process keeps in memory between tasks (sticky cache).
+    worker_max_cached_workflows: int = Field(default=1000, ge=0, le=100_000)
+
     # Operational knobs (not part of the seed's contract).
-    stripe_activities_per_second: float = Field(default=20.0, gt=0)
     backfill_interval_seconds: int = Field(default=300, ge=10)
     usage_report_lead_seconds: int = Field(default=3600, ge=0)
     usage_report_grace_seconds: int = Field(default=300, ge=0)
@@ -82,6 +93,12 @@ class Settings(BaseSettings):
     api_body_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
     # Emulator only: new customers are attached to this test clock (set by `billing dev`).
     stripe_test_clock: str | None = None
+
+    @field_validator("worker_metrics_port", "stripe_activities_per_second", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        """`WORKER_METRICS_PORT=` (as `.env.example` has it) means no endpoint."""
+        return None if isinstance(value, str) and not value.strip() else value
 
     def missing_stripe_settings(self) -> list[str]:
         missing = []

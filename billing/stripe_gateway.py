@@ -28,6 +28,7 @@ from billing.domain import (
     SubscriptionSnapshot,
     SubscriptionStatus,
 )
+from billing.stripe_budget import BudgetedHTTPXClient, RequestBudget, StripeRequestMetrics
 from billing.stripe_keys import (
     customer_create_key,
     meter_event_key,
@@ -44,6 +45,8 @@ def make_stripe_client(
     api_base: str | None = None,
     max_network_retries: int = 0,
     blocking: bool = False,
+    budget: RequestBudget | None = None,
+    metrics: StripeRequestMetrics | None = None,
 ) -> stripe.StripeClient:
     """The one way composition roots build a Stripe client.
 
@@ -51,17 +54,25 @@ def make_stripe_client(
     emulator's. The API and the worker call Stripe asynchronously, over HTTPX;
     `blocking=True` gives the SDK's default synchronous HTTP client instead, for
     catalog setup and CLI commands. `max_network_retries` retries connection
-    errors, 429s and 5xx inside the SDK.
+    errors, 429s and 5xx inside the SDK. With a `budget` (the worker's), every
+    HTTP request first takes a slot of it, and a 429 pauses it for everyone.
     """
     base_addresses: dict[str, str | None] = {}
     if api_base:
         base = api_base.rstrip("/")
         base_addresses = {"api": base, "files": base, "connect": base, "meter_events": base}
+    http_client: stripe.HTTPClient | None = None
+    if budget is not None:
+        if blocking:
+            raise ValueError("the request budget is for the asynchronous client")
+        http_client = BudgetedHTTPXClient(budget, metrics=metrics)
+    elif not blocking:
+        http_client = stripe.HTTPXClient()
     return stripe.StripeClient(
         api_key,
         base_addresses=base_addresses,  # type: ignore[arg-type]
         max_network_retries=max_network_retries,
-        http_client=None if blocking else stripe.HTTPXClient(),
+        http_client=http_client,
     )
 
 

@@ -22,6 +22,8 @@ class Faults:
     latency_ms: float = 0.0
     rate_limit_per_second: float = 0.0
     rate_limit_burst: float = 0.0
+    # Seconds sent as `Retry-After` with every 429 (0: no header, like most of Stripe's).
+    retry_after_seconds: float = 0.0
     webhook_delay_ms: float = 0.0
     webhook_duplicate_rate: float = 0.0
     webhook_shuffle_window: int = 0
@@ -100,10 +102,10 @@ class FaultInjector:
                 )
                 self._last_refill = now
                 if self._tokens < 1:
-                    return rate_limited()
+                    return rate_limited(settings.retry_after_seconds)
                 self._tokens -= 1
         if self.chance(settings.error_rate_429):
-            return rate_limited()
+            return rate_limited(settings.retry_after_seconds)
         if self.chance(settings.error_rate_500):
             return StripeError(
                 "An unknown error occurred while processing your request; the emulator "
@@ -115,12 +117,15 @@ class FaultInjector:
         return None
 
 
-def rate_limited() -> StripeError:
+def rate_limited(retry_after: float = 0.0) -> StripeError:
     """Stripe's 429: a `rate_limit` code on an `invalid_request_error`."""
+    headers = {"Stripe-Should-Retry": "true"}
+    if retry_after > 0:
+        headers["Retry-After"] = f"{retry_after:g}"
     return StripeError(
         "Request rate limit exceeded. Learn more about rate limits here "
         "https://stripe.com/docs/rate-limits.",
         code="rate_limit",
         status=429,
-        headers={"Stripe-Should-Retry": "true"},
+        headers=headers,
     )

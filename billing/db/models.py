@@ -185,7 +185,14 @@ class RequestLog(Base):
 
     __table_args__ = (
         CheckConstraint("count > 0", name="ck_request_log_count_positive"),
-        Index("ix_request_log_org_time", "org_id", "occurred_at"),
+        # A period's sum is an index-only scan; BRIN finds old rows for retention.
+        Index(
+            "ix_request_log_org_time_count",
+            "org_id",
+            "occurred_at",
+            postgresql_include=["count"],
+        ),
+        Index("ix_request_log_occurred_brin", "occurred_at", postgresql_using="brin"),
     )
 
 
@@ -245,3 +252,17 @@ class StripeEventLog(Base):
         Index("ix_stripe_events_org", "org_id", "created"),
         Index("ix_stripe_events_outcome", "outcome", "received_at"),
     )
+
+
+class StripeRequestBudget(Base):
+    """The next free slot of an environment's Stripe request budget (billing/stripe_budget.py).
+
+    One row per budget name, updated by every Stripe request of every worker
+    process; `paused_until` is set when Stripe answered 429.
+    """
+
+    __tablename__ = "stripe_request_budget"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    next_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    paused_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import ColumnElement, func, or_, select, update
+from sqlalchemy import ColumnElement, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -66,6 +66,9 @@ MAX_NAME = 255
 MAX_EMAIL = 320
 MAX_REQUEST_COUNT = 2**31 - 1
 # Requests are billed by period: a time outside these years is a typo, not usage.
+# Stripe takes meter events up to 35 days old and a period lasts at most 31 days,
+# so no report can bill a request older than this: it may be deleted.
+REQUESTS_BILLABLE_FOR = timedelta(days=35 + 31)
 EARLIEST_REQUEST = datetime(2000, 1, 1, tzinfo=UTC)
 REQUESTS_AHEAD = timedelta(days=5 * 366)
 
@@ -610,3 +613,29 @@ def request_total(
     if through is not None:
         query = query.where(RequestLog.occurred_at <= through)
     return int(session.scalar(query) or 0)
+
+
+def prune_requests(session: Session, *, before: datetime, now: datetime, limit: int) -> int:
+    """Delete up to `limit` request-log rows older than `before`; returns how many.
+
+    Refuses a `before` inside the window a report may still bill. Callers commit
+    each batch, so a large delete never holds one long transaction (docs/operations.md).
+    """
+    if before > now - REQUESTS_BILLABLE_FOR:
+        raise InvalidInputError(
+            f"Requests after {(now - REQUESTS_BILLABLE_FOR).date().isoformat()} may still be "
+            f"billed (Stripe takes usage up to 35 days old, a period lasts up to 31 days); "
+            "keep at least 66 days."
+        )
+    if limit < 1:
+        raise InvalidInputError(f"The batch size must be at least 1, not {limit}.")
+    # By row address: the oldest rows sit together (time order), found through the
+    # BRIN index on occurred_at; no per-row index lookups.
+    result = session.execute(
+        text(
+            "DELETE FROM request_log WHERE ctid = ANY(ARRAY("
+            "SELECT ctid FROM request_log WHERE occurred_at < :before LIMIT :limit))"
+        ),
+        {"before": before, "limit": limit},
+    )
+    return int(getattr(result, "rowcount", 0) or 0)

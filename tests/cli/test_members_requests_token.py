@@ -238,6 +238,27 @@ def test_record_requests_refuses_bad_input(invoke: Invoke) -> None:
     )
 
 
+def test_prune_deletes_only_requests_no_report_can_bill(
+    invoke: Invoke, session_factory: sessionmaker[Session]
+) -> None:
+    org_id = _org(invoke)
+    now = datetime.now(UTC)
+    for days in (400, 100, 70, 10):
+        at = (now - timedelta(days=days)).isoformat()
+        recorded = invoke("requests", "record", str(org_id), "--count", str(days), "--at", at)
+        assert recorded.exit_code == 0, recorded.output
+
+    too_soon = invoke("requests", "prune", "--older-than-days", "30")
+    pruned = invoke("requests", "prune", "--batch-size", "1", "--json")
+
+    assert_clean_error(too_soon, "may still be billed", "keep at least 66 days")
+    assert pruned.exit_code == 0, pruned.output
+    assert json.loads(pruned.stdout)["deleted"] == 2  # 400 and 100 days, one per batch
+    with session_factory() as session:
+        left = sorted(session.scalars(select(RequestLog.count)))
+    assert left == [10, 70]
+
+
 # token -----------------------------------------------------------------------------
 
 

@@ -32,6 +32,15 @@ def test_429_with_should_retry(emulator: EmulatorServer, http: httpx.Client) -> 
         make_client(emulator.url).v1.customers.list()
 
 
+def test_429_can_name_a_retry_after(emulator: EmulatorServer, http: httpx.Client) -> None:
+    emulator.set_faults(error_rate_429=1.0)
+    assert "Retry-After" not in http.get("/v1/customers").headers
+    emulator.set_faults(retry_after_seconds=2)
+    answer = http.get("/v1/customers")
+    assert answer.status_code == 429
+    assert answer.headers["Retry-After"] == "2"
+
+
 def test_sdk_retries_through_injected_errors(emulator: EmulatorServer) -> None:
     emulator.set_faults(error_rate_500=0.3, seed=3)
     patient = stripe.StripeClient(

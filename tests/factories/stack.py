@@ -19,7 +19,7 @@ from billing.db import orgs
 from billing.domain import BillingStatus, OrgBillingState
 from billing.orchestration import query_state
 from billing.stripe_gateway import make_stripe_client
-from worker import build_workers
+from worker import STRIPE_NETWORK_RETRIES, build_workers, request_budget
 
 T = TypeVar("T")
 
@@ -40,7 +40,7 @@ def make_settings(
         "stripe_webhook_secret": "whsec_test",
         "stripe_api_base": emulator_url,
         "auth_jwt_secret": "stack-tests-jwt-secret-0123456789abcdef",
-        "stripe_activities_per_second": 500.0,
+        "stripe_requests_per_second": 500.0,
         **catalog,
         **overrides,
     }
@@ -55,17 +55,26 @@ async def running_worker(
     *,
     stripe_activities: StripeActivities | None = None,
 ) -> AsyncIterator[None]:
-    """The production worker wiring (`worker.build_workers`), in this process."""
+    """The production worker wiring (`worker.build_workers`, the shared request budget),
+    in this process."""
+    budget = request_budget(settings)
+    stripe_client = make_stripe_client(
+        settings.stripe_secret_key,
+        api_base=settings.stripe_api_base,
+        max_network_retries=STRIPE_NETWORK_RETRIES,
+        budget=budget,
+    )
     with ThreadPoolExecutor(max_workers=8) as executor:
         workers = build_workers(
             client,
             settings,
             session_factory,
-            make_stripe_client(settings.stripe_secret_key, api_base=settings.stripe_api_base),
+            stripe_client,
             executor,
             stripe_activities=stripe_activities,
         )
         async with contextlib.AsyncExitStack() as stack:
+            stack.push_async_callback(budget.close)
             for w in workers:
                 await stack.enter_async_context(w)
             yield

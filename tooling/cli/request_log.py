@@ -1,4 +1,5 @@
-"""`billing requests record`: add to an org's request log (what the requests meter counts)."""
+"""`billing requests record`: add to an org's request log (what the requests meter counts);
+`billing requests prune`: delete rows no report can bill any more."""
 
 from __future__ import annotations
 
@@ -91,3 +92,42 @@ def record(
     out.print(
         f"Recorded {count} requests for org {org_id} at {when.isoformat()}; {total} in total."
     )
+
+
+PRUNE_BATCH = 50_000
+MAX_PRUNE_BATCHES = 100_000
+
+
+@app.command("prune")
+def prune(
+    ctx: typer.Context,
+    older_than_days: Annotated[
+        int,
+        typer.Option(
+            "--older-than-days",
+            help="Delete rows older than this many days (at least 66: younger ones may "
+            "still be billed).",
+        ),
+    ] = 90,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help="Rows per transaction.")
+    ] = PRUNE_BATCH,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+) -> None:
+    """Delete request-log rows older than the billable window, in batches."""
+    if older_than_days < 0 or older_than_days > 36_600:
+        fail(f"--older-than-days must be between 66 and 36600, not {older_than_days}.")
+    state = state_of(ctx)
+    now = _now(state)
+    before = now - timedelta(days=older_than_days)
+    deleted = 0
+    for _ in range(MAX_PRUNE_BATCHES):
+        with state.session() as session:
+            batch = orgs.prune_requests(session, before=before, now=now, limit=batch_size)
+        deleted += batch
+        if batch < batch_size:
+            break
+    if as_json:
+        print_json({"deleted": deleted, "before": before})
+        return
+    out.print(f"Deleted {deleted} request-log rows older than {before.isoformat()}.")

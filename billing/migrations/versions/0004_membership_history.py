@@ -9,7 +9,7 @@ back gets a new row; only one membership per user and org is current.
 (an activity retried after it woke up late) never overwrites a newer one.
 
 Revision ID: 0003_membership_history
-Revises: 0001
+Revises: 0003_request_log_scale
 Create Date: 2026-12-01 10:00:00
 """
 
@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0003_membership_history"
-down_revision: str | None = "0001"
+down_revision: str | None = "0003_request_log_scale"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

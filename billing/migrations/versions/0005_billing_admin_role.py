@@ -5,7 +5,7 @@ constraint on `memberships.role` gains the value. Downgrading turns billing
 admins back into plain members (the safe direction: they lose billing rights).
 
 Revision ID: 0004_billing_admin_role
-Revises: 0001
+Revises: 0003_membership_history
 """
 
 from collections.abc import Sequence
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from alembic import op
 
 revision: str = "0004_billing_admin_role"
-down_revision: str | None = "0001"
+down_revision: str | None = "0003_membership_history"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
