@@ -11,8 +11,8 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import logging.config
 import re
-import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -125,18 +125,34 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(document, default=str, ensure_ascii=False)
 
 
+def logging_config(level: int | str = "INFO", *, stream: TextIO | None = None) -> dict[str, Any]:
+    """`configure_logging` as a `logging.config.dictConfig` document.
+
+    uvicorn applies such a document in each worker process it spawns
+    (`billing api --workers N`), where nothing configured by the parent exists.
+    """
+    handler: dict[str, Any] = {
+        "class": "logging.StreamHandler",
+        "formatter": "json",
+        "filters": ["redact"],
+        "stream": stream if stream is not None else "ext://sys.stderr",
+    }
+    # uvicorn installs its own plain-text handlers; send its records to ours instead.
+    uvicorn_loggers = {
+        name: {"handlers": [], "propagate": True}
+        for name in ("uvicorn", "uvicorn.error", "uvicorn.access")
+    }
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": JsonFormatter}},
+        "filters": {"redact": {"()": RedactingFilter}},
+        "handlers": {"json": handler},
+        "root": {"handlers": ["json"], "level": level.upper() if isinstance(level, str) else level},
+        "loggers": uvicorn_loggers,
+    }
+
+
 def configure_logging(level: int | str = "INFO", *, stream: TextIO | None = None) -> None:
     """Route every logger (ours, uvicorn's, temporalio's) through one JSON, redacting handler."""
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter())
-    handler.addFilter(RedactingFilter())
-    root = logging.getLogger()
-    for existing in list(root.handlers):
-        root.removeHandler(existing)
-    root.addHandler(handler)
-    root.setLevel(level.upper() if isinstance(level, str) else level)
-    # uvicorn installs its own plain-text handlers; send its records to ours instead.
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
-        named = logging.getLogger(name)
-        named.handlers.clear()
-        named.propagate = True
+    logging.config.dictConfig(logging_config(level, stream=stream))

@@ -86,27 +86,42 @@ def api(
     ctx: typer.Context,
     host: Annotated[str, typer.Option("--host", help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8000,
+    workers: Annotated[
+        int,
+        typer.Option(
+            "--workers",
+            min=1,
+            max=64,
+            help="API processes sharing the port (uvicorn workers); about one per core.",
+        ),
+    ] = 1,
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
 ) -> None:
-    """Run the HTTP API (webhooks, portal, status, health) in this process."""
+    """Run the HTTP API (webhooks, portal, status, health) in this process (or N workers)."""
     import uvicorn
 
-    from api.main import create_app
-    from api.server import header_timeout_protocol
-    from billing.logging import configure_logging
+    from api.server import HeaderTimeoutProtocol
+    from billing.config import get_settings
+    from billing.logging import logging_config
 
     settings = state_of(ctx).settings
     try:
         settings.require_stripe()
     except StripeNotConfiguredError as error:
         raise CliError(str(error)) from None
-    configure_logging(log_level.upper())
+    # Each process serving the app (this one, or every worker uvicorn spawns) builds
+    # it from the environment: put the settings resolved here (home folder, .env) there.
+    os.environ.update(settings.environment())
+    get_settings.cache_clear()
     uvicorn.run(
-        create_app(settings),
+        "api.main:create_app",
+        factory=True,
         host=host,
         port=port,
-        http=header_timeout_protocol(settings.api_header_timeout_seconds),
-        log_config=None,
+        workers=workers,
+        http=HeaderTimeoutProtocol,
+        # Applied in every process, workers included: one JSON line per record.
+        log_config=logging_config(log_level.upper()),
         log_level=log_level.lower(),
         # The app logs one JSON line per request itself (with its route template).
         access_log=False,
