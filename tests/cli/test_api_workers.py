@@ -147,6 +147,18 @@ def test_two_workers_both_answer_with_the_same_settings(
         )
         assert (response.status_code, response.json()["outcome"]) == (200, "signalled")
 
+    # Whichever worker answers /metrics counts the events of both.
+    for _ in range(4):
+        page = httpx.get(f"http://{HOST}:{port}/metrics", timeout=5).text
+        signalled = [
+            line
+            for line in page.splitlines()
+            if line.startswith("billing_webhook_events_total{")
+            and 'outcome="signalled"' in line
+            and 'type="customer.subscription.updated"' in line
+        ]
+        assert [float(line.rsplit(" ", 1)[1]) for line in signalled] == [6.0]
+
     # The header deadline of the environment holds in the workers.
     with socket.create_connection((HOST, port), timeout=10) as sock:
         started = time.monotonic()

@@ -9,10 +9,13 @@ one place that decides which stack a command talks to.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -98,11 +101,7 @@ def api(
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
 ) -> None:
     """Run the HTTP API (webhooks, portal, status, health) in this process (or N workers)."""
-    import uvicorn
-
-    from api.server import HeaderTimeoutProtocol
     from billing.config import get_settings
-    from billing.logging import logging_config
 
     settings = state_of(ctx).settings
     try:
@@ -113,6 +112,32 @@ def api(
     # it from the environment: put the settings resolved here (home folder, .env) there.
     os.environ.update(settings.environment())
     get_settings.cache_clear()
+    with _shared_metrics(workers):
+        _serve_api(host, port, workers, log_level)
+
+
+@contextlib.contextmanager
+def _shared_metrics(workers: int) -> Iterator[None]:
+    """Several workers: a folder where they share their metrics (unless one is set)."""
+    from api.metrics import MULTIPROCESS_DIR_VARIABLE
+
+    if workers == 1 or os.environ.get(MULTIPROCESS_DIR_VARIABLE):
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="billing-api-metrics-") as folder:
+        os.environ[MULTIPROCESS_DIR_VARIABLE] = folder
+        try:
+            yield
+        finally:
+            del os.environ[MULTIPROCESS_DIR_VARIABLE]
+
+
+def _serve_api(host: str, port: int, workers: int, log_level: str) -> None:
+    import uvicorn
+
+    from api.server import HeaderTimeoutProtocol
+    from billing.logging import logging_config
+
     uvicorn.run(
         "api.main:create_app",
         factory=True,
