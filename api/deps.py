@@ -3,6 +3,10 @@
 Handlers never build clients; they declare the `Annotated` dependencies they
 use (settings, session factory, Temporal link, metrics, Stripe gateway) and get
 what `api.main.create_app` wired (tests wire real ones pointed elsewhere).
+
+Every dependency is `async def`, even those that only read an attribute:
+FastAPI runs a plain `def` dependency in the thread pool, a round trip through
+a worker thread for each one on every request.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from api import store
 from api.errors import auth_not_configured, forbidden, stripe_not_configured, unauthorized
 from api.metrics import BillingMetrics
 from api.temporal import TemporalLink
+from api.webhook_store import WebhookStore
 from billing.auth import Claims, InvalidTokenError, TokenRules, decode_token
 from billing.config import Settings
 from billing.db import orgs
@@ -33,36 +38,42 @@ class ApiServices:
     session_factory: store.SessionFactory
     temporal: TemporalLink
     stripe: StripeGateway | None
+    webhook_store: WebhookStore
 
 
-def get_services(request: Request) -> ApiServices:
+def services_of(request: Request) -> ApiServices:
+    """The services the lifespan wired (the webhook route reads them directly)."""
     services: ApiServices | None = getattr(request.app.state, "services", None)
     if services is None:
         raise RuntimeError("The API's lifespan has not run: no services are wired.")
     return services
 
 
+async def get_services(request: Request) -> ApiServices:
+    return services_of(request)
+
+
 # Only the dependencies below read the bag; each route declares just what it uses.
 _ServicesDep = Annotated[ApiServices, Depends(get_services)]
 
 
-def get_api_settings(services: _ServicesDep) -> Settings:
+async def get_api_settings(services: _ServicesDep) -> Settings:
     return services.settings
 
 
-def get_session_factory(services: _ServicesDep) -> store.SessionFactory:
+async def get_session_factory(services: _ServicesDep) -> store.SessionFactory:
     return services.session_factory
 
 
-def get_temporal(services: _ServicesDep) -> TemporalLink:
+async def get_temporal(services: _ServicesDep) -> TemporalLink:
     return services.temporal
 
 
-def get_metrics(services: _ServicesDep) -> BillingMetrics:
+async def get_metrics(services: _ServicesDep) -> BillingMetrics:
     return services.metrics
 
 
-def get_optional_stripe(services: _ServicesDep) -> StripeGateway | None:
+async def get_optional_stripe(services: _ServicesDep) -> StripeGateway | None:
     """The Stripe gateway, or None when Stripe is not configured (see `require_stripe`)."""
     return services.stripe
 
@@ -82,7 +93,7 @@ def require_stripe(settings: Settings, gateway: StripeGateway | None) -> StripeG
     return gateway
 
 
-def get_stripe(settings: SettingsDep, gateway: OptionalStripeDep) -> StripeGateway:
+async def get_stripe(settings: SettingsDep, gateway: OptionalStripeDep) -> StripeGateway:
     return require_stripe(settings, gateway)
 
 

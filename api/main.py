@@ -31,6 +31,7 @@ from api.metrics import CLIENT_CLOSED_STATUS, BillingMetrics, method_label, stat
 from api.routes import health, orgs, payments, webhooks
 from api.server import BodyTimeoutMiddleware
 from api.temporal import TemporalLink
+from api.webhook_store import WebhookStore
 from billing.auth import AuthConfigError, check_settings
 from billing.config import Settings, get_settings
 from billing.db.session import make_engine, make_session_factory
@@ -158,6 +159,7 @@ def create_app(
             session_factory=factory,
             temporal=temporal,
             stripe=_stripe_gateway(resolved, stripe_client),
+            webhook_store=WebhookStore(factory),
         )
         try:
             yield

@@ -1,7 +1,10 @@
 """Prometheus metrics shared by the API and the worker.
 
 Each process (and each test app) owns its own `CollectorRegistry`, so two apps in
-one test session never fight over the global default registry.
+one test session never fight over the global default registry. Under
+`billing api --workers N` the processes write their values to files in
+`PROMETHEUS_MULTIPROC_DIR` (prometheus_client's multiprocess mode) and `/metrics`,
+whichever process answers it, adds them up.
 
 Exposed names:
 - `billing_http_requests_total{method,route,status}` (route is the template; status
@@ -15,6 +18,7 @@ Exposed names:
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -27,6 +31,10 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.multiprocess import MultiProcessCollector
+
+# prometheus_client's own variable: where the processes of one API share their values.
+MULTIPROCESS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
 # Every label value comes from a closed set: anything a caller can send (a
 # method, a path, an event type) must never create a new series.
@@ -98,6 +106,8 @@ class BillingMetrics:
             "billing_temporal_available",
             "1 when the last contact with the Temporal server succeeded, else 0.",
             registry=self.registry,
+            # Several processes: the latest contact of any of them.
+            multiprocess_mode="mostrecent",
         )
 
     @asynccontextmanager
@@ -119,4 +129,8 @@ class BillingMetrics:
 
     def render(self) -> tuple[bytes, str]:
         """The text exposition and its content type, for a `/metrics` answer."""
+        if os.environ.get(MULTIPROCESS_DIR_VARIABLE):
+            every_process = CollectorRegistry()
+            MultiProcessCollector(every_process)  # type: ignore[no-untyped-call]
+            return generate_latest(every_process), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

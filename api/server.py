@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from billing.config import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,9 @@ class BodyTimeoutMiddleware:
             if body_done:  # e.g. waiting for a disconnect while answering: unbounded
                 return await receive()
             try:
-                message = await asyncio.wait_for(receive(), self.timeout)
+                # asyncio.timeout, not wait_for: no extra task per chunk.
+                async with asyncio.timeout(self.timeout):
+                    message = await receive()
             except TimeoutError:
                 raise _BodyTooSlowError from None
             body_done = message["type"] != "http.request" or not message.get("more_body", False)
@@ -82,45 +85,57 @@ class BodyTimeoutMiddleware:
             await send({"type": "http.response.body", "body": body})
 
 
-def header_timeout_protocol(timeout: float) -> type[H11Protocol]:
-    """uvicorn's h11 protocol, closing connections whose headers do not arrive in time."""
+class HeaderTimeoutProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, closing connections whose headers do not arrive in time.
 
-    class HeaderTimeoutProtocol(H11Protocol):
-        _deadline: asyncio.TimerHandle | None = None
-        _answered: Any = None
+    The deadline is `header_timeout` seconds, by default `API_HEADER_TIMEOUT_SECONDS`
+    from the environment: `billing api --workers N` hands this class to worker
+    processes by name, and each one reads its settings there.
+    """
 
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
+    header_timeout: float | None = None
+    _deadline: asyncio.TimerHandle | None = None
+
+    def _timeout(self) -> float:
+        if self.header_timeout is None:
+            return get_settings().api_header_timeout_seconds
+        return self.header_timeout
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(self._timeout(), self._headers_too_slow)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def on_headers_complete(self) -> None:
+        self._disarm()  # this request's headers are in
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        # A pipelined request already sent its headers: it starts now, unbounded.
+        pipelined = bool(self.pipeline)
+        super().on_response_complete()
+        if not pipelined and not self.transport.is_closing():
             self._arm()
 
-        def _arm(self) -> None:
-            self._disarm()
-            self._answered = self.cycle
-            self._deadline = self.loop.call_later(timeout, self._headers_too_slow)
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
 
-        def _disarm(self) -> None:
-            if self._deadline is not None:
-                self._deadline.cancel()
-                self._deadline = None
+    def _headers_too_slow(self) -> None:
+        self._deadline = None
+        if not self.transport.is_closing():
+            log.info("closing a connection whose request headers took over %.0f s", self._timeout())
+            self.transport.close()
 
-        def handle_events(self) -> None:
-            super().handle_events()
-            if self.cycle is not None and self.cycle is not self._answered:
-                self._disarm()  # a new request's headers are in
 
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if not self.transport.is_closing():
-                self._arm()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
-            super().connection_lost(exc)
-
-        def _headers_too_slow(self) -> None:
-            self._deadline = None
-            if not self.transport.is_closing():
-                log.info("closing a connection whose request headers took over %.0f s", timeout)
-                self.transport.close()
-
-    return HeaderTimeoutProtocol
+def header_timeout_protocol(timeout: float) -> type[HeaderTimeoutProtocol]:
+    """The protocol with an explicit header deadline (an in-process server, tests)."""
+    return type("HeaderTimeoutProtocol", (HeaderTimeoutProtocol,), {"header_timeout": timeout})

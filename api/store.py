@@ -2,23 +2,22 @@
 
 The engine is synchronous, so handlers run these in the thread pool. The API
 never writes billing state: only the `stripe_events` log of what it received.
-Org data is read through `billing.db.orgs`, the one owner of it.
+Org data is read through `billing.db.orgs`, the one owner of it. The webhook
+route's reads and log writes are batched (`api.webhook_store`).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from sqlalchemy import func, text
-from sqlalchemy.dialects.postgresql import insert
+import orjson
+from sqlalchemy import Connection, text
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
-
-from billing.db.models import StripeEventLog
 
 SessionFactory = sessionmaker[Session]
 T = TypeVar("T")
@@ -72,29 +71,43 @@ def ping(factory: SessionFactory) -> None:
         session.execute(text("SELECT 1"))
 
 
-def record_event(factory: SessionFactory, event: EventRecord) -> None:
-    """Upsert on the event id: a redelivery updates the row instead of failing."""
-    values = {
-        "id": event.event_id,
-        "type": event.type,
-        "created": event.created,
-        "object_id": event.object_id,
-        "org_id": event.org_id,
-        "outcome": event.outcome,
-        "detail": event.detail,
-    }
-    statement = insert(StripeEventLog).values(**values)
-    statement = statement.on_conflict_do_update(
-        index_elements=[StripeEventLog.id],
-        set_={
-            "type": statement.excluded.type,
-            "created": statement.excluded.created,
-            "object_id": statement.excluded.object_id,
-            "org_id": statement.excluded.org_id,
-            "outcome": statement.excluded.outcome,
-            "detail": statement.excluded.detail,
-            "received_at": func.now(),
-        },
-    )
-    with factory.begin() as session:
-        session.execute(statement)
+# Upsert on the event id: a redelivery updates the row instead of failing. The rows
+# travel as one JSON document, so one statement (prepared once) takes any number.
+_RECORD_EVENTS = text(
+    """
+    INSERT INTO stripe_events (id, type, created, object_id, org_id, outcome, detail)
+    SELECT id, type, created, object_id, org_id, outcome, detail
+    FROM jsonb_to_recordset(CAST(:events AS jsonb)) AS e(
+        id varchar, type varchar, created bigint, object_id varchar, org_id integer,
+        outcome varchar, detail text)
+    ON CONFLICT (id) DO UPDATE SET
+        type = EXCLUDED.type, created = EXCLUDED.created, object_id = EXCLUDED.object_id,
+        org_id = EXCLUDED.org_id, outcome = EXCLUDED.outcome, detail = EXCLUDED.detail,
+        received_at = now()
+    """
+)
+
+
+def record_events(connection: Connection, events: Sequence[EventRecord]) -> None:
+    """Write (or overwrite) the log rows of `events` with one statement.
+
+    An event delivered twice in one batch keeps its last record: Postgres
+    refuses an upsert that touches the same row twice. The caller commits (or
+    runs in autocommit, where the statement is its own transaction).
+    """
+    latest = {event.event_id: event for event in events}
+    if not latest:
+        return
+    document = [
+        {
+            "id": e.event_id,
+            "type": e.type,
+            "created": e.created,
+            "object_id": e.object_id,
+            "org_id": e.org_id,
+            "outcome": e.outcome,
+            "detail": e.detail,
+        }
+        for e in latest.values()
+    ]
+    connection.execute(_RECORD_EVENTS, {"events": orjson.dumps(document).decode()})

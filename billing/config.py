@@ -108,6 +108,23 @@ class Settings(BaseSettings):
             missing.append("STRIPE_WEBHOOK_SECRET")
         return missing
 
+    def environment(self) -> dict[str, str]:
+        """These settings as the environment variables that give them back.
+
+        For processes started from this one that read their settings from the
+        environment (the worker processes of `billing api --workers N`).
+        """
+        values: dict[str, str] = {}
+        for name, value in self.model_dump().items():
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            elif isinstance(value, bool):
+                value = "true" if value else "false"
+            values[name.upper()] = str(value)
+        return values
+
     def require_stripe(self) -> None:
         """Fail at startup, naming the variable, instead of at the first request."""
         missing = self.missing_stripe_settings()

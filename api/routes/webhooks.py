@@ -13,20 +13,13 @@ import time
 from typing import Annotated, Literal
 
 import stripe
-from fastapi import APIRouter, Header, HTTPException, Request, status
+from fastapi import APIRouter, Header, HTTPException, Request, Response, status
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 from temporalio.service import RPCError
 
 from api import store
-from api.deps import (
-    MetricsDep,
-    OptionalStripeDep,
-    SessionFactoryDep,
-    SettingsDep,
-    TemporalDep,
-    require_stripe,
-)
+from api.deps import require_stripe, services_of
 from api.errors import (
     database_unavailable,
     problem,
@@ -46,9 +39,9 @@ from api.webhook_events import (
     parse_org_id,
     signal_of,
 )
+from api.webhook_store import WebhookStore
 from billing.config import Settings
 from billing.constants import HANDLED_EVENT_TYPES, org_workflow_id
-from billing.db import orgs
 from billing.logging import bind_log_context, log_context
 from billing.orchestration import StartSignal, start_org_workflow, tuning_of
 from billing.stripe_gateway import (
@@ -166,44 +159,46 @@ def _verify(
     return event
 
 
-async def _org_exists(factory: store.SessionFactory, org_id: int) -> bool:
-    return await store.read(factory, lambda s: orgs.org_exists(s, org_id))
-
-
 async def _resolve_org(
     event: StripeEventCreate,
-    factory: store.SessionFactory,
+    webhooks: WebhookStore,
     gateway: StripeGateway,
     metrics: BillingMetrics,
     source: str,
 ) -> tuple[int | None, str]:
-    """The org the event belongs to, and how that was decided (or why not)."""
+    """The org the event belongs to, and how that was decided (or why not).
+
+    One database round trip (shared with the other events in flight) answers
+    both questions: which org holds the customer id, and whether the org the
+    metadata names exists.
+    """
     obj = event.object
     customer_id = customer_id_of(obj)
-    # The customer id the database holds is authoritative: metadata typed in the
-    # dashboard can name another org, and must not move a customer between orgs.
-    known = (
-        await store.read(factory, lambda s: orgs.org_id_for_customer(s, customer_id))
-        if customer_id
+    hint = metadata_org_id(obj)
+    hinted = parse_org_id(hint[0]) if hint is not None else None
+    facts = (
+        await webhooks.routing_facts(customer_id, hinted)
+        if customer_id is not None or hinted is not None
         else None
     )
+    # The customer id the database holds is authoritative: metadata typed in the
+    # dashboard can name another org, and must not move a customer between orgs.
+    known = facts.org_for_customer if facts is not None else None
     # Environments sharing the Stripe account number their orgs alike: an object
     # of another one names "our" org id but is none of ours.
     other = metadata_source(obj)
     if known is None and other is not None and other != source:
         return None, f"metadata source {other[:40]!r} is another environment's"
-    hint = metadata_org_id(obj)
     if hint is not None:
         raw, where = hint
-        org_id = parse_org_id(raw)
-        if known is not None and org_id != known:
+        if known is not None and hinted != known:
             log.warning("%s.org_id %r disagrees with the customer's org %s", where, raw[:40], known)
             return known, f"org from the customer id in the database (not {where})"
-        if org_id is None:
+        if hinted is None:
             return None, f"{where}.org_id {raw[:40]!r} is not an org id"
-        if not await _org_exists(factory, org_id):
-            return None, f"org {org_id} from {where} does not exist"
-        return org_id, f"org from {where}"
+        if facts is None or not facts.org_exists:
+            return None, f"org {hinted} from {where} does not exist"
+        return hinted, f"org from {where}"
     if customer_id is None:
         return None, "event names no org and no customer"
     if known is not None:
@@ -213,7 +208,7 @@ async def _resolve_org(
     if raw_org is None:
         return None, f"customer {customer_id} belongs to no known org"
     org_id = parse_org_id(raw_org)
-    if org_id is None or not await _org_exists(factory, org_id):
+    if org_id is None or not (await webhooks.routing_facts(None, org_id)).org_exists:
         return None, f"org {raw_org[:40]!r} from customer metadata does not exist"
     return org_id, "org from the customer's metadata in Stripe"
 
@@ -227,18 +222,17 @@ async def _resolve_org(
 )
 async def receive_stripe_event(
     request: Request,
-    settings: SettingsDep,
-    metrics: MetricsDep,
-    factory: SessionFactoryDep,
-    link: TemporalDep,
-    configured_gateway: OptionalStripeDep,
     stripe_signature: Annotated[
         str | None, Header(description="Stripe's `t=...,v1=...` signature of the raw body")
     ] = None,
-) -> WebhookReceiptPublic:
+) -> Response:
     """Verify a Stripe event and hand it to its org's workflow; 2xx only once accepted."""
+    # The busiest route reads the services itself and answers with ready JSON bytes:
+    # dependency resolution and response-model validation cost more than the routing.
+    services = services_of(request)
+    settings, metrics = services.settings, services.metrics
     try:
-        gateway = require_stripe(settings, configured_gateway)
+        gateway = require_stripe(settings, services.stripe)
     except HTTPException:
         metrics.webhook_events.labels(type=UNVERIFIED_EVENT_TYPE, outcome="not_configured").inc()
         raise
@@ -254,13 +248,15 @@ async def receive_stripe_event(
 
     with log_context(event_id=event.id, event_type=event.type):
         try:
-            receipt = await _handle(event, gateway, factory, link, settings, metrics)
+            receipt = await _handle(
+                event, gateway, services.webhook_store, services.temporal, settings, metrics
+            )
         except HTTPException as err:
             outcome = "unavailable" if err.status_code == 503 else "failed"
             metrics.webhook_events.labels(type=_type_label(event), outcome=outcome).inc()
             raise
         metrics.webhook_events.labels(type=_type_label(event), outcome=receipt.outcome).inc()
-        return receipt
+        return Response(receipt.model_dump_json(), media_type="application/json")
 
 
 def _type_label(event: StripeEventCreate) -> str:
@@ -270,17 +266,17 @@ def _type_label(event: StripeEventCreate) -> str:
 async def _handle(
     event: StripeEventCreate,
     gateway: StripeGateway,
-    factory: store.SessionFactory,
+    webhooks: WebhookStore,
     link: TemporalLink,
     settings: Settings,
     metrics: BillingMetrics,
 ) -> WebhookReceiptPublic:
     try:
         if event.type not in HANDLED_EVENT_TYPES:
-            return await _record(factory, event, None, "ignored_type", "event type not handled")
+            return await _record(webhooks, event, None, "ignored_type", "event type not handled")
         try:
             org_id, how = await _resolve_org(
-                event, factory, gateway, metrics, settings.billing_source
+                event, webhooks, gateway, metrics, settings.billing_source
             )
         except stripe.StripeError as err:
             log.warning("Stripe unreachable while routing an event: %s", type(err).__name__)
@@ -292,12 +288,12 @@ async def _handle(
             ) from None
         if org_id is None:
             log.warning("Stripe event unroutable: %s", how)
-            return await _record(factory, event, None, "unroutable", how)
+            return await _record(webhooks, event, None, "unroutable", how)
         workflow_id = org_workflow_id(org_id)
         bind_log_context(org_id=org_id, workflow_id=workflow_id)
         await _signal(event, org_id, link, settings)
         log.info("Stripe event signalled (%s)", how)
-        return await _record(factory, event, org_id, "signalled", f"signalled {workflow_id}")
+        return await _record(webhooks, event, org_id, "signalled", f"signalled {workflow_id}")
     except SQLAlchemyError as err:
         log.warning("Database unavailable for a webhook: %s", type(err).__name__)
         raise database_unavailable() from None
@@ -309,16 +305,14 @@ async def _signal(
     """Signal-with-start the org's workflow; any failure is a 503 so Stripe retries."""
     try:
         client = await link.ready_client()
-        await asyncio.wait_for(
-            start_org_workflow(
+        async with asyncio.timeout(SIGNAL_TIMEOUT_SECONDS):
+            await start_org_workflow(
                 client,
                 settings.temporal_task_queue,
                 org_id,
                 signal=StartSignal.stripe_event(signal_of(event)),
                 tuning=tuning_of(settings),
-            ),
-            SIGNAL_TIMEOUT_SECONDS,
-        )
+            )
     except TemporalUnavailableError as err:
         log.warning("Temporal unavailable, event not accepted: %s", err)
         raise temporal_unavailable("no server") from None
@@ -331,7 +325,7 @@ async def _signal(
 
 
 async def _record(
-    factory: store.SessionFactory,
+    webhooks: WebhookStore,
     event: StripeEventCreate,
     org_id: int | None,
     outcome: Outcome,
@@ -346,5 +340,5 @@ async def _record(
         outcome=outcome,
         detail=detail,
     )
-    await store.bounded(lambda: store.record_event(factory, record))
+    await webhooks.record(record)
     return WebhookReceiptPublic(event_id=event.id, outcome=outcome, org_id=org_id, detail=detail)

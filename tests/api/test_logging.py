@@ -124,3 +124,27 @@ async def test_webhook_and_portal_requests_log_no_secrets(
         JWT_SECRET,
     ):
         assert secret not in output
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "key sk_test_abc123 and rk_live_Z9",
+        "whsec_abc+/=",
+        "Authorization: Bearer abc.def-ghi",
+        "BEARER    token",
+        "jwt eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.sig",
+        "t=1700000000,v1=0123456789abcdef,v0=fedcba9876543210",
+        "v1=0123456789abcdef0123",
+        "nothing secret here: org 7, event evt_1, sub_123",
+    ],
+)
+def test_the_quick_check_never_skips_a_secret(text: str) -> None:
+    """`redact` skips text in which no pattern can start; it must agree with every pattern."""
+    from billing.logging import _SECRET_PATTERNS, redact
+
+    expected = text
+    for pattern, replacement in _SECRET_PATTERNS:
+        expected = pattern.sub(replacement, expected)
+    assert redact(text) == expected
+    assert redact(f"prefix {text} suffix") == f"prefix {expected} suffix"

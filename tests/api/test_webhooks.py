@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -277,6 +278,47 @@ async def test_redelivered_event_is_signalled_again_and_recorded_once(api: Api) 
     assert first.status_code == second.status_code == 200
     # The workflow drops the duplicate by event id; the log keeps one row.
     assert [r.id for r in event_rows(api.session_factory)] == [event["id"]]
+
+
+async def test_a_burst_of_deliveries_is_answered_and_logged_event_by_event(api: Api) -> None:
+    """Deliveries in flight together share database round trips; each keeps its own answer."""
+    owners = [make_org(api.session_factory, stripe_customer_id=f"cus_burst_{i}") for i in range(4)]
+    other = make_org(api.session_factory)
+    routed = [
+        stripe_event(
+            UPDATED,
+            subscription_object(
+                # Every other one names another org in its metadata: the database wins.
+                org_id=other.id if i % 2 else None,
+                customer=owners[i % 4].stripe_customer_id,
+            ),
+        )
+        for i in range(40)
+    ]
+    missing = unused_org_id()
+    unroutable = stripe_event(UPDATED, subscription_object(org_id=missing))
+    ignored = stripe_event("customer.created", {"id": "cus_burst_new"})
+    deliveries = [*routed, unroutable, ignored, routed[0]]  # and one redelivered at once
+
+    responses = await asyncio.gather(*(post_event(api.http, e) for e in deliveries))
+
+    assert [r.status_code for r in responses] == [200] * len(deliveries)
+    answers = [r.json() for r in responses]
+    for i, answer in enumerate(answers[:40]):
+        assert (answer["outcome"], answer["org_id"]) == ("signalled", owners[i % 4].id)
+    assert answers[40]["outcome"] == "unroutable"
+    assert answers[41]["outcome"] == "ignored_type"
+    for i, owner in enumerate(owners):
+        signalled = {s.event_id for s in await signalled_events(api.temporal, owner.id)}
+        assert signalled == {e["id"] for e in routed[i::4]}
+    assert not await workflow_exists(api.temporal, other.id)
+    rows = {row.id: row for row in event_rows(api.session_factory)}
+    assert len(rows) == 42
+    assert {rows[e["id"]].org_id for e in routed} == {o.id for o in owners}
+    assert (rows[unroutable["id"]].outcome, rows[ignored["id"]].outcome) == (
+        "unroutable",
+        "ignored_type",
+    )
 
 
 # Events that are not ours: 200 and a row, no signal -----------------------------

@@ -241,3 +241,38 @@ def test_only_member_and_billing_admin_can_be_granted(
             orgs.add_member(session, org_id, "eve@grant.test", role=role)  # type: ignore[arg-type]
         members = [m.email for m in orgs.list_members(session, org_id)]
         assert members == [f"owner@grant-{role}.test"]
+def test_routing_facts_answer_each_pair_in_order_with_one_statement(
+    session_factory: sessionmaker[Session],
+) -> None:
+    with session_factory.begin() as session:
+        first = _org(session, "first")
+        second = _org(session, "second")
+        orgs.save_customer(session, first, "cus_first")
+    pairs: list[tuple[str | None, int | None]] = [
+        ("cus_first", second),  # the customer's org, and another org that exists
+        ("cus_unknown", first),
+        (None, 2**31 - 1),  # no such org
+        ("cus_first", None),
+        (None, 0),  # not an id at all
+        ("cus_first", first),  # the same pair twice: each gets its answer
+        ("cus_first", first),
+    ]
+    with session_factory() as session:
+        facts = orgs.routing_facts(session.connection(), pairs)
+        assert orgs.routing_facts(session.connection(), []) == []
+
+    assert [(f.org_for_customer, f.org_exists) for f in facts] == [
+        (first, True),
+        (None, True),
+        (None, False),
+        (first, False),
+        (None, False),
+        (first, True),
+        (first, True),
+    ]
+    # The same answers as the one-at-a-time reads they replace.
+    with session_factory() as session:
+        for (customer, org_id), fact in zip(pairs, facts, strict=True):
+            by_customer = orgs.org_id_for_customer(session, customer) if customer else None
+            assert fact.org_for_customer == by_customer
+            assert fact.org_exists == (org_id is not None and orgs.org_exists(session, org_id))

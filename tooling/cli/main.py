@@ -9,11 +9,14 @@ one place that decides which stack a command talks to.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shlex
 import signal
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -102,14 +105,19 @@ def api(
     ctx: typer.Context,
     host: Annotated[str, typer.Option("--host", help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8000,
+    workers: Annotated[
+        int,
+        typer.Option(
+            "--workers",
+            min=1,
+            max=64,
+            help="API processes sharing the port (uvicorn workers); about one per core.",
+        ),
+    ] = 1,
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
 ) -> None:
-    """Run the HTTP API (webhooks, portal, status, health) in this process."""
-    import uvicorn
-
-    from api.main import create_app
-    from api.server import header_timeout_protocol
-    from billing.logging import configure_logging
+    """Run the HTTP API (webhooks, portal, status, health) in this process (or N workers)."""
+    from billing.config import get_settings
 
     settings = state_of(ctx).settings
     try:
@@ -117,13 +125,45 @@ def api(
         check_settings(settings)
     except (StripeNotConfiguredError, AuthConfigError) as error:
         raise CliError(str(error)) from None
-    configure_logging(log_level.upper())
+    # Each process serving the app (this one, or every worker uvicorn spawns) builds
+    # it from the environment: put the settings resolved here (home folder, .env) there.
+    os.environ.update(settings.environment())
+    get_settings.cache_clear()
+    with _shared_metrics(workers):
+        _serve_api(host, port, workers, log_level)
+
+
+@contextlib.contextmanager
+def _shared_metrics(workers: int) -> Iterator[None]:
+    """Several workers: a folder where they share their metrics (unless one is set)."""
+    from api.metrics import MULTIPROCESS_DIR_VARIABLE
+
+    if workers == 1 or os.environ.get(MULTIPROCESS_DIR_VARIABLE):
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="billing-api-metrics-") as folder:
+        os.environ[MULTIPROCESS_DIR_VARIABLE] = folder
+        try:
+            yield
+        finally:
+            del os.environ[MULTIPROCESS_DIR_VARIABLE]
+
+
+def _serve_api(host: str, port: int, workers: int, log_level: str) -> None:
+    import uvicorn
+
+    from api.server import HeaderTimeoutProtocol
+    from billing.logging import logging_config
+
     uvicorn.run(
-        create_app(settings),
+        "api.main:create_app",
+        factory=True,
         host=host,
         port=port,
-        http=header_timeout_protocol(settings.api_header_timeout_seconds),
-        log_config=None,
+        workers=workers,
+        http=HeaderTimeoutProtocol,
+        # Applied in every process, workers included: one JSON line per record.
+        log_config=logging_config(log_level.upper()),
         log_level=log_level.lower(),
         # The app logs one JSON line per request itself (with its route template).
         access_log=False,
