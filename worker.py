@@ -238,6 +238,15 @@ async def _shutdown_on(stop: asyncio.Event, workers: list[Worker]) -> None:
     await asyncio.gather(*(w.shutdown() for w in workers))
 
 
+async def run_until_signalled(settings: Settings) -> None:
+    """Run the workers until SIGINT or SIGTERM, then shut them down gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await run_worker(settings, stop=stop)
+
+
 def main() -> None:
     from billing.logging import configure_logging
 
@@ -248,16 +257,8 @@ def main() -> None:
     except StripeNotConfiguredError as err:
         print(f"Error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
-
-    async def _run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await run_worker(settings, stop=stop)
-
     try:
-        asyncio.run(_run())
+        asyncio.run(run_until_signalled(settings))
     except TemporalUnavailableError as err:
         print(f"Error: {err}", file=sys.stderr)
         raise SystemExit(1) from None

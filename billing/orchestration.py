@@ -88,6 +88,21 @@ async def start_org_workflow(
     )
 
 
+async def start_provisioning(client: Client, settings: Settings, org_id: int) -> None:
+    """Start (or wake) the org's workflow so it provisions now, with this environment's timings.
+
+    What the CLI, `billing dev` and the backfill do for an org without billing:
+    a running workflow waiting after a failed provisioning retries at once.
+    """
+    await start_org_workflow(
+        client,
+        settings.temporal_task_queue,
+        org_id,
+        signal=RETRY_PROVISIONING,
+        tuning=tuning_of(settings),
+    )
+
+
 async def query_state(client: Client, org_id: int) -> OrgBillingState:
     """The live state of the org's workflow (raises `RPCError` if there is none)."""
     handle = client.get_workflow_handle(org_workflow_id(org_id))

@@ -738,18 +738,12 @@ def create_demo_data(settings: Settings) -> list[str]:
 
 
 async def _start_workflows(settings: Settings, org_ids: list[int]) -> None:
-    from billing.orchestration import RETRY_PROVISIONING, start_org_workflow, tuning_of
+    from billing.orchestration import start_provisioning
     from billing.temporal_client import connect_client
 
     client = await connect_client(settings)
     for org_id in org_ids:
-        await start_org_workflow(
-            client,
-            settings.temporal_task_queue,
-            org_id,
-            signal=RETRY_PROVISIONING,
-            tuning=tuning_of(settings),
-        )
+        await start_provisioning(client, settings, org_id)
 
 
 def _seconds_since_process_start() -> float:

@@ -13,7 +13,6 @@ import contextlib
 import logging
 import os
 import shlex
-import signal
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -178,7 +177,7 @@ def worker(
 ) -> None:
     """Run the Temporal worker (workflows and activities) in this process."""
     from billing.logging import configure_logging
-    from worker import run_worker
+    from worker import run_until_signalled
 
     settings = state_of(ctx).settings
     try:
@@ -187,14 +186,7 @@ def worker(
         raise CliError(str(error)) from None
     configure_logging(log_level.upper())
 
-    async def _run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await run_worker(settings, stop=stop)
-
-    asyncio.run(_run())
+    asyncio.run(run_until_signalled(settings))
 
 
 @app.command("codec-server")

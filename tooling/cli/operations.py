@@ -25,7 +25,7 @@ from billing.constants import (
 )
 from billing.db import orgs
 from billing.domain import BillingStatus, OrgBillingState, ReconcileResult, UsageReportResult
-from billing.orchestration import RETRY_PROVISIONING, start_org_workflow, tuning_of
+from billing.orchestration import start_provisioning
 from tooling.cli.context import (
     CliError,
     CliState,
@@ -57,13 +57,7 @@ def _org_must_exist(state: CliState, org_id: int) -> None:
 
 async def _provision(state: CliState, org_id: int, timeout: float) -> OrgBillingState:
     client = await state.temporal()
-    await start_org_workflow(
-        client,
-        state.settings.temporal_task_queue,
-        org_id,
-        signal=RETRY_PROVISIONING,
-        tuning=tuning_of(state.settings),
-    )
+    await start_provisioning(client, state.settings, org_id)
     deadline = time.monotonic() + timeout
     last_problem: str | None = None
     with err.status(f"Provisioning org {org_id}…", spinner="dots"):
@@ -106,7 +100,6 @@ def provision(
 
 async def _backfill(state: CliState, org_ids: list[int]) -> list[tuple[int, str | None]]:
     client = await state.temporal()
-    queue = state.settings.temporal_task_queue
     outcomes: list[tuple[int, str | None]] = []
     columns = (
         TextColumn("[progress.description]{task.description}"),
@@ -118,13 +111,7 @@ async def _backfill(state: CliState, org_ids: list[int]) -> list[tuple[int, str 
         task = progress.add_task("Starting org workflows", total=len(org_ids))
         for org_id in org_ids:
             try:
-                await start_org_workflow(
-                    client,
-                    queue,
-                    org_id,
-                    signal=RETRY_PROVISIONING,
-                    tuning=tuning_of(state.settings),
-                )
+                await start_provisioning(client, state.settings, org_id)
                 outcomes.append((org_id, None))
             except RPCError as error:
                 outcomes.append((org_id, error.message or str(error)))

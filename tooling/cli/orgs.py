@@ -11,7 +11,7 @@ from temporalio.service import RPCError
 from billing.constants import org_workflow_id
 from billing.db import orgs
 from billing.domain import BillingStatus, OrgBillingState, UsagePeriodReport
-from billing.orchestration import RETRY_PROVISIONING, start_org_workflow, tuning_of
+from billing.orchestration import start_provisioning
 from billing.temporal_client import TemporalUnavailableError
 from tooling.cli.context import (
     CliState,
@@ -45,13 +45,7 @@ async def _start_billing(state: CliState, org_id: int) -> str | None:
     settings = state.settings
     try:
         client = await state.temporal()
-        await start_org_workflow(
-            client,
-            settings.temporal_task_queue,
-            org_id,
-            signal=RETRY_PROVISIONING,
-            tuning=tuning_of(settings),
-        )
+        await start_provisioning(client, settings, org_id)
     except TemporalUnavailableError as error:
         return str(error)
     except RPCError as error:
