@@ -47,11 +47,14 @@ from tests.factories.stack import create_org, make_settings, running_worker, wai
 from tooling.binaries import temporal_cli_path
 from tooling.codec_server import check_startup, create_codec_app
 from workflows import ALL_WORKFLOWS
+from workflows.org_billing import NOT_BILLED_RECHECK, PROVABLE_ADOPTION
 
 KID1 = new_key_entry("kid1")
 KID2 = new_key_entry("kid2")
 # Stripe object ids as Stripe (and the emulator) shape them.
 STRIPE_ID = re.compile(rb"\b(cus|sub|si|evt|in|ii|pm|price|prod|bps|mtr|clock)_[A-Za-z0-9]{6,}")
+
+PATCH_IDS = {NOT_BILLED_RECHECK, PROVABLE_ADOPTION}
 
 
 def address(env: WorkflowEnvironment) -> str:
@@ -207,7 +210,10 @@ async def test_histories_hold_no_personal_data_and_operators_still_read_them(
     assert STRIPE_ID.search(raw) is None, STRIPE_ID.search(raw)
     assert key_ids(*histories) == {"kid2"}
 
-    # Search attributes stay plaintext: only the documented three, none personal.
+    # Search attributes stay plaintext: only the documented three, none personal,
+    # and Temporal's own TemporalChangeVersion, which lists the workflow's patch ids.
+    changes = attributes.pop("TemporalChangeVersion", set())
+    assert {p for v in changes for p in json.loads(v)} <= PATCH_IDS, changes
     assert set(attributes) <= set(SEARCH_ATTRIBUTES), attributes
     searchable = b" ".join(value for values in attributes.values() for value in values)
     assert owner_email.encode() not in searchable and org_name.encode() not in searchable
