@@ -211,3 +211,36 @@ async def test_webhook_routing_ignores_another_environments_customer(
     assert await staging.customer_org_id(theirs) == "7"
     dashboard = stripe_client.v1.customers.create({"metadata": {"org_id": "7"}}).id
     assert await production.customer_org_id(dashboard) == "7"
+
+
+async def test_a_read_carries_stripes_clock_a_test_clocks_time_for_objects_on_one(
+    emulator: EmulatorServer, catalog: dict[str, str], stripe_client: stripe.StripeClient
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    ahead = int((datetime.now(UTC) + timedelta(days=40)).timestamp())
+    clock = stripe_client.v1.test_helpers.test_clocks.create({"frozen_time": ahead})
+    customer = stripe_client.v1.customers.create({"test_clock": clock.id})
+    on_clock = stripe_client.v1.subscriptions.create(
+        {"customer": customer.id, "items": [{"price": catalog["stripe_price_id"], "quantity": 1}]}
+    )
+    plain = stripe_client.v1.customers.create({})
+    off_clock = stripe_client.v1.subscriptions.create(
+        {"customer": plain.id, "items": [{"price": catalog["stripe_price_id"], "quantity": 1}]}
+    )
+    stripe_gateway = gateway(emulator, catalog)
+    before = datetime.now(UTC)
+
+    read = await stripe_gateway.get_subscription(on_clock.id)
+    listed = await stripe_gateway.find_live_subscription(customer.id)
+    plain_read = await stripe_gateway.get_subscription(off_clock.id)
+
+    assert read.read_at == datetime.fromtimestamp(ahead, UTC)
+    assert listed is not None and listed.read_at == datetime.fromtimestamp(ahead, UTC)
+    assert plain_read.read_at is not None
+    assert before - timedelta(seconds=1) <= plain_read.read_at <= datetime.now(UTC)
+    ended = await stripe_gateway.set_cancel_at_period_end(
+        on_clock.id, True, idempotency_key="cancel-at-period-end-test"
+    )
+    assert ended.cancel_at == ended.current_period_end
+    assert ended.read_at == datetime.fromtimestamp(ahead, UTC)

@@ -135,6 +135,12 @@ def state_fields(state: OrgBillingState) -> dict[str, Any]:
         if state.last_event_type
         else None,
         "last_error": state.last_error,
+        "problem": state.problem.value if state.problem else None,
+        "failed_events": ", ".join(
+            f"{f.event.event_id} (try {f.attempts}, next {when(f.retry_at)}): {f.error}"
+            for f in state.failed_events
+        )
+        or None,
         "last_synced_at": state.last_synced_at,
     }
 
