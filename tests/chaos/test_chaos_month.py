@@ -57,7 +57,7 @@ def test_a_short_chaos_month_loses_nothing_and_doubles_nothing(tmp_path: Path) -
 
     failing = {i["name"]: i for i in report["invariants"] if i["count"] != 0}
     assert not failing, f"invariants not at 0: {failing}\n{tail}"
-    assert len(report["invariants"]) == 8
+    assert len(report["invariants"]) == 10
     assert report["error"] is None, f"{report['error']}\n{tail}"
     assert report["notes"]["billing periods invoiced"] == 2, tail
     # The faults really happened: each kind at least once.
