@@ -13,7 +13,7 @@ import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from temporalio.client import Client, WorkflowExecution, WorkflowExecutionStatus
 
 from billing.constants import ORG_BILLING_WORKFLOW, org_workflow_id
+from billing.db import orgs
 from billing.db.event_log import ADOPTION_REFUSED
 from billing.db.models import Org, RequestLog, StripeEventLog, UsageLedger
 from billing.domain import BillingStatus, LedgerStatus
@@ -32,6 +33,7 @@ from .scenario import OrgPlan, Scenario
 
 USERS = "additional_users"
 REQUESTS = "additional_requests"
+LIVE = frozenset({"trialing", "active", "past_due", "unpaid", "paused", "incomplete"})
 EXAMPLES = 5
 # The emulator writes its state file at most 0.2 s after a change.
 STATE_FILE_FLUSH_SECONDS = 0.5
@@ -53,6 +55,11 @@ class Invariant:
 
 def _ts(value: Any) -> int | None:
     return int(value) if value is not None else None
+
+
+def _last_second(end: int) -> datetime:
+    """The last second of a period ending at `end`: when its final users level is read."""
+    return datetime.fromtimestamp(end - 1, UTC)
 
 
 def _when(value: datetime | None) -> int | None:
@@ -136,6 +143,8 @@ class Checker:
             await asyncio.to_thread(self.invoices, world, customer_org),
             await asyncio.to_thread(self.meter_events),
             await asyncio.to_thread(self.meter_totals, world, customer_org, clock_now),
+            await asyncio.to_thread(self.meter_event_periods, world, customer_org),
+            await asyncio.to_thread(self.billed_twice, world, customer_org),
             self.webhooks(),
             await self.workflows(),
             await self.adoptions(world, customer_org),
@@ -276,6 +285,9 @@ class Checker:
         self.notes["metered invoice lines checked"] = checked
         for org_id, plan in self.orgs.items():
             expected_invoices = self.periods_billed if plan.billed and not plan.failing_card else 0
+            if plan.switched_month is not None:
+                # Its subscription ended with the period it moved in: not renewed then.
+                expected_invoices = min(expected_invoices, plan.switched_month - 1)
             if billed_periods[org_id] != expected_invoices:
                 check.add(
                     f"org {org_id} has {billed_periods[org_id]} usage invoices, "
@@ -321,8 +333,10 @@ class Checker:
         """Every reported period that is over, trial and canceled ones included, as Stripe sums it.
 
         Requests (meter `sum`) must add up to the request log of the period;
-        users (meter `last`) must end on the ledger's last users value. A
-        subscription that ended mid-period ends its last period there.
+        users (meter `last`) must end on the ledger's last users value, which
+        must be the membership level at the period's last second (the history
+        of who joined and left when). A subscription that ended mid-period ends
+        its last period there.
         """
         check = Invariant("ended periods whose Stripe meter totals differ from the database")
         org_customer = {org: customer for customer, org in customer_org.items()}
@@ -363,12 +377,19 @@ class Checker:
                     select(RequestLog.org_id, RequestLog.occurred_at, RequestLog.count)
                 ).tuples()
             )
+            final_ends: dict[tuple[int, int], int] = {}
+            for (org_id, start), reported_end in ends.items():
+                end = reported_end
+                if org_id in ended_at and start < ended_at[org_id] < end:
+                    end = ended_at[org_id]
+                final_ends[(org_id, start)] = end
+            levels = {
+                period: orgs.member_count_at(session, period[0], _last_second(end))
+                for period, end in final_ends.items()
+            }
         checked = 0
-        for (org_id, start), reported_end in sorted(ends.items()):
+        for (org_id, start), end in sorted(final_ends.items()):
             customer = org_customer.get(org_id)
-            end = reported_end
-            if org_id in ended_at and start < ended_at[org_id] < end:
-                end = ended_at[org_id]
             if customer is None or end > clock_now:
                 continue
             checked += 1
@@ -383,13 +404,105 @@ class Checker:
             stripe_users = max(users)[2] if users else None
             ledger_users = last_users.get((org_id, start))
             expected_users = float(ledger_users) if ledger_users is not None else None
-            if stripe_requests != database_requests or stripe_users != expected_users:
+            level = levels[(org_id, start)]
+            if (
+                stripe_requests != database_requests
+                or stripe_users != expected_users
+                or ledger_users != level
+            ):
                 check.add(
                     f"org {org_id} period {start}..{end}: requests Stripe {stripe_requests:.0f} "
                     f"database {database_requests}, users Stripe {stripe_users} "
-                    f"ledger {ledger_users}"
+                    f"ledger {ledger_users} members at the end {level}"
                 )
         self.notes["ended periods checked against meter totals"] = checked
+        return check
+
+    def meter_event_periods(self, world: StripeWorld, customer_org: dict[str, int]) -> Invariant:
+        """Every meter event Stripe accepted lies inside the period it was planned for.
+
+        That is the ledger row's period, cut at the earliest end any report gave
+        the period (a trial ended early, a cancel) and at the subscription's
+        end when it ended inside it: no event at or after a confirmed end.
+        """
+        check = Invariant("meter events timestamped outside the period they were planned for")
+        ended_at = {
+            customer_org[sub["customer"]]: int(sub["ended_at"])
+            for sub in world.subscriptions
+            if sub.get("ended_at") and sub["customer"] in customer_org
+        }
+        with self.sessions() as session:
+            rows = session.execute(
+                select(
+                    UsageLedger.identifier,
+                    UsageLedger.org_id,
+                    UsageLedger.period_start,
+                    UsageLedger.period_end,
+                )
+            ).tuples()
+            planned = {
+                identifier: (org_id, int(start.timestamp()), int(end.timestamp()))
+                for identifier, org_id, start, end in rows
+            }
+        earliest_end: dict[tuple[int, int], int] = {}
+        for org_id, start, end in planned.values():
+            earliest_end[(org_id, start)] = min(end, earliest_end.get((org_id, start), end))
+        checked = 0
+        for event in self.accepted_events:
+            found = planned.get(str(event.get("identifier")))
+            if found is None:
+                continue  # counted by the meter events invariant
+            org_id, start, end = found
+            end = min(end, earliest_end[(org_id, start)])
+            if start < ended_at.get(org_id, end) < end:
+                end = ended_at[org_id]
+            checked += 1
+            timestamp = int(event["timestamp"])
+            if not start <= timestamp < end:
+                check.add(
+                    f"org {org_id}: {event.get('event_name')} event {event.get('identifier')} "
+                    f"at {timestamp}, period {start}..{end}"
+                )
+        self.notes["meter events checked against their period"] = checked
+        return check
+
+    def billed_twice(self, world: StripeWorld, customer_org: dict[str, int]) -> Invariant:
+        """No org billed through Stripe and a cloud marketplace at once.
+
+        An org with an AWS or Azure id may keep a Stripe subscription only until
+        the end of the period it moved in: live, it must be set to end by then,
+        and no Stripe invoice may bill a period that starts later.
+        """
+        check = Invariant("orgs billed through Stripe and a marketplace at once")
+        with self.sessions() as session:
+            elsewhere = set(
+                session.scalars(
+                    select(Org.id).where(Org.id.in_(self.orgs), Org.billed_elsewhere)
+                )
+            )
+        moved = {org_id: plan for org_id, plan in self.orgs.items() if org_id in elsewhere}
+        for sub in world.subscriptions:
+            org_id = customer_org.get(sub["customer"])
+            if org_id not in moved or sub["status"] not in LIVE:
+                continue
+            period_end = min(int(i["current_period_end"]) for i in sub["items"]["data"])
+            cancel_at = sub.get("cancel_at")
+            if cancel_at is None or int(cancel_at) > period_end:
+                check.add(f"org {org_id}: subscription {sub['id']} bills on past its period")
+        for invoice in world.invoices:
+            org_id = customer_org.get(invoice["customer"])
+            if org_id not in moved:
+                continue
+            limit = moved[org_id].switched_period_end
+            starts = [int(line["period"]["start"]) for line in invoice["lines"]["data"]]
+            if limit is None or any(start >= limit for start in starts):
+                check.add(
+                    f"org {org_id}: invoice {invoice['id']} bills a period after its move "
+                    "to a marketplace"
+                )
+        self.notes["orgs moved to a marketplace mid-month"] = sorted(
+            org_id for org_id, plan in moved.items() if plan.billed
+        )
         return check
 
     # -- webhooks and workflows ------------------------------------------------------------

@@ -7,10 +7,14 @@ the Stripe account already has look-alike customers (same org id, its own
 naming some of them (a marketplace org among them) into the dashboard. Neither
 may ever be linked to an org. Their customers land on one test clock, which the harness
 advances in steps: through the trial, then each billing period to its end plus
-a few minutes, where it waits for every renewed org's usage to be in the ledger
-as sent, then past the hour in which Stripe finalizes the invoice. Requests are
-recorded at test-clock times ahead of each step, so every one belongs to a
-period that has not been reported yet.
+a few minutes, where it waits for every renewed (or ended) org's usage to be in
+the ledger as sent, then past the hour in which Stripe finalizes the invoice.
+Requests are recorded at test-clock times ahead of each step, so every one
+belongs to a period that has not been reported yet; members join and leave at
+the test clock's time, so the users meter's level at each period's end is known.
+In the middle of the second month a couple of paying orgs move to a cloud
+marketplace (an AWS account id in their row, then the re-sync an operator's
+`billing reconcile` makes): Stripe must stop billing them at that period's end.
 """
 
 from __future__ import annotations
@@ -29,10 +33,16 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from temporalio.client import Client
 
-from billing.constants import REPORT_USAGE_UPDATE, org_workflow_id
+from billing.constants import RECONCILE_UPDATE, REPORT_USAGE_UPDATE, org_workflow_id
 from billing.db import orgs
 from billing.db.models import Org, StripeEventLog, UsageLedger
-from billing.domain import BillingStatus, LedgerStatus, OrgBillingState, UsageReportResult
+from billing.domain import (
+    BillingStatus,
+    LedgerStatus,
+    OrgBillingState,
+    ReconcileResult,
+    UsageReportResult,
+)
 from billing.orchestration import RETRY_PROVISIONING, query_state, start_org_workflow
 
 from .faults import EmulatorControl, FaultInjector
@@ -49,6 +59,8 @@ FAILING_CARD = "pm_card_chargeCustomerFail"
 LIVE = frozenset({"trialing", "active", "past_due", "unpaid"})
 QUERY_TIMEOUT = 5.0
 POLL = 1.0
+# Paying orgs that move to a cloud marketplace in the middle of the second month.
+SWITCHED_ORGS = 2
 
 OrgKind = Literal["stripe", "aws", "azure"]
 PlantedKind = Literal["look-alike", "dashboard"]
@@ -66,9 +78,16 @@ class OrgPlan:
     members: list[str] = field(default_factory=list)
     added: int = 0
     removed: int = 0
+    # Set when the org moved to a marketplace: the month it moved in (1 is the
+    # first paid month), the test-clock time, and the end of the Stripe period it
+    # moved in (Stripe bills nothing that starts later).
+    switched_month: int | None = None
+    switched_at: int | None = None
+    switched_period_end: int | None = None
 
     @property
     def billed(self) -> bool:
+        """Billed through Stripe (at least until a move to a marketplace)."""
         return self.kind == "stripe"
 
 
@@ -202,7 +221,7 @@ class Scenario:
             for i in range(count)
         ]
 
-    def _create_rows(self, run_tag: str) -> None:
+    def _create_rows(self, run_tag: str, now: int) -> None:
         with self.sessions.begin() as session:
             for index, plan in enumerate(self.orgs):
                 org = orgs.create_org_with_owner(
@@ -218,16 +237,17 @@ class Scenario:
                 )
                 plan.org_id = org.id
                 for _ in range(self.rng.randint(0, 5)):
-                    plan.members.append(self._add_member(session, org.id))
+                    plan.members.append(self._add_member(session, org.id, now))
 
-    def _add_member(self, session: Session, org_id: int) -> str:
+    def _add_member(self, session: Session, org_id: int, now: int) -> str:
+        """A new member from `now` on, test-clock time (the users meter's time)."""
         self._member_seq += 1
         email = f"member{self._member_seq}.org{org_id}@chaos.test"
-        orgs.add_member(session, org_id, email)
+        orgs.add_member(session, org_id, email, at=at(now))
         return email
 
     async def create_orgs(self, run_tag: str) -> None:
-        await self.blocking(self._create_rows, run_tag)
+        await self.blocking(self._create_rows, run_tag, await self.clock_time())
         await self.blocking(self._plant_look_alikes)
         self.log(f"created {len(self.orgs)} orgs; starting their workflows")
         for plan in self.orgs:
@@ -379,8 +399,8 @@ class Scenario:
                     total += count
         return total
 
-    def _change_members(self) -> int:
-        """Some orgs gain a member, some lose one: the users meter is a level."""
+    def _change_members(self, now: int) -> int:
+        """Some orgs gain a member, some lose one, at `now`: the users meter is a level."""
         changed = 0
         with self.sessions.begin() as session:
             for plan in self.orgs:
@@ -388,10 +408,10 @@ class Scenario:
                     continue
                 if plan.members and self.rng.random() < 0.4:
                     email = plan.members.pop(self.rng.randrange(len(plan.members)))
-                    orgs.remove_member(session, plan.org_id, email)
+                    orgs.remove_member(session, plan.org_id, email, at=at(now))
                     plan.removed += 1
                 else:
-                    plan.members.append(self._add_member(session, plan.org_id))
+                    plan.members.append(self._add_member(session, plan.org_id, now))
                     plan.added += 1
                 changed += 1
         return changed
@@ -413,6 +433,54 @@ class Scenario:
         done = await asyncio.gather(*(one(p) for p in chosen))
         self.manual_reports += sum(done)
 
+    # -- moving to a marketplace -----------------------------------------------------------
+
+    def _set_aws_account(self, plans: list[OrgPlan]) -> None:
+        with self.sessions.begin() as session:
+            for plan in plans:
+                orgs.get_org(session, plan.org_id).aws_account_id = f"9{plan.org_id:011d}"
+
+    async def switch_to_marketplace(self, month: int) -> None:
+        """A couple of paying orgs move to AWS now; the re-sync makes Stripe stop at period end.
+
+        The re-sync is the one `billing reconcile` asks for (a day's re-sync
+        would make it too, but the test clock outruns the wall clock).
+        """
+        candidates = [p for p in self.orgs if p.billed and not p.failing_card]
+        chosen = self.rng.sample(candidates, min(SWITCHED_ORGS, len(candidates)))
+        if not chosen:
+            return
+        now = await self.clock_time()
+        subs = await self.blocking(self.subscriptions)
+        ends = {
+            int(s["metadata"]["org_id"]): self._period(s)[1]
+            for s in subs.values()
+            if s["status"] in LIVE and (s.get("metadata") or {}).get("org_id", "").isdigit()
+        }
+        await self.blocking(self._set_aws_account, chosen)
+        for plan in chosen:
+            plan.switched_month, plan.switched_at = month, now
+            plan.switched_period_end = ends.get(plan.org_id)
+        self.log(
+            f"orgs {', '.join(str(p.org_id) for p in chosen)} moved to AWS Marketplace; "
+            "reconciling them"
+        )
+
+        async def reconcile(plan: OrgPlan) -> None:
+            handle = self.client.get_workflow_handle(org_workflow_id(plan.org_id))
+            while True:
+                try:
+                    await asyncio.wait_for(
+                        handle.execute_update(RECONCILE_UPDATE, result_type=ReconcileResult), 20
+                    )
+                    return
+                except Exception as err:  # a fault may be on: try until the deadline
+                    if self.remaining() <= 0:
+                        raise DeadlineExceeded(f"reconcile org {plan.org_id}") from err
+                    await asyncio.sleep(1)
+
+        await asyncio.gather(*(reconcile(p) for p in chosen))
+
     # -- the clock --------------------------------------------------------------------------
 
     def _advance(self, target: int) -> None:
@@ -432,7 +500,7 @@ class Scenario:
         began = time.monotonic()
         now = await self.clock_time()
         requests = await self.blocking(self._record_requests, now, target)
-        changed = await self.blocking(self._change_members)
+        changed = await self.blocking(self._change_members, now)
         self.log(
             f"{label}: clock {iso(now)} -> {iso(target)} "
             f"({requests} requests recorded, {changed} member changes)"
@@ -463,6 +531,8 @@ class Scenario:
             end = max(self._period(s)[1] for s in subs.values() if self._period(s)[0] == start)
             await self.step(f"month {month}, day 10", start + 10 * DAY, wait=False)
             await self.report_some_now()
+            if month == 2:
+                await self.switch_to_marketplace(month)
             await self.step(f"month {month}, day 20", start + 20 * DAY)
             await self.step(f"month {month} end", end + 5 * MINUTE, boundary=end)
             await self.step(f"month {month} invoices", end + 2 * HOUR)
@@ -533,12 +603,16 @@ class Scenario:
         return f"{len(behind)} workflows have not applied their events yet" if behind else None
 
     def _usage_missing(self, boundary: int) -> str | None:
-        """Orgs renewed at `boundary` whose ended period is not all sent."""
+        """Orgs renewed (or ended) at `boundary` whose ended period is not all sent."""
         subs = self.subscriptions()
         renewed = {
             int(s["metadata"]["org_id"])
             for s in subs.values()
-            if s["status"] in LIVE and self._period(s)[0] == boundary and s.get("metadata")
+            if s.get("metadata")
+            and (
+                (s["status"] in LIVE and self._period(s)[0] == boundary)
+                or (s["status"] == "canceled" and s.get("ended_at") == boundary)
+            )
         }
         with self.sessions() as session:
             rows = session.execute(

@@ -59,7 +59,7 @@ def test_a_short_chaos_month_loses_nothing_and_doubles_nothing(tmp_path: Path) -
 
     failing = {i["name"]: i for i in report["invariants"] if i["count"] != 0}
     assert not failing, f"invariants not at 0: {failing}\n{tail}"
-    assert len(report["invariants"]) == 9
+    assert len(report["invariants"]) == 11
     # The dashboard subscriptions and look-alikes were there, and refused.
     notes = report["notes"]
     assert notes["adoptions refused"] > 0, notes
