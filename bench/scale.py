@@ -482,7 +482,13 @@ def main() -> int:
     parser.add_argument(
         "--cached", type=int, default=None, help="WORKER_MAX_CACHED_WORKFLOWS (product default)"
     )
-    parser.add_argument("--setup-requests-per-second", type=check_rate, default=1000.0)
+    parser.add_argument(
+        "--setup-requests-per-second",
+        type=check_rate,
+        default=50.0,
+        help="the budget while provisioning, emulator limit off (the emulator's customer "
+        "search scans every customer: more in flight only queues there)",
+    )
     parser.add_argument(
         "--requests-per-second", type=check_rate, default=DEFAULT_REQUESTS_PER_SECOND
     )

@@ -522,7 +522,7 @@ def main() -> int:
     parser.add_argument(
         "--setup-requests-per-second",
         type=check_rate,
-        default=1000.0,
+        default=100.0,
         help="the request budget while setting up (the emulator's limit is off then)",
     )
     parser.add_argument(
