@@ -358,6 +358,8 @@ def _final_report_done(billing: OrgBillingState, ended: datetime) -> bool:
         return True
     if billing.current_period_start is None or billing.current_period_start < ended:
         return False  # the renewal has not reached the workflow yet
+    if any(period.start < ended <= period.end for period in billing.to_finalize):
+        return False  # seen to have ended; its final report is still owed
     report = next((u for u in billing.usage if u.period_end == ended), None)
     return report is not None and report.last_reported_at is not None
 
