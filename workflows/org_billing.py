@@ -51,6 +51,7 @@ with workflow.unsafe.imports_passed_through():
         UsagePeriodReport,
         UsageReportResult,
     )
+    from billing.problems import current_details
     from billing.search_attributes import BILLING_PROBLEM_KEY
 
 from workflows import decisions
@@ -77,8 +78,11 @@ PROVABLE_ADOPTION = "provable-adoption"
 # gets its Stripe subscription ended at period end; each write of a Stripe read
 # to the org row carries a stamp; the `BillingProblem` search attribute.
 USAGE_SAFETY = "usage-safety"
+# Provisioning stopped on a refused adoption shows `adoption_refused`, not
+# `provisioning_failed` (a different fix).
+ADOPTION_PROBLEM = "problem-adoption-refused"
 # Every patch id, for the checks of what a history may hold in plaintext.
-PATCH_IDS = (NOT_BILLED_RECHECK, PROVABLE_ADOPTION, USAGE_SAFETY)
+PATCH_IDS = (NOT_BILLED_RECHECK, PROVABLE_ADOPTION, USAGE_SAFETY, ADOPTION_PROBLEM)
 # The prefix of `last_error` for usage work (cleared when usage goes through again).
 USAGE_ERROR = "usage report"
 
@@ -656,10 +660,14 @@ class OrgBillingWorkflow:
                 decisions.attribute_updates(wanted, self._last_attributes)
             )
             self._last_attributes = wanted
+        # Not in the history (a query answers it): the UI's one-line "current details".
+        workflow.set_current_details(current_details(self._state))
 
     def _shown_problem(self) -> BillingProblem | None:
         """The problem to show; runs recorded before `BillingProblem` existed show none."""
         problem = decisions.billing_problem(self._state)
+        if decisions.provisioning_refused(self._state) and workflow.patched(ADOPTION_PROBLEM):
+            problem = BillingProblem.ADOPTION_REFUSED
         was_shown = self._state.problem is not None
         if (problem is not None or was_shown) and self._safe():
             return problem
