@@ -51,8 +51,10 @@ async def listed_problems(client: Client) -> dict[str, str | None]:
 async def current_details(client: Client, org_id: int) -> str:
     """What the Temporal UI shows as the workflow's current details."""
     handle = client.get_workflow_handle(org_workflow_id(org_id))
-    metadata = await handle.query("__temporal_workflow_metadata", result_type=WorkflowMetadata)
-    return metadata.current_details
+    metadata: WorkflowMetadata = await handle.query(
+        "__temporal_workflow_metadata", result_type=WorkflowMetadata
+    )
+    return str(metadata.current_details)
 
 
 async def shown(client: Client, org_id: int, problem: BillingProblem) -> None:
