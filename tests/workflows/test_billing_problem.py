@@ -15,7 +15,6 @@ import uuid
 import pytest
 import stripe
 from sqlalchemy.orm import Session, sessionmaker
-from temporalio.api.sdk.v1 import WorkflowMetadata
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
@@ -31,6 +30,7 @@ from tests.factories.live import LiveStack
 from tests.factories.stack import (
     capture_history,
     create_org,
+    current_details,
     eventually,
     make_settings,
     running_worker,
@@ -46,15 +46,6 @@ async def listed_problems(client: Client) -> dict[str, str | None]:
         wf.id: wf.typed_search_attributes.get(BILLING_PROBLEM_KEY)
         async for wf in client.list_workflows(PROBLEM_ORGS_QUERY)
     }
-
-
-async def current_details(client: Client, org_id: int) -> str:
-    """What the Temporal UI shows as the workflow's current details."""
-    handle = client.get_workflow_handle(org_workflow_id(org_id))
-    metadata: WorkflowMetadata = await handle.query(
-        "__temporal_workflow_metadata", result_type=WorkflowMetadata
-    )
-    return str(metadata.current_details)
 
 
 async def shown(client: Client, org_id: int, problem: BillingProblem) -> None:
