@@ -100,6 +100,10 @@ class Settings(BaseSettings):
     # The environment's name: written on every customer and subscription, and part of
     # the customer lookup, idempotency keys and meter identifiers (docs/contracts.md).
     billing_source: str = Field(default="org-billing", pattern=BILLING_SOURCE_PATTERN)
+    # Customers of the implementation this one replaces carry metadata `orgId`, `orgUid`
+    # and one of these `source`s (comma-separated; empty: none recognized), and are
+    # adopted by `billing adopt` (docs/legacy-adoption.md).
+    billing_legacy_sources: str = "flotorch_console"
     # A slow client cannot hold the API: headers and each body chunk must arrive in time.
     api_header_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
     api_body_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
@@ -111,6 +115,9 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, value: object) -> object:
         """`WORKER_METRICS_PORT=` (as `.env.example` has it) means no endpoint."""
         return None if isinstance(value, str) and not value.strip() else value
+
+    def legacy_sources(self) -> frozenset[str]:
+        return frozenset(p.strip() for p in self.billing_legacy_sources.split(",") if p.strip())
 
     def missing_stripe_settings(self) -> list[str]:
         missing = []
