@@ -15,7 +15,13 @@ subscription id and no running workflow, adoption:
    reported (sequence 0 of the period, status `sent`, never sent again): the
    workflow's reports send only the period's requests above it, so no request
    is billed twice across the switch;
-4. starts the org's workflow, which links the existing subscription.
+4. starts the org's workflow, which links the existing subscription (a
+   workflow a webhook started, waiting after it refused the customer, is asked
+   to provision again).
+
+Steps 3 and 2 run in that order: until `org_uid` is on the customer, the
+workflow's provisioning does not take it for the org's, so no usage report
+runs before the record of what was already reported is in place.
 
 With `dry_run`, every read is made and the same report is returned, and
 nothing is written to Stripe, the database or Temporal. See
@@ -34,7 +40,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, sessionmaker
-from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowQueryFailedError
 from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -42,8 +48,19 @@ from billing.config import Settings
 from billing.constants import org_workflow_id
 from billing.db import orgs
 from billing.db.models import Org, UsageLedger
-from billing.domain import LedgerStatus, OrgProfile, SubscriptionSnapshot, SubscriptionStatus
-from billing.orchestration import start_org_workflow, tuning_of
+from billing.domain import (
+    BillingStatus,
+    LedgerStatus,
+    OrgProfile,
+    SubscriptionSnapshot,
+    SubscriptionStatus,
+)
+from billing.orchestration import (
+    query_state,
+    start_org_workflow,
+    start_provisioning,
+    tuning_of,
+)
 from billing.stripe_gateway import StripeGateway
 from billing.stripe_keys import environment_tag, params_digest
 
@@ -84,6 +101,9 @@ class AdoptionLine(BaseModel):
     # were already in the ledger.
     requests_recorded_as_reported: int = 0
     workflow_started: bool = False
+    # The org's workflow was running, waiting to provision (it refused the customer
+    # before adoption); it is asked to provision again instead of started.
+    workflow_waiting: bool = False
 
 
 class AdoptionReport(BaseModel):
@@ -155,14 +175,32 @@ def record_reported(
     return session.execute(statement).scalar() is not None
 
 
-async def workflow_running(client: Client, org_id: int) -> bool:
+WorkflowStanding = Literal["none", "unprovisioned", "running"]
+
+
+async def workflow_standing(client: Client, org_id: int) -> tuple[WorkflowStanding, str | None]:
+    """Whether the org has no running workflow, one that waits to provision, or one that bills.
+
+    A webhook about a legacy subscription starts the org's workflow before any
+    adoption; its provisioning refuses the customer (not provably the org's
+    until adopted) and waits: such a workflow is adopted like a missing one.
+    """
+    handle = client.get_workflow_handle(org_workflow_id(org_id))
     try:
-        described = await client.get_workflow_handle(org_workflow_id(org_id)).describe()
+        described = await handle.describe()
     except RPCError as err:
         if err.status == RPCStatusCode.NOT_FOUND:
-            return False
+            return "none", None
         raise
-    return described.status == WorkflowExecutionStatus.RUNNING
+    if described.status != WorkflowExecutionStatus.RUNNING:
+        return "none", None
+    try:
+        state = await query_state(client, org_id)
+    except (RPCError, WorkflowQueryFailedError) as err:
+        return "running", f"its workflow is running and did not answer ({err})"
+    if state.status in (BillingStatus.PROVISIONING, BillingStatus.PROVISIONING_FAILED):
+        return "unprovisioned", None
+    return "running", "its workflow is running"
 
 
 class Adopter:
@@ -196,8 +234,9 @@ class Adopter:
         return AdoptionReport(dry_run=dry_run, orgs=lines)
 
     async def adopt(self, org_id: int, *, dry_run: bool) -> AdoptionLine:
-        if await workflow_running(self._temporal, org_id):
-            return AdoptionLine(org_id=org_id, outcome="skipped", reason="its workflow is running")
+        standing, why = await workflow_standing(self._temporal, org_id)
+        if standing == "running":
+            return AdoptionLine(org_id=org_id, outcome="skipped", reason=why)
         try:
             with self._sessions() as session:
                 org = orgs.org_profile(session, org_id)
@@ -208,6 +247,7 @@ class Adopter:
             outcome="would_adopt" if dry_run else "adopted",
             customer_id=org.stripe_customer_id,
             subscription_id=org.stripe_subscription_id,
+            workflow_waiting=standing == "unprovisioned",
         )
         try:
             return await self._adopt(org, line, dry_run=dry_run)
@@ -253,15 +293,8 @@ class Adopter:
         reported = await self._already_reported(org, customer_id, sub, line)
         if dry_run:
             return line
-        if line.metadata_added:
-            await self._gateway.add_customer_metadata(
-                customer_id,
-                line.metadata_added,
-                idempotency_key=(
-                    f"customer-adopt-{self._settings.billing_source}-{org.org_id}-"
-                    f"{org.org_uid}-{params_digest(line.metadata_added)}"
-                ),
-            )
+        # The usage already reported first: the metadata makes the customer provably
+        # the org's, and a waiting workflow may link it (and report) at once.
         if reported:
             assert line.period_start is not None and line.period_end is not None
             with self._sessions.begin() as session:
@@ -275,14 +308,27 @@ class Adopter:
                     value=reported,
                     at=sub.read_at or datetime.now(UTC),
                 )
-        await start_org_workflow(
-            self._temporal,
-            self._settings.temporal_task_queue,
-            org.org_id,
-            signal=None,
-            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-            tuning=tuning_of(self._settings),
-        )
+        if line.metadata_added:
+            await self._gateway.add_customer_metadata(
+                customer_id,
+                line.metadata_added,
+                idempotency_key=(
+                    f"customer-adopt-{self._settings.billing_source}-{org.org_id}-"
+                    f"{org.org_uid}-{params_digest(line.metadata_added)}"
+                ),
+            )
+        if line.workflow_waiting:
+            # Signal-with-start: the waiting workflow provisions again now.
+            await start_provisioning(self._temporal, self._settings, org.org_id)
+        else:
+            await start_org_workflow(
+                self._temporal,
+                self._settings.temporal_task_queue,
+                org.org_id,
+                signal=None,
+                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                tuning=tuning_of(self._settings),
+            )
         line.workflow_started = True
         return line
 

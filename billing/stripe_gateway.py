@@ -236,7 +236,7 @@ class StripeGateway:
         if customer.get("deleted"):
             return f"customer {customer_id} is deleted in Stripe"
         metadata = customer.get("metadata") or {}
-        if self.is_the_orgs(metadata, org) or self.is_legacy_customer_of(metadata, org):
+        if self.is_the_orgs(metadata, org) or self.is_adopted_legacy_customer(metadata, org):
             return None
         return (
             f"customer {customer_id} is not provably org {org.org_id}'s: its metadata has "
@@ -246,18 +246,26 @@ class StripeGateway:
         )
 
     def is_legacy_customer_of(self, metadata: Mapping[str, Any], org: OrgProfile) -> bool:
-        """Provably the org's by the legacy implementation's metadata (docs/legacy-adoption.md).
+        """The legacy implementation's customer of the org (docs/legacy-adoption.md).
 
         `orgUid` is the org's uid, `source` one of `BILLING_LEGACY_SOURCES`, and
-        `orgId`, when present, the org's id.
+        `orgId`, when present, the org's id: what `billing adopt` accepts.
         """
-        legacy_sources = self._settings.legacy_sources()
         org_id = metadata.get(LEGACY_ORG_ID_KEY)
         return (
-            bool(legacy_sources)
-            and metadata.get(LEGACY_ORG_UID_KEY) == org.org_uid
-            and metadata.get("source") in legacy_sources
+            metadata.get(LEGACY_ORG_UID_KEY) == org.org_uid
+            and metadata.get("source") in self._settings.legacy_sources()
             and (org_id is None or str(org_id) == str(org.org_id))
+        )
+
+    def is_adopted_legacy_customer(self, metadata: Mapping[str, Any], org: OrgProfile) -> bool:
+        """A legacy customer `billing adopt` took over: it added `org_uid` beside the legacy
+        `source`, after recording the usage already reported. Only then does provisioning
+        link it, so no report runs before that record is in place."""
+        return (
+            metadata.get("org_uid") == org.org_uid
+            and metadata.get("source") in self._settings.legacy_sources()
+            and self.is_legacy_customer_of(metadata, org)
         )
 
     async def customer_metadata(self, customer_id: str) -> dict[str, str] | None:

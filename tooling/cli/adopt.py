@@ -55,9 +55,16 @@ def describe(line: AdoptionLine, *, dry_run: bool) -> str:
         parts.append(
             f"period {line.period_start:%Y-%m-%d %H:%M}..{line.period_end:%Y-%m-%d %H:%M} UTC: "
             f"{line.requests_already_reported or 0} requests already reported, "
-            f"{line.requests_recorded_as_reported} {would}recorded as reported"
+            f"{line.requests_recorded_as_reported} "
+            f"{'to record' if dry_run else 'recorded'} as reported"
         )
-    parts.append("workflow started" if line.workflow_started else f"workflow {would}start")
+    if line.workflow_waiting:
+        parts.append(
+            f"waiting workflow {'asked' if line.workflow_started else 'would be asked'}"
+            " to provision again"
+        )
+    else:
+        parts.append("workflow started" if line.workflow_started else f"workflow {would}start")
     return f"{head}: " + "; ".join(parts)
 
 
