@@ -46,6 +46,7 @@ _KEY_TYPES = {"RS256": "RSA", "ES256": "EC"}
 JWKS_REQUIRED_CLAIMS = ("exp", "aud", "iss")
 FETCH_TIMEOUT_SECONDS = 5.0
 MAX_EXTERNAL_ID = 255
+UNAVAILABLE = "The identity provider's keys (AUTH_JWKS_URL) could not be fetched"
 
 
 class UserClaim(StrEnum):
@@ -161,6 +162,9 @@ class JwksKeys:
                 return self._keys[kid]
             if self._may_fetch():
                 await self._fetch(have_keys=bool(self._keys))
+            elif self._fetched_at is None:
+                # No key was ever fetched and the last attempt failed a moment ago.
+                raise JwksUnavailableError(UNAVAILABLE)
         key = self._keys.get(kid)
         if key is None:
             raise InvalidTokenError(
@@ -178,9 +182,7 @@ class JwksKeys:
             log.warning("identity provider keys not fetched: %s", err)
             if have_keys:
                 return  # the keys we have stay in use until the provider answers again
-            raise JwksUnavailableError(
-                "The identity provider's keys (AUTH_JWKS_URL) could not be fetched"
-            ) from err
+            raise JwksUnavailableError(UNAVAILABLE) from err
         self._keys = {key.key_id: key for key in key_set.keys if key.key_id}
         self._fetched_at = self._clock()
 

@@ -346,6 +346,11 @@ async def test_an_unreachable_provider_is_503_with_the_reason_not_500(
     assert response.status_code == 503
     assert response.json()["detail"]["title"] == "Identity provider unavailable"
     assert "AUTH_JWKS_URL" in response.json()["detail"]["description"]
+    assert response.headers["retry-after"] == "5"
+    # Within the refresh interval no new attempt is made, and the answer stays 503.
+    again = await billing(stack, member.org_id, token)
+    assert again.status_code == 503
+    assert stack.keys.fetches == 1
 
     # An endpoint that answers with an error is the same.
     with jwks.lock:
