@@ -258,6 +258,13 @@ class Adopter:
 
     async def _adopt(self, org: OrgProfile, line: AdoptionLine, *, dry_run: bool) -> AdoptionLine:
         assert org.stripe_subscription_id is not None
+        if org.billed_elsewhere:
+            # Its workflow would not bill it (not_billed) and never link the subscription.
+            return _refused(
+                line,
+                "the org is billed through a marketplace (AWS or Azure id): its legacy "
+                f"subscription {org.stripe_subscription_id} must be ended in Stripe, not adopted",
+            )
         try:
             sub = await self._gateway.get_subscription(org.stripe_subscription_id)
         except stripe.InvalidRequestError:

@@ -322,13 +322,23 @@ async def test_a_customer_not_provably_the_orgs_is_refused_and_left_alone(
     )
     before = metadata(stack, customer_id)
 
+    moved_id, moved_customer, _ = await legacy_org(stack, webhooks_reach_us=False)
+    with stack.session_factory.begin() as session:
+        moved = session.get(Org, moved_id)
+        assert moved is not None
+        moved.aws_account_id = "123456789012"
+    moved_before = metadata(stack, moved_customer)
+
     result = await billing(stack, tmp_path, "adopt")
 
     assert result.exit_code == 1
+    assert f"org {moved_id}: refused (the org is billed through a marketplace" in result.stdout
+    assert metadata(stack, moved_customer) == moved_before
+    assert not await workflow_exists(stack.client, moved_id)
     assert f"org {org_id}: refused (customer {customer_id} is not provably the org's" in (
         result.stdout
     )
-    assert result.stderr.strip().startswith("Error: 1 orgs could not be adopted")
+    assert result.stderr.strip().startswith(f"Error: 2 orgs could not be adopted (org {org_id}:")
     assert metadata(stack, customer_id) == before
     assert ledger_rows(stack, org_id) == []
     assert not await workflow_exists(stack.client, org_id)
