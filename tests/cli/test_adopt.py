@@ -296,6 +296,8 @@ async def test_a_legacy_org_is_adopted_and_its_period_is_billed_once(
 
     state = await wait_for_status(stack.client, org_id, {BillingStatus.ACTIVE})
     assert (state.stripe_customer_id, state.stripe_subscription_id) == (customer_id, sub_id)
+    # The refusal before adoption stays in the record; nothing needs a person now.
+    assert state.refused_adoptions and state.problem is None
     await stack.settled(org_id)
 
     # Run again: the org has its workflow now.
