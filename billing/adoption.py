@@ -115,10 +115,18 @@ class AdoptionReport(BaseModel):
 
 
 def candidates(session: Session) -> list[int]:
-    """Orgs with a subscription id, in id order (those with a running workflow are skipped)."""
+    """Orgs with a subscription id that no workflow of ours ever synced, in id order.
+
+    A workflow stamps `stripe_synced_at` whenever it writes a Stripe read to
+    the row; the legacy implementation never does. So an org once adopted, or
+    provisioned here, is not looked at again, also after its workflow finished
+    (a closed org stays closed). Those with a running workflow are skipped.
+    """
     return list(
         session.scalars(
-            select(Org.id).where(Org.stripe_subscription_id.is_not(None)).order_by(Org.id)
+            select(Org.id)
+            .where(Org.stripe_subscription_id.is_not(None), Org.stripe_synced_at.is_(None))
+            .order_by(Org.id)
         )
     )
 

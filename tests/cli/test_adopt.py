@@ -300,10 +300,11 @@ async def test_a_legacy_org_is_adopted_and_its_period_is_billed_once(
     assert state.refused_adoptions and state.problem is None
     await stack.settled(org_id)
 
-    # Run again: the org has its workflow now.
+    # Run again: the org's workflow synced it from Stripe; it is not looked at again.
+    assert stack.org(org_id).stripe_synced_at is not None
     again = await billing(stack, tmp_path, "adopt", "--json")
     assert again.exit_code == 0, again.output
-    assert only_line(again, org_id)["outcome"] == "skipped"
+    assert [line["org_id"] for line in json.loads(again.stdout)["orgs"]] == []
 
     # After the switch the console records 8 more; the period's invoice bills 50, not 92.
     record(stack, org_id, 8, stack.clock_time() + 60)
@@ -363,10 +364,16 @@ async def test_a_legacy_org_without_a_workflow_gets_one_and_nothing_is_recorded_
     assert state.stripe_subscription_id == sub_id
     assert ledger_rows(stack, org_id) == [(REQUESTS, 0, 7, "sent")]
 
-    # The backfill runs the same step: the org has its workflow, it is skipped.
+    # The backfill runs the same step. An org whose workflow runs but has not
+    # synced it yet (a webhook started it, say) is skipped, not adopted twice.
+    with stack.session_factory.begin() as session:
+        row = session.get(Org, org_id)
+        assert row is not None
+        row.stripe_synced_at = None
     backfill = await billing(stack, tmp_path, "backfill", "--json")
     assert backfill.exit_code == 0, backfill.output
-    assert only_line_of(backfill.stdout, org_id)["outcome"] == "skipped"
+    skipped = only_line_of(backfill.stdout, org_id)
+    assert (skipped["outcome"], skipped["reason"]) == ("skipped", "its workflow is running")
     assert ledger_rows(stack, org_id) == [(REQUESTS, 0, 7, "sent")]
 
 
