@@ -1,4 +1,4 @@
-"""The chaos month's check for payloads in clear sees what a namespace reader would."""
+"""The check for payloads in clear (the chaos month's) sees what a namespace reader would."""
 
 from __future__ import annotations
 
@@ -6,8 +6,14 @@ from pathlib import Path
 
 from temporalio.client import WorkflowHistory
 
-from bench.chaos.encryption import _walk, clear_payloads
-from billing.encryption import EncryptionCodec, new_key_entry, parse_keys
+from billing.encryption import (
+    EncryptionCodec,
+    clear_payloads,
+    new_key_entry,
+    parse_keys,
+    payloads_in,
+)
+from workflows.org_billing import PATCH_IDS
 
 HISTORY = Path(__file__).resolve().parents[1] / "histories" / "chaos_failing_card.json"
 
@@ -17,7 +23,7 @@ def _history() -> WorkflowHistory:
 
 
 def test_a_history_written_without_a_key_shows_its_payloads_in_clear() -> None:
-    clear = clear_payloads(_history())
+    clear = clear_payloads(_history(), PATCH_IDS)
 
     assert any("workflow_execution_signaled" in where for where in clear), clear
     assert any("activity_task_scheduled" in where for where in clear), clear
@@ -31,13 +37,15 @@ def test_a_sealed_history_has_nothing_in_clear_but_patch_markers_and_attributes(
     for event in history.events:
         if event.HasField("marker_recorded_event_attributes"):
             continue  # written by Temporal itself
-        for payload in _walk(event):
+        for payload in payloads_in(event):
             payload.CopyFrom(codec.encrypt(payload))
             sealed += 1
 
     assert sealed > 40
-    assert clear_payloads(history) == []
+    assert clear_payloads(history, PATCH_IDS) == []
     # One payload left in clear is found again.
     started = history.events[0].workflow_execution_started_event_attributes
     started.input.payloads[0].metadata["encoding"] = b"json/plain"
-    assert clear_payloads(history) == ["event 1 workflow_execution_started (json/plain)"]
+    assert clear_payloads(history, PATCH_IDS) == [
+        "event 1 workflow_execution_started (json/plain)"
+    ]
