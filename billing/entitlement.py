@@ -1,0 +1,137 @@
+"""Whether an org may use the product: one rule, for the API, the workflow and the row.
+
+Pure code: the answer depends only on what the org's workflow knows and on
+`now`, which is always a parameter. docs/entitlement.md has the same rule as a
+table, one row per status.
+
+- `trialing`, `active`: entitled.
+- `past_due`: entitled for `grace_days` after the first failed payment
+  (`payment_failed_at`, kept by the workflow); `grace_until` says until when.
+- `canceled`: entitled until the paid period ends (`access_until`).
+- `not_billed` (billed through a cloud marketplace): entitled.
+- `unpaid`, `paused`, `incomplete_expired`: not entitled.
+- `incomplete`: entitled; Stripe expires an unpaid first invoice within a day
+  (then `incomplete_expired`).
+- `provisioning`, `provisioning_failed`: entitled, and the reason says billing
+  is not set up: a billing fault never locks customers out.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from enum import StrEnum
+
+from pydantic import BaseModel
+
+from billing.domain import BillingStatus
+
+DEFAULT_GRACE_DAYS = 7
+
+
+class EntitlementReason(StrEnum):
+    """Why an org is (or is not) entitled: one code per case of the rule."""
+
+    TRIALING = "trialing"
+    ACTIVE = "active"
+    CANCEL_SCHEDULED = "cancel_scheduled"
+    PAST_DUE_GRACE = "past_due_grace"
+    PAST_DUE_GRACE_OVER = "past_due_grace_over"
+    CANCELED_PAID_PERIOD = "canceled_paid_period"
+    CANCELED = "canceled"
+    NOT_BILLED = "not_billed"
+    INCOMPLETE = "incomplete"
+    INCOMPLETE_EXPIRED = "incomplete_expired"
+    UNPAID = "unpaid"
+    PAUSED = "paused"
+    # Flagged: billing is not set up yet, or setting it up failed (needs a person).
+    PROVISIONING = "provisioning"
+    PROVISIONING_FAILED = "provisioning_failed"
+
+
+# Reasons that grant access while billing itself is not in order: a console may
+# show them to operators (the org is entitled only so a fault never locks it out).
+FLAGGED_REASONS = frozenset({EntitlementReason.PROVISIONING, EntitlementReason.PROVISIONING_FAILED})
+
+
+class Entitlement(BaseModel):
+    """The answer of `GET /api/orgs/{org_id}/entitlement` (docs/contracts.md).
+
+    `access_until`: when access ends unless something changes (a grace or a
+    paid period running out, a scheduled cancel); None when open-ended.
+    `grace_until`: the end of a past-due grace; None outside one.
+    """
+
+    entitled: bool
+    reason: EntitlementReason
+    status: BillingStatus
+    access_until: datetime | None = None
+    trial_end: datetime | None = None
+    grace_until: datetime | None = None
+
+
+def grace_end(payment_failed_at: datetime | None, now: datetime, grace_days: int) -> datetime:
+    """The end of the past-due grace: `grace_days` after the first failed payment.
+
+    A failure not recorded (a run from before it was kept) counts from `now`.
+    """
+    return (payment_failed_at or now) + timedelta(days=grace_days)
+
+
+def decide(
+    status: BillingStatus,
+    *,
+    now: datetime,
+    grace_days: int = DEFAULT_GRACE_DAYS,
+    trial_end: datetime | None = None,
+    current_period_end: datetime | None = None,
+    subscription_end: datetime | None = None,
+    payment_failed_at: datetime | None = None,
+) -> Entitlement:
+    """The rule (see the module's docstring and docs/entitlement.md)."""
+    reason: EntitlementReason
+    entitled = True
+    access_until: datetime | None = None
+    grace_until: datetime | None = None
+    if status is BillingStatus.TRIALING or status is BillingStatus.ACTIVE:
+        reason = EntitlementReason(status.value)
+        if subscription_end is not None:
+            # Set to cancel: access goes on until then, and then the cancel rule applies.
+            reason, access_until = EntitlementReason.CANCEL_SCHEDULED, subscription_end
+    elif status is BillingStatus.PAST_DUE:
+        grace_until = grace_end(payment_failed_at, now, grace_days)
+        access_until = grace_until
+        entitled = now < grace_until
+        reason = (
+            EntitlementReason.PAST_DUE_GRACE if entitled else EntitlementReason.PAST_DUE_GRACE_OVER
+        )
+    elif status is BillingStatus.CANCELED:
+        ends = [e for e in (current_period_end, subscription_end) if e is not None]
+        access_until = max(ends) if ends else None
+        entitled = access_until is not None and now < access_until
+        reason = EntitlementReason.CANCELED_PAID_PERIOD if entitled else EntitlementReason.CANCELED
+    elif status in (
+        BillingStatus.UNPAID,
+        BillingStatus.PAUSED,
+        BillingStatus.INCOMPLETE_EXPIRED,
+    ):
+        entitled = False
+        reason = EntitlementReason(status.value)
+    else:
+        # not_billed, incomplete, provisioning, provisioning_failed
+        reason = EntitlementReason(status.value)
+    return Entitlement(
+        entitled=entitled,
+        reason=reason,
+        status=status,
+        access_until=access_until,
+        trial_end=trial_end,
+        grace_until=grace_until,
+    )
+
+
+def next_change(entitlement: Entitlement, now: datetime) -> datetime | None:
+    """When the answer changes by time alone (a grace or paid period ending), if it will."""
+    until = entitlement.access_until
+    if entitlement.entitled and until is not None and until > now:
+        return until
+    return None
