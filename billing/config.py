@@ -91,6 +91,8 @@ class Settings(BaseSettings):
     # A slow client cannot hold the API: headers and each body chunk must arrive in time.
     api_header_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
     api_body_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    # The console backend's service keys (`Authorization: Bearer <key>`), comma-separated.
+    billing_service_api_keys: SecretStr | None = None
     # Entitlement (billing/entitlement.py): a past-due org keeps access this long
     # after its first failed payment.
     past_due_grace_days: int = Field(default=7, ge=0, le=365)

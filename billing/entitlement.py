@@ -23,7 +23,7 @@ from enum import StrEnum
 
 from pydantic import BaseModel
 
-from billing.domain import BillingStatus
+from billing.domain import BillingStatus, OrgBillingState
 
 DEFAULT_GRACE_DAYS = 7
 
@@ -135,3 +135,43 @@ def next_change(entitlement: Entitlement, now: datetime) -> datetime | None:
     if entitlement.entitled and until is not None and until > now:
         return until
     return None
+
+
+def of_state(state: OrgBillingState, now: datetime, grace_days: int) -> Entitlement:
+    """The rule applied to what an org's workflow knows."""
+    return decide(
+        state.status,
+        now=now,
+        grace_days=grace_days,
+        trial_end=state.trial_end,
+        current_period_end=state.current_period_end,
+        subscription_end=state.subscription_end,
+        payment_failed_at=state.payment_failed_at,
+    )
+
+
+def of_row(
+    status: BillingStatus,
+    *,
+    access_until: datetime | None,
+    subscription_end: datetime | None,
+    now: datetime,
+    grace_days: int,
+) -> Entitlement:
+    """The rule applied to an org row (when its workflow cannot answer).
+
+    The row keeps what the workflow last published: `access_until` is the end
+    of a past-due grace (so the first failure was `grace_days` before it) or
+    of a canceled org's paid period.
+    """
+    failed_at = None
+    if status is BillingStatus.PAST_DUE and access_until is not None:
+        failed_at = access_until - timedelta(days=grace_days)
+    return decide(
+        status,
+        now=now,
+        grace_days=grace_days,
+        current_period_end=access_until if status is BillingStatus.CANCELED else None,
+        subscription_end=subscription_end,
+        payment_failed_at=failed_at,
+    )

@@ -29,7 +29,7 @@ with workflow.unsafe.imports_passed_through():
         PublishedBilling,
         StripeEventSignal,
     )
-    from billing.entitlement import Entitlement, decide, next_change
+    from billing.entitlement import Entitlement, next_change, of_state
 
 PAYMENT_FAILED_EVENT = "invoice.payment_failed"
 PAYMENT_SUCCEEDED_EVENTS = frozenset({"invoice.payment_succeeded", "invoice.paid"})
@@ -54,15 +54,7 @@ def track_payment_failure(state: OrgBillingState, now: datetime) -> None:
 
 def entitlement_of(state: OrgBillingState, now: datetime, grace_days: int) -> Entitlement:
     """The org's entitlement at `now` by the one rule (billing/entitlement.py)."""
-    return decide(
-        state.status,
-        now=now,
-        grace_days=grace_days,
-        trial_end=state.trial_end,
-        current_period_end=state.current_period_end,
-        subscription_end=state.subscription_end,
-        payment_failed_at=state.payment_failed_at,
-    )
+    return of_state(state, now, grace_days)
 
 
 def _entitlement_data(entitlement: Entitlement) -> dict[str, Any]:
