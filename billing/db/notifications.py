@@ -35,8 +35,9 @@ def enqueue(session: Session, notifications: Sequence[BillingNotification]) -> i
                 attempts=0,
             )
             .on_conflict_do_nothing(index_elements=["id"])
+            .returning(Notification.id)
         )
-        added += result.rowcount  # type: ignore[attr-defined]
+        added += len(result.all())
     return added
 
 
