@@ -33,7 +33,6 @@ class EntitlementReason(StrEnum):
 
     TRIALING = "trialing"
     ACTIVE = "active"
-    CANCEL_SCHEDULED = "cancel_scheduled"
     PAST_DUE_GRACE = "past_due_grace"
     PAST_DUE_GRACE_OVER = "past_due_grace_over"
     CANCELED_PAID_PERIOD = "canceled_paid_period"
@@ -56,8 +55,8 @@ FLAGGED_REASONS = frozenset({EntitlementReason.PROVISIONING, EntitlementReason.P
 class Entitlement(BaseModel):
     """The answer of `GET /api/orgs/{org_id}/entitlement` (docs/contracts.md).
 
-    `access_until`: when access ends unless something changes (a grace or a
-    paid period running out, a scheduled cancel); None when open-ended.
+    `access_until`: when access ends unless something changes (a past-due grace
+    or a canceled org's paid period running out); None when open-ended.
     `grace_until`: the end of a past-due grace; None outside one.
     """
 
@@ -93,10 +92,9 @@ def decide(
     access_until: datetime | None = None
     grace_until: datetime | None = None
     if status is BillingStatus.TRIALING or status is BillingStatus.ACTIVE:
+        # A scheduled cancel changes nothing yet: once it takes effect the
+        # subscription is canceled, and the paid period still counts.
         reason = EntitlementReason(status.value)
-        if subscription_end is not None:
-            # Set to cancel: access goes on until then, and then the cancel rule applies.
-            reason, access_until = EntitlementReason.CANCEL_SCHEDULED, subscription_end
     elif status is BillingStatus.PAST_DUE:
         grace_until = grace_end(payment_failed_at, now, grace_days)
         access_until = grace_until

@@ -72,12 +72,14 @@ def test_canceled_is_entitled_until_the_paid_period_ends() -> None:
     assert next_change(over, end) is None
 
 
-def test_a_scheduled_cancel_keeps_access_until_it_takes_effect() -> None:
-    answer = decide(
-        BillingStatus.ACTIVE, now=NOW, trial_end=NOW - DAY, subscription_end=NOW + 9 * DAY
-    )
-    assert answer.entitled and answer.reason is EntitlementReason.CANCEL_SCHEDULED
-    assert answer.access_until == NOW + 9 * DAY and answer.trial_end == NOW - DAY
+def test_trialing_and_active_are_open_ended_whatever_their_dates() -> None:
+    for status in (BillingStatus.TRIALING, BillingStatus.ACTIVE):
+        answer = decide(
+            status, now=NOW, trial_end=NOW - DAY, subscription_end=NOW - DAY, current_period_end=NOW
+        )
+        assert answer.entitled and answer.reason.value == status.value
+        assert answer.access_until is None and answer.trial_end == NOW - DAY
+        assert next_change(answer, NOW) is None
 
 
 def test_the_row_gives_back_the_workflow_s_answer() -> None:
