@@ -279,6 +279,9 @@ class OrgBillingState(BaseModel):
     # When the workflow first saw a failed payment (past_due/unpaid), until paid:
     # the past-due grace counts from it (billing/entitlement.py).
     payment_failed_at: datetime | None = None
+    # The grace (`PAST_DUE_GRACE_DAYS`) the workflow decides with, for the API
+    # to give the same answer; None until the workflow first publishes.
+    past_due_grace_days: int | None = None
     # What the org row and the console were last told, and how many changes were
     # published (part of each change's notification id).
     published: PublishedBilling | None = None

@@ -136,11 +136,11 @@ def next_change(entitlement: Entitlement, now: datetime) -> datetime | None:
 
 
 def of_state(state: OrgBillingState, now: datetime, grace_days: int) -> Entitlement:
-    """The rule applied to what an org's workflow knows."""
+    """The rule applied to what an org's workflow knows (with the grace it decides with)."""
     return decide(
         state.status,
         now=now,
-        grace_days=grace_days,
+        grace_days=grace_days if state.past_due_grace_days is None else state.past_due_grace_days,
         trial_end=state.trial_end,
         current_period_end=state.current_period_end,
         subscription_end=state.subscription_end,

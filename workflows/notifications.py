@@ -53,7 +53,11 @@ def track_payment_failure(state: OrgBillingState, now: datetime) -> None:
 
 
 def entitlement_of(state: OrgBillingState, now: datetime, grace_days: int) -> Entitlement:
-    """The org's entitlement at `now` by the one rule (billing/entitlement.py)."""
+    """The org's entitlement at `now` by the one rule (billing/entitlement.py).
+
+    `grace_days` is the workflow's own (its tuning), kept in the state too.
+    """
+    state.past_due_grace_days = grace_days
     return of_state(state, now, grace_days)
 
 

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import pytest
 import pytest_asyncio
 import stripe
 from sqlalchemy import select
@@ -22,7 +23,12 @@ from billing.auth import TokenRules, mint_token
 from billing.constants import org_workflow_id
 from billing.db.models import Membership, Notification, NotificationStatus
 from billing.domain import BillingStatus
-from billing.orchestration import RETRY_PROVISIONING, query_state, start_org_workflow
+from billing.orchestration import (
+    RETRY_PROVISIONING,
+    query_state,
+    start_org_workflow,
+    tuning_of,
+)
 from stripe_emulator.server import EmulatorServer
 from tests.factories.live import LiveStack, live_stack
 from tests.factories.receiver import Receiver
@@ -46,7 +52,13 @@ async def receiver() -> AsyncIterator[Receiver]:
 
 
 @pytest_asyncio.fixture
+async def grace_days() -> int:
+    return 7
+
+
+@pytest_asyncio.fixture
 async def notify_stack(
+    grace_days: int,
     temporal_dev_env: WorkflowEnvironment,
     emulator: EmulatorServer,
     stripe_client: stripe.StripeClient,
@@ -70,6 +82,7 @@ async def notify_stack(
         billing_notify_retry_max_seconds=0.5,
         billing_notify_poll_seconds=0.1,
         billing_service_api_keys=f"other-key, {SERVICE_KEY}",
+        past_due_grace_days=grace_days,
     ) as live:
         yield live
 
@@ -119,7 +132,11 @@ async def test_notifications_arrive_signed_once_and_in_order_and_entitlement_fol
     stack = notify_stack
     org_id = create_org(stack.session_factory)
     await start_org_workflow(
-        stack.client, stack.settings.temporal_task_queue, org_id, signal=RETRY_PROVISIONING
+        stack.client,
+        stack.settings.temporal_task_queue,
+        org_id,
+        signal=RETRY_PROVISIONING,
+        tuning=tuning_of(stack.settings),
     )
     state = await wait_for_status(stack.client, org_id, {BillingStatus.TRIALING})
     assert state.stripe_customer_id and state.stripe_subscription_id
@@ -215,3 +232,71 @@ async def test_notifications_arrive_signed_once_and_in_order_and_entitlement_fol
         "notifications_past_due",
         pick=scheduled("db_publish_billing"),
     )
+
+
+async def provisioned(stack: LiveStack) -> tuple[int, str, str]:
+    org_id = create_org(stack.session_factory)
+    await start_org_workflow(
+        stack.client,
+        stack.settings.temporal_task_queue,
+        org_id,
+        signal=RETRY_PROVISIONING,
+        tuning=tuning_of(stack.settings),
+    )
+    state = await wait_for_status(stack.client, org_id, {BillingStatus.TRIALING})
+    assert state.stripe_customer_id and state.stripe_subscription_id
+    return org_id, state.stripe_customer_id, state.stripe_subscription_id
+
+
+@pytest.mark.parametrize("grace_days", [0])
+async def test_no_grace_locks_a_past_due_org_until_it_pays(
+    notify_stack: LiveStack, receiver: Receiver
+) -> None:
+    stack = notify_stack
+    receiver.start()
+    org_id, customer_id, subscription_id = await provisioned(stack)
+    stack.attach_card(customer_id, "pm_card_chargeCustomerFail")
+    await stack.advance(stack.subscription(subscription_id).trial_end + 2 * 3600)
+    await stack.settled(org_id)
+    await wait_for_status(stack.client, org_id, {BillingStatus.PAST_DUE})
+
+    def delivered_types() -> list[str]:
+        return [d.body["type"] for d in receiver.accepted() if d.body["org_id"] == org_id]
+
+    async def arrived(kind: str, count: int = 1) -> None:
+        await eventually(
+            lambda: asyncio.to_thread(delivered_types), lambda ts: ts.count(kind) >= count
+        )
+
+    await arrived("org.billing.entitlement_changed")
+    locked = [d for d in receiver.accepted() if d.body["type"].endswith("entitlement_changed")]
+    assert locked[-1].body["data"]["entitled"] is False
+    assert locked[-1].body["data"]["previous_entitled"] is True
+    assert locked[-1].body["data"]["reason"] == "past_due_grace_over"
+    assert not stack.org(org_id).entitled
+    response = await entitlement(stack, org_id, SERVICE_KEY)
+    assert (response.json()["entitled"], response.json()["reason"]) == (
+        False,
+        "past_due_grace_over",
+    )
+
+    # The customer pays with a working card: paid, active, entitled again.
+    stack.attach_card(customer_id, "pm_card_visa")
+    invoice = stack.subscription(subscription_id).latest_invoice
+    await asyncio.to_thread(stack.stripe.v1.invoices.pay, str(invoice))
+    await stack.settled(org_id)
+    await wait_for_status(stack.client, org_id, {BillingStatus.ACTIVE})
+    await arrived("org.billing.payment_succeeded", 2)
+    await arrived("org.billing.entitlement_changed", 2)
+    # The trial's first ($0) invoice counted as paid too; the one paid now comes after the failure.
+    types = delivered_types()
+    last_paid = len(types) - 1 - types[::-1].index("org.billing.payment_succeeded")
+    assert types.index("org.billing.payment_failed") < last_paid
+    assert stack.org(org_id).entitled and stack.org(org_id).access_until is None
+    final = await eventually(
+        lambda: asyncio.to_thread(outbox, stack, org_id),
+        lambda rows: all(r.status is NotificationStatus.DELIVERED for r in rows),
+    )
+    # Delivered once each, in the order written.
+    ids = [d.id for d in receiver.accepted() if d.body["org_id"] == org_id]
+    assert ids == [r.id for r in final]
