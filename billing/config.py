@@ -122,6 +122,13 @@ class Settings(BaseSettings):
         """`WORKER_METRICS_PORT=` (as `.env.example` has it) means no endpoint."""
         return None if isinstance(value, str) and not value.strip() else value
 
+    @field_validator("billing_notify_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("BILLING_NOTIFY_URL must be an http:// or https:// URL")
+        return value
+
     def missing_stripe_settings(self) -> list[str]:
         missing = []
         if not self.stripe_secret_key:

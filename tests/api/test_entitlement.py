@@ -4,13 +4,34 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from sqlalchemy import update
 
+from billing.config import Settings
 from billing.db.models import Org
 from billing.domain import BillingStatus, OrgBillingState, SubscriptionStatus
+from stripe_emulator.server import EmulatorServer
 from tests.api.conftest import Api
-from tests.api.support import bearer, org_workflow_with_state
+from tests.api.support import bearer, make_api_settings, org_workflow_with_state
 from tests.factories.orgs import make_org, make_org_with_member, make_user, unused_org_id
+
+SERVICE_KEY = "svc-0123456789abcdef0123456789abcdef"
+
+
+@pytest.fixture
+def api_settings(database_url: str, emulator: EmulatorServer, task_queue: str) -> Settings:
+    """The suite's API settings, with service keys (one of them ours)."""
+    return make_api_settings(
+        database_url=database_url,
+        stripe_api_base=emulator.url,
+        temporal_task_queue=task_queue,
+        billing_service_api_keys=f" svc-someone-else ,{SERVICE_KEY},",
+    )
+
+
+def _service() -> dict[str, str]:
+    return {"Authorization": f"Bearer {SERVICE_KEY}"}
+
 
 FIELDS = {"entitled", "reason", "status", "access_until", "trial_end", "grace_until"}
 
@@ -82,3 +103,14 @@ async def test_callers_who_may_not_read_it(api: Api) -> None:
     assert (await api.http.get(_url(0), headers=bearer(user.id, org.id))).status_code == 422
     missing = unused_org_id()
     assert (await api.http.get(_url(missing), headers=bearer(user.id, missing))).status_code == 403
+
+
+async def test_a_service_key_reads_any_org_and_learns_which_do_not_exist(api: Api) -> None:
+    org = make_org(api.session_factory, aws_account_id="123456789012")
+    response = await api.http.get(_url(org.id), headers=_service())
+    assert response.status_code == 200, response.text
+    assert (response.json()["entitled"], response.json()["reason"]) == (True, "not_billed")
+    missing = await api.http.get(_url(unused_org_id()), headers=_service())
+    assert missing.status_code == 404
+    near_miss = {"Authorization": f"Bearer {SERVICE_KEY[:-1]}"}
+    assert (await api.http.get(_url(org.id), headers=near_miss)).status_code == 401
