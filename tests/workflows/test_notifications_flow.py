@@ -253,6 +253,8 @@ async def test_no_grace_locks_a_past_due_org_until_it_pays(
     notify_stack: LiveStack, receiver: Receiver
 ) -> None:
     stack = notify_stack
+    # The console refuses the trial notice (a 4xx): recorded failed at once, never retried.
+    receiver.answer = lambda body: 410 if body["type"] == "org.billing.trial_will_end" else 200
     receiver.start()
     org_id, customer_id, subscription_id = await provisioned(stack)
     stack.attach_card(customer_id, "pm_card_chargeCustomerFail")
@@ -295,8 +297,14 @@ async def test_no_grace_locks_a_past_due_org_until_it_pays(
     assert stack.org(org_id).entitled and stack.org(org_id).access_until is None
     final = await eventually(
         lambda: asyncio.to_thread(outbox, stack, org_id),
-        lambda rows: all(r.status is NotificationStatus.DELIVERED for r in rows),
+        lambda rows: all(r.status is not NotificationStatus.PENDING for r in rows),
     )
-    # Delivered once each, in the order written.
+    refused = [r for r in final if r.status is NotificationStatus.FAILED]
+    assert [(r.type, r.attempts, r.last_status_code) for r in refused] == [
+        ("org.billing.trial_will_end", 1, 410)
+    ]
+    # The others delivered once each, in the order written, the refused one not holding them.
     ids = [d.id for d in receiver.accepted() if d.body["org_id"] == org_id]
-    assert ids == [r.id for r in final]
+    assert ids == [r.id for r in final if r.status is NotificationStatus.DELIVERED]
+    tried = [d.id for d in receiver.deliveries if d.body["org_id"] == org_id]
+    assert tried.count(refused[0].id) == 1
