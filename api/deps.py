@@ -200,5 +200,3 @@ async def get_org_reader(
     if claims.org_id != org_id:
         raise forbidden("This token is not valid for this organization")
     await require_member(factory, claims)
-
-
