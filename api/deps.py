@@ -11,10 +11,11 @@ a worker thread for each one on every request.
 
 from __future__ import annotations
 
+import hmac
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -219,3 +220,39 @@ async def get_billing_manager_claims(claims: ClaimsDep, factory: SessionFactoryD
 
 
 BillingManagerDep = Annotated[Claims, Depends(get_billing_manager_claims)]
+
+
+def service_key_ok(settings: Settings, presented: str) -> bool:
+    """Whether `presented` is one of `BILLING_SERVICE_API_KEYS` (comma-separated).
+
+    Compared in constant time against every key, so timing tells nothing.
+    """
+    keys = settings.billing_service_api_keys
+    if keys is None or not presented:
+        return False
+    found = False
+    for key in keys.get_secret_value().split(","):
+        key = key.strip()
+        if key and hmac.compare_digest(key.encode(), presented.encode()):
+            found = True
+    return found
+
+
+async def get_org_reader(
+    org_id: Annotated[int, Path(ge=1, le=2**31 - 1, description="The org's id")],
+    settings: SettingsDep,
+    factory: SessionFactoryDep,
+    jwks: Annotated[JwksKeys | None, Depends(get_jwks)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
+) -> None:
+    """A service key, or a member token of this org (401/403 otherwise).
+
+    For read routes the console backend calls for any org, and members call for
+    their own.
+    """
+    if credentials is not None and service_key_ok(settings, credentials.credentials):
+        return
+    claims = await get_claims(settings, factory, jwks, credentials)
+    if claims.org_id != org_id:
+        raise forbidden("This token is not valid for this organization")
+    await require_member(factory, claims)

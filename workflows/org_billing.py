@@ -54,7 +54,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from billing.search_attributes import BILLING_PROBLEM_KEY
 
-from workflows import decisions
+from workflows import decisions, notifications
 from workflows.calls import (
     Refused,
     db_activity,
@@ -82,8 +82,17 @@ USAGE_SAFETY = "usage-safety"
 # subscription is still live follows that subscription and ends it at period end,
 # rather than leaving it billing unseen under `not_billed`.
 MARKETPLACE_FRESH_RUN = "marketplace-fresh-run"
+# Entitlement on the org row and notifications to the console (the outbox), after
+# each change; the run also wakes when a grace or paid period runs out.
+NOTIFICATIONS = "notifications"
 # Every patch id, for the checks of what a history may hold in plaintext.
-PATCH_IDS = (NOT_BILLED_RECHECK, PROVABLE_ADOPTION, USAGE_SAFETY, MARKETPLACE_FRESH_RUN)
+PATCH_IDS = (
+    NOT_BILLED_RECHECK,
+    PROVABLE_ADOPTION,
+    USAGE_SAFETY,
+    MARKETPLACE_FRESH_RUN,
+    NOTIFICATIONS,
+)
 # The prefix of `last_error` for usage work (cleared when usage goes through again).
 USAGE_ERROR = "usage report"
 
@@ -107,6 +116,8 @@ class OrgBillingWorkflow:
         self._wake_to_continue = False
         # Stripe's clock at the last read of the subscription (the report time).
         self._stripe_now: datetime | None = None
+        # Whether this run publishes entitlement and notifications (`NOTIFICATIONS`).
+        self._notifying = False
 
     # Handlers: record only, the run loop acts. --------------------------------
 
@@ -131,6 +142,7 @@ class OrgBillingWorkflow:
         """Re-read from Stripe now and say what differed."""
         async with self._lock:
             diffs = await self._resync()
+            await self._publish()
         return ReconcileResult(
             org_id=self._state.org_id, differences=diffs, status=self._state.status
         )
@@ -167,6 +179,7 @@ class OrgBillingWorkflow:
     @workflow.run
     async def run(self, input: OrgBillingInput) -> None:
         self._wake_to_continue = self._safe()
+        self._notifying = workflow.patched(NOTIFICATIONS)
         self._upsert_attributes()
         if decisions.provisioning_pending(self._state):
             await self._provision_until_done()
@@ -176,7 +189,7 @@ class OrgBillingWorkflow:
             with contextlib.suppress(TimeoutError):
                 await workflow.wait_condition(
                     self._has_work,
-                    timeout=decisions.next_wake(self._state, self._tuning, workflow.now()),
+                    timeout=self._wake_after(),
                 )
             if self._continue_due():
                 continue  # the next run, started at the top, does the work
@@ -191,6 +204,7 @@ class OrgBillingWorkflow:
                     self._resync_requested = False
                     await self._kept_alive("re-sync", self._resync())
                 await self._kept_alive("usage report", self._usage_due_work(), usage=True)
+                await self._publish()
 
     def _has_work(self) -> bool:
         """What wakes the loop before its timer (signals, and periods an update found)."""
@@ -306,6 +320,7 @@ class OrgBillingWorkflow:
                 return False
             async with self._lock:
                 await self._drain_events()
+                await self._publish()
             if self._state.stripe_subscription_id:
                 return True
 
@@ -314,6 +329,7 @@ class OrgBillingWorkflow:
         self._set_status(BillingStatus.PROVISIONING)
         outcome = await unless_refused(self._provision())
         if not isinstance(outcome, Refused):
+            await self._publish()
             return True
         self._state.last_error = outcome.message
         self._set_status(BillingStatus.PROVISIONING_FAILED)
@@ -321,6 +337,7 @@ class OrgBillingWorkflow:
             "provisioning failed",
             extra={"org_id": self._state.org_id, "error": outcome.message},
         )
+        await self._publish()
         return False
 
     def _not_billed(self) -> Refused | None:
@@ -439,6 +456,10 @@ class OrgBillingWorkflow:
                 state.last_error = None
             self._upsert_attributes()
         decisions.remember(state, event, self._tuning.seen_events_limit)
+        if self._notifying:
+            notifications.queue_payment(
+                state, event, workflow.now(), self._tuning.past_due_grace_days
+            )
 
     async def _apply_event(self, event: StripeEventSignal) -> None:
         plan = decisions.plan_event(self._state, event)
@@ -464,6 +485,10 @@ class OrgBillingWorkflow:
     def _note_trial_will_end(self, trial_end: datetime | None) -> None:
         """Once per trial end, however often Stripe redelivers: the hook for a notice."""
         noted = decisions.note_trial_will_end(self._state, trial_end)
+        if noted is not None and self._notifying:
+            notifications.queue_trial_will_end(
+                self._state, noted, workflow.now(), self._tuning.past_due_grace_days
+            )
         if noted is not None:
             workflow.logger.info(
                 "trial ends soon",
@@ -662,6 +687,40 @@ class OrgBillingWorkflow:
             },
         )
         return report, sent
+
+    # Entitlement and notifications ------------------------------------------------
+
+    def _wake_after(self) -> timedelta:
+        """The run loop's timer: its usual wake, or sooner when the entitlement runs out."""
+        now = workflow.now()
+        wake = decisions.next_wake(self._state, self._tuning, now)
+        if self._notifying:
+            change = notifications.wake_for_entitlement(
+                self._state, now, self._tuning.past_due_grace_days
+            )
+            if change is not None:
+                wake = min(wake, change)
+        return wake
+
+    async def _publish(self) -> None:
+        """Write what changed (the row's entitlement, notifications to the outbox), if anything.
+
+        One DB activity; delivery to the console is the worker's own loop.
+        """
+        if not self._notifying:
+            return
+        plan = notifications.plan_publish(
+            self._state, workflow.now(), self._tuning.past_due_grace_days
+        )
+        if plan is None:
+            return
+        outcome = await unless_refused(db_activity(DbActivities.publish_billing, plan))
+        if isinstance(outcome, Refused):
+            workflow.logger.error(
+                "publishing entitlement failed", extra={**self._org(), "error": outcome.message}
+            )
+            return
+        notifications.published(self._state, plan)
 
     # Plumbing -------------------------------------------------------------------
 

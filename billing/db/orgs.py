@@ -694,3 +694,15 @@ def prune_requests(session: Session, *, before: datetime, now: datetime, limit: 
         {"before": before, "limit": limit},
     )
     return int(getattr(result, "rowcount", 0) or 0)
+
+
+def save_entitlement(
+    session: Session, org_id: int, *, entitled: bool, access_until: datetime | None
+) -> None:
+    """Write the entitlement rule's answer to the org row (the org's workflow does, on change)."""
+    session.execute(
+        update(Org)
+        .where(Org.id == org_id)
+        .values(entitled=entitled, access_until=access_until)
+        .execution_options(synchronize_session=False)
+    )

@@ -5,7 +5,7 @@ with `AUTH_JWT_USER_CLAIM=sub`); members keep it here, unique, and null for
 users the console never named.
 
 Revision ID: 0008_user_external_id
-Revises: 0004_billing_admin_role
+Revises: 0007_entitlement
 """
 
 from collections.abc import Sequence
@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0008_user_external_id"
-down_revision: str | None = "0004_billing_admin_role"
+down_revision: str | None = "0007_entitlement"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
