@@ -17,10 +17,12 @@ others until its start-to-close timeout fires.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import signal
 import sys
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
@@ -54,6 +56,7 @@ from billing.constants import (
 )
 from billing.db.session import make_engine, make_session_factory
 from billing.domain import BackfillInput
+from billing.notify import NotificationDelivery, NotifyNotConfiguredError
 from billing.orchestration import tuning_of
 from billing.stripe_budget import PostgresRequestBudget, StripeRequestMetrics
 from billing.stripe_gateway import StripeGateway, make_stripe_client
@@ -140,6 +143,7 @@ def build_workers(
             db.orgs_without_billing,
             db.plan_usage,
             db.mark_usage_sent,
+            db.publish_billing,
             starter.start_org_workflows,
         ],
         activity_executor=executor,
@@ -162,6 +166,27 @@ def build_workers(
         max_task_queue_activities_per_second=rate * DISPATCH_HEADROOM,
     )
     return [main, stripe_worker]
+
+
+@contextlib.asynccontextmanager
+async def notification_delivery(
+    settings: Settings, session_factory: sessionmaker[Session]
+) -> AsyncIterator[None]:
+    """The notifications delivery loop (billing/notify.py) while the block runs.
+
+    Only with `BILLING_NOTIFY_URL` set; it runs beside the Temporal workers and
+    never holds up their work.
+    """
+    if not settings.billing_notify_url:
+        yield
+        return
+    stop = asyncio.Event()
+    task = asyncio.create_task(NotificationDelivery(settings, session_factory).run(stop))
+    try:
+        yield
+    finally:
+        stop.set()
+        await task
 
 
 async def ensure_backfill_schedule(client: Client, settings: Settings) -> None:
@@ -191,6 +216,7 @@ async def ensure_backfill_schedule(client: Client, settings: Settings) -> None:
 async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     """Run until `stop` is set (or SIGINT/SIGTERM when run as a process)."""
     settings.require_stripe()
+    settings.require_notify()
     if settings.stripe_activities_per_second is not None:
         log.warning(
             "STRIPE_ACTIVITIES_PER_SECOND is deprecated and ignored: the worker limits "
@@ -212,10 +238,9 @@ async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -
     )
     stop = stop or asyncio.Event()
     await ensure_backfill_schedule(client, settings)
+    session_factory = make_session_factory(engine)
     with ThreadPoolExecutor(max_workers=DB_ACTIVITY_THREADS) as executor:
-        workers = build_workers(
-            client, settings, make_session_factory(engine), stripe_client, executor
-        )
+        workers = build_workers(client, settings, session_factory, stripe_client, executor)
         log.info(
             "worker started",
             extra={
@@ -227,7 +252,8 @@ async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -
             },
         )
         try:
-            await asyncio.gather(*(w.run() for w in workers), _shutdown_on(stop, workers))
+            async with notification_delivery(settings, session_factory):
+                await asyncio.gather(*(w.run() for w in workers), _shutdown_on(stop, workers))
         finally:
             await budget.close()
             engine.dispose()
@@ -254,7 +280,8 @@ def main() -> None:
     settings = get_settings()
     try:
         settings.require_stripe()
-    except StripeNotConfiguredError as err:
+        settings.require_notify()
+    except (StripeNotConfiguredError, NotifyNotConfiguredError) as err:
         print(f"Error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
     try:

@@ -20,12 +20,13 @@ from activities.models import (
     MeterEventToSend,
     OrgPage,
     PlanUsageInput,
+    PublishInput,
     SaveCustomerInput,
     SaveSubscriptionInput,
     UsagePlan,
 )
 from billing.config import Settings
-from billing.db import event_log, orgs
+from billing.db import event_log, notifications, orgs
 from billing.db.models import UsageLedger
 from billing.domain import FieldDifference, LedgerStatus, OrgProfile
 from billing.stripe_keys import meter_identifier
@@ -108,6 +109,33 @@ class DbActivities:
                 detail=refusal.reason,
             )
         log.warning("adoption refused", extra={"org_id": data.org_id, "reason": refusal.reason})
+
+    @activity.defn(name="db_publish_billing")
+    @data_errors_are_final
+    def publish_billing(self, data: PublishInput) -> int:
+        """The row's `entitled`/`access_until` (when changed) and the notifications, together.
+
+        Notifications go to the outbox only when `BILLING_NOTIFY_URL` is set; the
+        worker's delivery loop sends them. Returns how many were new (a retried
+        attempt finds its ids already there).
+        """
+        added = 0
+        with self._sessions.begin() as session:
+            if data.row_changed:
+                orgs.save_entitlement(
+                    session,
+                    data.org_id,
+                    entitled=data.published.entitled,
+                    access_until=data.published.access_until,
+                )
+            if self._settings.billing_notify_url and data.notifications:
+                added = notifications.enqueue(session, data.notifications)
+        if added:
+            log.info(
+                "notifications recorded",
+                extra={"org_id": data.org_id, "types": [n.type.value for n in data.notifications]},
+            )
+        return added
 
     @activity.defn(name="db_orgs_without_billing")
     def orgs_without_billing(self, page: OrgPage) -> list[int]:

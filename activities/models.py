@@ -4,9 +4,15 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
-from billing.domain import OrgProfile, RefusedAdoption, SubscriptionSnapshot
+from billing.domain import (
+    BillingNotification,
+    OrgProfile,
+    PublishedBilling,
+    RefusedAdoption,
+    SubscriptionSnapshot,
+)
 
 
 class EnsureSubscriptionInput(BaseModel):
@@ -95,3 +101,16 @@ class UsagePlan(BaseModel):
 
 class MarkSentInput(BaseModel):
     identifiers: list[str]
+
+
+class PublishInput(BaseModel):
+    """What the org's workflow publishes after a change: the row's entitlement, notifications.
+
+    `row_changed` says whether `entitled`/`access_until` differ from what the
+    row was last given; the notifications go to the outbox (in this order).
+    """
+
+    org_id: int
+    published: PublishedBilling
+    row_changed: bool
+    notifications: list[BillingNotification] = Field(default_factory=list)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -51,6 +52,17 @@ class Settings(BaseSettings):
     auth_jwt_audience: str = Field(default="org-billing", min_length=1, max_length=255)
     auth_jwt_issuer: str = Field(default="org-billing", min_length=1, max_length=255)
     auth_jwt_max_ttl_seconds: int = Field(default=3600, ge=60, le=86400)
+    # Tokens of the console's identity provider (billing/jwks.py): RS256/ES256 verified
+    # with the keys at this URL; their `aud`/`iss` (empty: the AUTH_JWT_ ones); the claim
+    # naming the user (`sub`: the user's external id, or `email`) and the org.
+    auth_jwks_url: str = ""
+    auth_jwks_audience: str = Field(default="", max_length=255)
+    auth_jwks_issuer: str = Field(default="", max_length=255)
+    auth_jwt_user_claim: Literal["sub", "email"] = "sub"
+    auth_jwt_org_claim: str = Field(default="org_id", min_length=1, max_length=64)
+    # Keys are kept this long, and fetched again on an unknown `kid` at most this often.
+    auth_jwks_cache_seconds: float = Field(default=300.0, ge=0, le=86400)
+    auth_jwks_refresh_seconds: float = Field(default=30.0, ge=0, le=3600)
 
     stripe_secret_key: str = ""
     stripe_webhook_secret: str = ""
@@ -88,17 +100,53 @@ class Settings(BaseSettings):
     # The environment's name: written on every customer and subscription, and part of
     # the customer lookup, idempotency keys and meter identifiers (docs/contracts.md).
     billing_source: str = Field(default="org-billing", pattern=BILLING_SOURCE_PATTERN)
+    # Customers of the implementation this one replaces carry metadata `orgId`, `orgUid`
+    # and one of these `source`s (comma-separated; empty: none recognized), and are
+    # adopted by `billing adopt` (docs/legacy-adoption.md).
+    billing_legacy_sources: str = "flotorch_console"
     # A slow client cannot hold the API: headers and each body chunk must arrive in time.
     api_header_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
     api_body_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    # The console backend's service keys (`Authorization: Bearer <key>`), comma-separated.
+    billing_service_api_keys: SecretStr | None = None
+    # Entitlement (billing/entitlement.py): a past-due org keeps access this long
+    # after its first failed payment.
+    past_due_grace_days: int = Field(default=7, ge=0, le=365)
+    # Notifications to the console (docs/notifications.md): where, signed with what
+    # (Standard Webhooks, `whsec_` + base64), and how delivery retries. Unset URL:
+    # nothing is recorded or sent.
+    billing_notify_url: str | None = None
+    billing_notify_secret: SecretStr | None = None
+    billing_notify_retry_initial_seconds: float = Field(default=30.0, gt=0, le=86400)
+    billing_notify_retry_max_seconds: float = Field(default=3600.0, gt=0, le=86400)
+    # Past this age an undelivered notification is recorded as failed (3 days).
+    billing_notify_give_up_seconds: float = Field(default=259200.0, gt=0)
+    billing_notify_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+    billing_notify_poll_seconds: float = Field(default=1.0, gt=0, le=60)
     # Emulator only: new customers are attached to this test clock (set by `billing dev`).
     stripe_test_clock: str | None = None
 
-    @field_validator("worker_metrics_port", "stripe_activities_per_second", mode="before")
+    @field_validator(
+        "worker_metrics_port",
+        "stripe_activities_per_second",
+        "billing_notify_url",
+        "billing_notify_secret",
+        mode="before",
+    )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         """`WORKER_METRICS_PORT=` (as `.env.example` has it) means no endpoint."""
         return None if isinstance(value, str) and not value.strip() else value
+
+    def legacy_sources(self) -> frozenset[str]:
+        return frozenset(p.strip() for p in self.billing_legacy_sources.split(",") if p.strip())
+
+    @field_validator("billing_notify_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("BILLING_NOTIFY_URL must be an http:// or https:// URL")
+        return value
 
     def missing_stripe_settings(self) -> list[str]:
         missing = []
@@ -124,6 +172,13 @@ class Settings(BaseSettings):
                 value = "true" if value else "false"
             values[name.upper()] = str(value)
         return values
+
+    def require_notify(self) -> None:
+        """With `BILLING_NOTIFY_URL` set, the secret must be a usable `whsec_` secret."""
+        if self.billing_notify_url:
+            from billing.notify import signer_of
+
+            signer_of(self)
 
     def require_stripe(self) -> None:
         """Fail at startup, naming the variable, instead of at the first request."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
+from typing import Any
 
 from pydantic import BaseModel, Field
 
@@ -197,6 +198,43 @@ class FailedEvent(BaseModel):
     error: str
 
 
+class NotificationType(StrEnum):
+    """What a notification to the console (`BILLING_NOTIFY_URL`) tells (docs/notifications.md)."""
+
+    STATUS_CHANGED = "org.billing.status_changed"
+    ENTITLEMENT_CHANGED = "org.billing.entitlement_changed"
+    TRIAL_WILL_END = "org.billing.trial_will_end"
+    PAYMENT_FAILED = "org.billing.payment_failed"
+    PAYMENT_SUCCEEDED = "org.billing.payment_succeeded"
+
+
+class BillingNotification(BaseModel):
+    """One notification: `id` is stable per change, so a redelivery is deduplicated."""
+
+    id: str
+    type: NotificationType
+    org_id: int
+    data: dict[str, Any] = Field(default_factory=dict)
+    created: datetime
+
+    def body(self) -> dict[str, Any]:
+        """The JSON body sent: `{"type", "org_id", "data", "created"}`."""
+        return {
+            "type": self.type.value,
+            "org_id": self.org_id,
+            "data": self.data,
+            "created": self.created.isoformat(),
+        }
+
+
+class PublishedBilling(BaseModel):
+    """What the org's row and the console were last told (the workflow compares against it)."""
+
+    status: BillingStatus
+    entitled: bool
+    access_until: datetime | None = None
+
+
 class OrgBillingState(BaseModel):
     """Everything the `OrgBilling` workflow knows; carried across continue-as-new."""
 
@@ -238,6 +276,18 @@ class OrgBillingState(BaseModel):
     marketplace_cancel_of: str | None = None
     # What needs a person, if anything: the `BillingProblem` search attribute.
     problem: BillingProblem | None = None
+    # When the workflow first saw a failed payment (past_due/unpaid), until paid:
+    # the past-due grace counts from it (billing/entitlement.py).
+    payment_failed_at: datetime | None = None
+    # The grace (`PAST_DUE_GRACE_DAYS`) the workflow decides with, for the API
+    # to give the same answer; None until the workflow first publishes.
+    past_due_grace_days: int | None = None
+    # What the org row and the console were last told, and how many changes were
+    # published (part of each change's notification id).
+    published: PublishedBilling | None = None
+    published_changes: int = 0
+    # Notices (payments, trial end) waiting to be written with the next publish.
+    pending_notifications: list[BillingNotification] = Field(default_factory=list)
 
 
 class OrgBillingTuning(BaseModel):
@@ -259,6 +309,8 @@ class OrgBillingTuning(BaseModel):
     # own suggestion applies too); small values exercise the path in tests.
     max_history_events: int = 2000
     seen_events_limit: int = 500
+    # A past-due org stays entitled this long after its first failed payment.
+    past_due_grace_days: int = 7
 
 
 class OrgBillingInput(BaseModel):

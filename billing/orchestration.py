@@ -36,6 +36,7 @@ def tuning_of(settings: Settings) -> OrgBillingTuning:
         resync_interval_seconds=settings.resync_interval_seconds,
         usage_lead_seconds=settings.usage_report_lead_seconds,
         usage_grace_seconds=settings.usage_report_grace_seconds,
+        past_due_grace_days=settings.past_due_grace_days,
     )
 
 

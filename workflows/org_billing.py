@@ -39,6 +39,7 @@ with workflow.unsafe.imports_passed_through():
         STRIPE_EVENT_SIGNAL,
     )
     from billing.domain import (
+        LIVE_SUBSCRIPTION_STATUSES,
         BillingProblem,
         BillingStatus,
         FieldDifference,
@@ -54,7 +55,7 @@ with workflow.unsafe.imports_passed_through():
     from billing.problems import current_details
     from billing.search_attributes import BILLING_PROBLEM_KEY
 
-from workflows import decisions
+from workflows import decisions, notifications
 from workflows.calls import (
     Refused,
     db_activity,
@@ -78,11 +79,25 @@ PROVABLE_ADOPTION = "provable-adoption"
 # gets its Stripe subscription ended at period end; each write of a Stripe read
 # to the org row carries a stamp; the `BillingProblem` search attribute.
 USAGE_SAFETY = "usage-safety"
+# A fresh run (after a reset) of an org that moved to AWS/Azure while its Stripe
+# subscription is still live follows that subscription and ends it at period end,
+# rather than leaving it billing unseen under `not_billed`.
+MARKETPLACE_FRESH_RUN = "marketplace-fresh-run"
+# Entitlement on the org row and notifications to the console (the outbox), after
+# each change; the run also wakes when a grace or paid period runs out.
+NOTIFICATIONS = "notifications"
 # Provisioning stopped on a refused adoption shows `adoption_refused`, not
 # `provisioning_failed` (a different fix).
 ADOPTION_PROBLEM = "problem-adoption-refused"
 # Every patch id, for the checks of what a history may hold in plaintext.
-PATCH_IDS = (NOT_BILLED_RECHECK, PROVABLE_ADOPTION, USAGE_SAFETY, ADOPTION_PROBLEM)
+PATCH_IDS = (
+    NOT_BILLED_RECHECK,
+    PROVABLE_ADOPTION,
+    USAGE_SAFETY,
+    MARKETPLACE_FRESH_RUN,
+    NOTIFICATIONS,
+    ADOPTION_PROBLEM,
+)
 # The prefix of `last_error` for usage work (cleared when usage goes through again).
 USAGE_ERROR = "usage report"
 
@@ -106,6 +121,8 @@ class OrgBillingWorkflow:
         self._wake_to_continue = False
         # Stripe's clock at the last read of the subscription (the report time).
         self._stripe_now: datetime | None = None
+        # Whether this run publishes entitlement and notifications (`NOTIFICATIONS`).
+        self._notifying = False
 
     # Handlers: record only, the run loop acts. --------------------------------
 
@@ -130,6 +147,7 @@ class OrgBillingWorkflow:
         """Re-read from Stripe now and say what differed."""
         async with self._lock:
             diffs = await self._resync()
+            await self._publish()
         return ReconcileResult(
             org_id=self._state.org_id, differences=diffs, status=self._state.status
         )
@@ -166,6 +184,7 @@ class OrgBillingWorkflow:
     @workflow.run
     async def run(self, input: OrgBillingInput) -> None:
         self._wake_to_continue = self._safe()
+        self._notifying = workflow.patched(NOTIFICATIONS)
         self._upsert_attributes()
         if decisions.provisioning_pending(self._state):
             await self._provision_until_done()
@@ -175,7 +194,7 @@ class OrgBillingWorkflow:
             with contextlib.suppress(TimeoutError):
                 await workflow.wait_condition(
                     self._has_work,
-                    timeout=decisions.next_wake(self._state, self._tuning, workflow.now()),
+                    timeout=self._wake_after(),
                 )
             if self._continue_due():
                 continue  # the next run, started at the top, does the work
@@ -190,6 +209,7 @@ class OrgBillingWorkflow:
                     self._resync_requested = False
                     await self._kept_alive("re-sync", self._resync())
                 await self._kept_alive("usage report", self._usage_due_work(), usage=True)
+                await self._publish()
 
     def _has_work(self) -> bool:
         """What wakes the loop before its timer (signals, and periods an update found)."""
@@ -305,6 +325,7 @@ class OrgBillingWorkflow:
                 return False
             async with self._lock:
                 await self._drain_events()
+                await self._publish()
             if self._state.stripe_subscription_id:
                 return True
 
@@ -313,6 +334,7 @@ class OrgBillingWorkflow:
         self._set_status(BillingStatus.PROVISIONING)
         outcome = await unless_refused(self._provision())
         if not isinstance(outcome, Refused):
+            await self._publish()
             return True
         self._state.last_error = outcome.message
         self._set_status(BillingStatus.PROVISIONING_FAILED)
@@ -320,21 +342,33 @@ class OrgBillingWorkflow:
             "provisioning failed",
             extra={"org_id": self._state.org_id, "error": outcome.message},
         )
+        await self._publish()
         return False
+
+    def _not_billed(self) -> Refused | None:
+        """Billed through a marketplace: nothing to provision (never an error)."""
+        self._state.last_error = None
+        self._set_status(BillingStatus.NOT_BILLED)
+        return None
 
     async def _provision(self) -> Refused | None:
         """Customer, then subscription; a `Refused` when the row's customer is not the org's."""
         org = await db_activity(DbActivities.load_org, self._state.org_id)
-        if org.billed_elsewhere:
-            self._state.last_error = None
-            self._set_status(BillingStatus.NOT_BILLED)
-            return None
+        # Billed elsewhere with a subscription of ours on the row: it may still be
+        # live in Stripe (the move happened while no run was watching).
+        leaving = (
+            org.billed_elsewhere
+            and bool(org.stripe_subscription_id)
+            and workflow.patched(MARKETPLACE_FRESH_RUN)
+        )
+        if org.billed_elsewhere and not leaving:
+            return self._not_billed()
         if workflow.patched(PROVABLE_ADOPTION):
             own = await stripe_activity(StripeActivities.own_customer, org)
             if own.customer_id is None:
                 reason = own.refused or "no customer"
                 await self._refuse_adoption(reason, customer_id=org.stripe_customer_id)
-                return Refused(reason)
+                return self._not_billed() if leaving else Refused(reason)
             customer_id = own.customer_id
             if customer_id != org.stripe_customer_id:
                 await db_activity(
@@ -361,12 +395,18 @@ class OrgBillingWorkflow:
                     subscription_id=org.stripe_subscription_id, customer_id=customer_id
                 ),
             )
+        if leaving and (snapshot is None or snapshot.status not in LIVE_SUBSCRIPTION_STATUSES):
+            # Nothing of ours bills any more: never subscribe a marketplace org.
+            return self._not_billed()
         if snapshot is None:
             snapshot = await stripe_activity(
                 StripeActivities.ensure_subscription,
                 EnsureSubscriptionInput(customer_id=customer_id, org=org),
             )
         await self._apply(snapshot)
+        if leaving:
+            # Its last Stripe period gets its final report; nothing after it.
+            await self._follow_marketplace(snapshot)
         self._state.last_error = None
         workflow.logger.info(
             "org provisioned", extra={"org_id": org.org_id, "subscription_id": snapshot.id}
@@ -421,6 +461,10 @@ class OrgBillingWorkflow:
                 state.last_error = None
             self._upsert_attributes()
         decisions.remember(state, event, self._tuning.seen_events_limit)
+        if self._notifying:
+            notifications.queue_payment(
+                state, event, workflow.now(), self._tuning.past_due_grace_days
+            )
 
     async def _apply_event(self, event: StripeEventSignal) -> None:
         plan = decisions.plan_event(self._state, event)
@@ -446,6 +490,10 @@ class OrgBillingWorkflow:
     def _note_trial_will_end(self, trial_end: datetime | None) -> None:
         """Once per trial end, however often Stripe redelivers: the hook for a notice."""
         noted = decisions.note_trial_will_end(self._state, trial_end)
+        if noted is not None and self._notifying:
+            notifications.queue_trial_will_end(
+                self._state, noted, workflow.now(), self._tuning.past_due_grace_days
+            )
         if noted is not None:
             workflow.logger.info(
                 "trial ends soon",
@@ -644,6 +692,40 @@ class OrgBillingWorkflow:
             },
         )
         return report, sent
+
+    # Entitlement and notifications ------------------------------------------------
+
+    def _wake_after(self) -> timedelta:
+        """The run loop's timer: its usual wake, or sooner when the entitlement runs out."""
+        now = workflow.now()
+        wake = decisions.next_wake(self._state, self._tuning, now)
+        if self._notifying:
+            change = notifications.wake_for_entitlement(
+                self._state, now, self._tuning.past_due_grace_days
+            )
+            if change is not None:
+                wake = min(wake, change)
+        return wake
+
+    async def _publish(self) -> None:
+        """Write what changed (the row's entitlement, notifications to the outbox), if anything.
+
+        One DB activity; delivery to the console is the worker's own loop.
+        """
+        if not self._notifying:
+            return
+        plan = notifications.plan_publish(
+            self._state, workflow.now(), self._tuning.past_due_grace_days
+        )
+        if plan is None:
+            return
+        outcome = await unless_refused(db_activity(DbActivities.publish_billing, plan))
+        if isinstance(outcome, Refused):
+            workflow.logger.error(
+                "publishing entitlement failed", extra={**self._org(), "error": outcome.message}
+            )
+            return
+        notifications.published(self._state, plan)
 
     # Plumbing -------------------------------------------------------------------
 

@@ -8,10 +8,12 @@ from enum import StrEnum
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     Enum,
     ForeignKey,
+    Identity,
     Index,
     Integer,
     String,
@@ -84,6 +86,12 @@ class Org(Base):
     # When the org's workflow decided the Stripe read now in the row: an older
     # read (a retried activity that woke up late) never overwrites a newer one.
     stripe_synced_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The entitlement rule's answer (billing/entitlement.py), written by the org's
+    # workflow whenever it changes: entitled until `access_until` when that is set.
+    entitled: Mapped[bool] = mapped_column(
+        Boolean, nullable=False, default=True, server_default=text("true")
+    )
+    access_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     memberships: Mapped[list[Membership]] = relationship(back_populates="org")
 
@@ -113,6 +121,8 @@ class User(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     email: Mapped[str] = mapped_column(String(320), unique=True, nullable=False)
+    # The console's own id for the user (a JWKS token's `sub`); None if never named.
+    external_id: Mapped[str | None] = mapped_column(String(255))
     first_name: Mapped[str] = mapped_column(String(255), nullable=False, default="")
     last_name: Mapped[str] = mapped_column(String(255), nullable=False, default="")
     created_at: Mapped[datetime] = mapped_column(
@@ -120,6 +130,8 @@ class User(Base):
     )
 
     memberships: Mapped[list[Membership]] = relationship(back_populates="user")
+
+    __table_args__ = (UniqueConstraint("external_id", name="uq_users_external_id"),)
 
 
 class Membership(Base):
@@ -266,3 +278,56 @@ class StripeRequestBudget(Base):
     name: Mapped[str] = mapped_column(String(255), primary_key=True)
     next_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
     paused_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class NotificationStatus(StrEnum):
+    """A notification in the outbox: `pending` until delivered, or `failed` when given up."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+class Notification(Base):
+    """The outbox of notifications to the console (docs/notifications.md).
+
+    Written by the org's workflow (the id is stable per change, so a rewrite is
+    a no-op); delivered in `position` order per org by the worker's delivery loop.
+    """
+
+    __tablename__ = "notifications"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # The order of writing: delivery follows it per org.
+    position: Mapped[int] = mapped_column(BigInteger, Identity(), nullable=False)
+    org_id: Mapped[int] = mapped_column(ForeignKey("orgs.id", ondelete="CASCADE"), nullable=False)
+    type: Mapped[str] = mapped_column(String(64), nullable=False)
+    body: Mapped[str] = mapped_column(Text, nullable=False)
+    status: Mapped[NotificationStatus] = mapped_column(
+        _string_enum(NotificationStatus, "notification_status", 16),
+        nullable=False,
+        default=NotificationStatus.PENDING,
+    )
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+    next_attempt_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (
+        UniqueConstraint("position", name="uq_notifications_position"),
+        CheckConstraint(_one_of("status", NotificationStatus), name="ck_notifications_status"),
+        Index("ix_notifications_org_position", "org_id", "position"),
+        Index(
+            "ix_notifications_pending",
+            "org_id",
+            "position",
+            postgresql_where=text("status = 'pending'"),
+        ),
+    )

@@ -133,6 +133,16 @@ def find_user(session: Session, email: str) -> User:
     return user
 
 
+def user_id_by_external_id(session: Session, external_id: str) -> int | None:
+    """The user the console names `external_id` (a JWKS token's `sub`), if any."""
+    return session.scalar(select(User.id).where(User.external_id == external_id))
+
+
+def user_id_by_email(session: Session, email: str) -> int | None:
+    """The user with this email address (compared as stored: lower case), if any."""
+    return session.scalar(select(User.id).where(User.email == email.strip().lower()))
+
+
 # Orgs --------------------------------------------------------------------------------
 
 
@@ -684,3 +694,15 @@ def prune_requests(session: Session, *, before: datetime, now: datetime, limit: 
         {"before": before, "limit": limit},
     )
     return int(getattr(result, "rowcount", 0) or 0)
+
+
+def save_entitlement(
+    session: Session, org_id: int, *, entitled: bool, access_until: datetime | None
+) -> None:
+    """Write the entitlement rule's answer to the org row (the org's workflow does, on change)."""
+    session.execute(
+        update(Org)
+        .where(Org.id == org_id)
+        .values(entitled=entitled, access_until=access_until)
+        .execution_options(synchronize_session=False)
+    )

@@ -63,3 +63,40 @@ def test_billing_admin_role_migration_up_and_down(empty_database: str) -> None:
         upgrade(empty_database)
     finally:
         engine.dispose()
+
+
+def test_entitlement_migration_up_and_down(empty_database: str) -> None:
+    """Existing orgs start entitled; the outbox keeps one row per id and comes and goes."""
+    engine = create_engine(empty_database)
+    try:
+        upgrade(empty_database, "0004_billing_admin_role")
+        with engine.begin() as conn:
+            for statement in SEED.strip().split(";\n"):
+                conn.execute(text(statement))
+        upgrade(empty_database, "0007_entitlement")
+        with engine.begin() as conn:
+            row = conn.execute(text("SELECT entitled, access_until FROM orgs")).one()
+            assert tuple(row) == (True, None)
+            insert = (
+                "INSERT INTO notifications (id, org_id, type, body, status, attempts) "
+                "VALUES (:id, 1, 'org.billing.status_changed', '{}', 'pending', 0)"
+            )
+            conn.execute(text(insert), {"id": "msg_1"})
+            conn.execute(text(insert), {"id": "msg_2"})
+            positions = conn.execute(text("SELECT position FROM notifications ORDER BY id")).all()
+            assert positions[0][0] < positions[1][0]
+        with pytest.raises(IntegrityError), engine.begin() as conn:
+            conn.execute(text(insert), {"id": "msg_1"})
+        with pytest.raises(IntegrityError), engine.begin() as conn:
+            conn.execute(text(insert.replace("'pending'", "'lost'")), {"id": "msg_3"})
+
+        downgrade(empty_database, "0004_billing_admin_role")
+        with engine.begin() as conn:
+            columns = conn.execute(
+                text("SELECT column_name FROM information_schema.columns WHERE table_name = 'orgs'")
+            ).scalars()
+            assert not {"entitled", "access_until"} & set(columns)
+            assert conn.execute(text("SELECT to_regclass('notifications')")).scalar() is None
+        upgrade(empty_database, "head")
+    finally:
+        engine.dispose()

@@ -21,7 +21,7 @@ from billing.db import orgs
 from billing.domain import BillingStatus, OrgBillingState
 from billing.orchestration import query_state
 from billing.stripe_gateway import make_stripe_client
-from worker import STRIPE_NETWORK_RETRIES, build_workers, request_budget
+from worker import STRIPE_NETWORK_RETRIES, build_workers, notification_delivery, request_budget
 
 T = TypeVar("T")
 
@@ -79,6 +79,7 @@ async def running_worker(
             stack.push_async_callback(budget.close)
             for w in workers:
                 await stack.enter_async_context(w)
+            await stack.enter_async_context(notification_delivery(settings, session_factory))
             yield
 
 

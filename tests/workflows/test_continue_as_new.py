@@ -27,6 +27,7 @@ from activities.models import (
     FetchSubscriptionInput,
     MarkSentInput,
     PlanUsageInput,
+    PublishInput,
     SaveSubscriptionInput,
     UsagePlan,
 )
@@ -74,11 +75,17 @@ def fake_activities(
     async def mark_usage_sent(data: MarkSentInput) -> None:
         return None
 
+    @activity.defn(name="db_publish_billing")
+    async def publish_billing(data: PublishInput) -> int:
+        return len(data.notifications)
+
     @activity.defn(name="stripe_fetch_subscription")
     async def fetch_subscription(data: FetchSubscriptionInput) -> SubscriptionSnapshot | None:
         return None  # nothing to apply: the event is only seen
 
-    return [load_org, save_subscription, plan_usage, mark_usage_sent], [fetch_subscription]
+    return [load_org, save_subscription, plan_usage, mark_usage_sent, publish_billing], [
+        fetch_subscription
+    ]
 
 
 def billed_state(org_id: int, now: datetime) -> OrgBillingState:
@@ -102,8 +109,17 @@ async def idle_history_length(client: Client, workflow_id: str) -> int:
         history = await client.get_workflow_handle(workflow_id).fetch_history()
         return len(history.events)
 
-    first = await eventually(length, lambda n: n > 3)
-    return await eventually(length, lambda n: n == first, interval=1.0)
+    # Settled: the same length twice in a row, a second apart.
+    seen: list[int] = []
+
+    async def steady() -> list[int]:
+        seen.append(await length())
+        return seen[-2:]
+
+    last = await eventually(
+        steady, lambda pair: len(pair) == 2 and pair[0] == pair[1] > 3, interval=1.0
+    )
+    return last[-1]
 
 
 async def latest_state(client: Client, workflow_id: str) -> OrgBillingState:

@@ -23,6 +23,7 @@ from activities.models import (
     MarkSentInput,
     OwnCustomer,
     PlanUsageInput,
+    PublishInput,
     SaveCustomerInput,
     SaveSubscriptionInput,
     UsagePlan,
@@ -89,6 +90,10 @@ class FakeBilling:
         async def mark_usage_sent(data: MarkSentInput) -> None:
             return None
 
+        @activity.defn(name="db_publish_billing")
+        async def publish_billing(data: PublishInput) -> int:
+            return len(data.notifications)
+
         @activity.defn(name="stripe_own_customer")
         async def own_customer(org: OrgProfile) -> OwnCustomer:
             return OwnCustomer(customer_id="cus_1")
@@ -107,6 +112,7 @@ class FakeBilling:
             save_subscription,
             plan_usage,
             mark_usage_sent,
+            publish_billing,
         ]
         stripe_side: list[Callable[..., Any]] = [
             own_customer,

@@ -23,7 +23,7 @@ import typer
 
 from billing.auth import AuthConfigError, check_settings
 from billing.config import StripeNotConfiguredError
-from tooling.cli import emulator, members, operations, orgs, request_log
+from tooling.cli import adopt, emulator, members, notifications, operations, orgs, request_log
 from tooling.cli.context import (
     BillingGroup,
     CliError,
@@ -47,6 +47,7 @@ app.add_typer(orgs.app, name="orgs")
 app.add_typer(members.app, name="members")
 app.add_typer(request_log.app, name="requests")
 app.add_typer(emulator.app, name="emulator")
+app.add_typer(notifications.app, name="notifications")
 
 usage_app = typer.Typer(help="Usage reporting.", no_args_is_help=True)
 usage_app.command("report")(operations.usage_report)
@@ -54,6 +55,7 @@ app.add_typer(usage_app, name="usage")
 
 app.command("provision")(operations.provision)
 app.command("backfill")(operations.backfill)
+app.command("adopt")(adopt.adopt)
 app.command("reconcile")(operations.reconcile)
 app.command("token")(operations.token)
 

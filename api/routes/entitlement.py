@@ -1,0 +1,60 @@
+"""`GET /api/orgs/{org_id}/entitlement`: whether the org may use the product, and why.
+
+One rule decides (billing/entitlement.py; the table in docs/entitlement.md),
+applied to the org workflow's live state, or to the org row (`entitled`,
+`access_until`, written by the workflow) when the workflow cannot answer.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, HTTPException, Path, status
+
+from api import store
+from api.deps import SessionFactoryDep, SettingsDep, TemporalDep, get_org_reader
+from api.errors import responses
+from api.temporal import workflow_state
+from billing import entitlement
+from billing.db import orgs
+from billing.domain import row_billing_status
+from billing.entitlement import Entitlement
+from billing.logging import bind_log_context
+
+router = APIRouter(prefix="/api/orgs", tags=["orgs"])
+
+OrgId = Annotated[int, Path(ge=1, le=2**31 - 1, description="The org's id")]
+
+
+@router.get(
+    "/{org_id}/entitlement",
+    response_model=Entitlement,
+    responses=responses(401, 403, 404, 500, 503),
+    summary="Whether an org is entitled to the product (member token or service key)",
+    dependencies=[Depends(get_org_reader)],
+)
+async def read_entitlement(
+    org_id: OrgId, settings: SettingsDep, factory: SessionFactoryDep, link: TemporalDep
+) -> Entitlement:
+    """`entitled` and its `reason`, the billing `status`, and the dates that bound access."""
+    bind_log_context(org_id=org_id)
+    org = await store.read(factory, lambda s: orgs.find_org(s, org_id))
+    if org is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail="Organization not found")
+    now = datetime.now(UTC)
+    grace_days = settings.past_due_grace_days
+    state = await workflow_state(link, org_id)
+    if state is not None:
+        return entitlement.of_state(state, now, grace_days)
+    return entitlement.of_row(
+        row_billing_status(
+            billed_elsewhere=org.billed_elsewhere,
+            stripe_subscription_id=org.stripe_subscription_id,
+            subscription_status=org.subscription_status,
+        ),
+        access_until=org.access_until,
+        subscription_end=org.subscription_end,
+        now=now,
+        grace_days=grace_days,
+    )
