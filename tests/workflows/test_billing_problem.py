@@ -192,3 +192,6 @@ async def test_the_problem_query_lists_only_running_orgs_that_need_a_person(
     found = await listed_problems(stack.client)
     assert org_workflow_id(healthy) not in found
     assert found[org_workflow_id(stuck)] == BillingProblem.ADOPTION_REFUSED
+    # The form of the query works on the same visibility store.
+    also = {wf.id async for wf in stack.client.list_workflows("BillingProblem != ''")}
+    assert org_workflow_id(stuck) in also and org_workflow_id(healthy) not in also
