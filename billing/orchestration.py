@@ -44,6 +44,13 @@ def _start_attributes(org_id: int) -> TypedSearchAttributes:
     return TypedSearchAttributes([SearchAttributePair(ORG_ID_KEY, str(org_id))])
 
 
+STATIC_DETAILS = (
+    "The one writer of org {org_id}'s billing. What it is doing, and the fix when it "
+    "is stuck, is in its current details; `billing orgs show {org_id}` prints the "
+    "same. Orgs that need a person: `BillingProblem IS NOT NULL`."
+)
+
+
 @dataclass(frozen=True)
 class StartSignal:
     """A signal sent with the start: a running workflow receives it, a new one sees it first."""
@@ -86,6 +93,10 @@ async def start_org_workflow(
         start_signal=signal.name if signal else None,
         start_signal_args=list(signal.args) if signal else [],
         search_attributes=_start_attributes(org_id),
+        # Shown by the Temporal UI on the first run (a continue-as-new does not
+        # carry it); what the org is doing is in the workflow's current details.
+        static_summary=f"Billing of org {org_id}",
+        static_details=STATIC_DETAILS.format(org_id=org_id),
     )
 
 

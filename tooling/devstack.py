@@ -40,7 +40,7 @@ from rich.table import Table
 
 from billing.auth import MIN_SECRET_BYTES
 from billing.config import Settings
-from billing.constants import ORG_BILLING_WORKFLOW
+from billing.problems import PROBLEM_ORGS_QUERY, RUNNING_ORGS_QUERY
 from tooling.home import (
     DEFAULT_HOME,
     PID_FILE,
@@ -542,21 +542,22 @@ class DevStack:
             ),
         )
         out.print(table)
-        link = self._running_orgs_link()
-        if link:
+        for what, link in self._ui_links():
             # Below the table, on one line: a folded URL cannot be clicked or copied.
-            out.print(f"Running org workflows in the Temporal UI: {link}", soft_wrap=True)
+            out.print(f"{what} in the Temporal UI: {link}", soft_wrap=True)
         if self.ready_after is not None:
             out.print(f"Ready in {self.ready_after:.1f} s. Press Ctrl-C to stop.")
 
-    def _running_orgs_link(self) -> str | None:
+    def _ui_links(self) -> list[tuple[str, str]]:
+        """The UI's workflow list on the running orgs, and on those that need a person."""
         ui = self._ui_url
         if ui is None:
-            return None
-        return workflows_link(ui, self.env_settings.temporal_namespace, RUNNING_ORGS_QUERY)
-
-
-RUNNING_ORGS_QUERY = f'ExecutionStatus="Running" AND WorkflowType="{ORG_BILLING_WORKFLOW}"'
+            return []
+        namespace = self.env_settings.temporal_namespace
+        return [
+            ("Running org workflows", workflows_link(ui, namespace, RUNNING_ORGS_QUERY)),
+            ("Orgs with a BillingProblem", workflows_link(ui, namespace, PROBLEM_ORGS_QUERY)),
+        ]
 
 
 def workflows_link(ui: str, namespace: str, query: str) -> str:

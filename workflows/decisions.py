@@ -670,6 +670,20 @@ def billing_problem(state: OrgBillingState) -> BillingProblem | None:
     return None
 
 
+def provisioning_refused(state: OrgBillingState) -> bool:
+    """Provisioning stopped on a refused adoption (the row's customer is not the org's).
+
+    The refusal it stopped on is the newest, made while provisioning (no
+    subscription, no event), and its reason is the error kept.
+    """
+    if state.status != BillingStatus.PROVISIONING_FAILED or not state.refused_adoptions:
+        return False
+    last = state.refused_adoptions[-1]
+    return (
+        last.subscription_id is None and last.event_id is None and last.reason == state.last_error
+    )
+
+
 # Search attributes ------------------------------------------------------------------
 
 

@@ -52,6 +52,7 @@ with workflow.unsafe.imports_passed_through():
         UsagePeriodReport,
         UsageReportResult,
     )
+    from billing.problems import current_details
     from billing.search_attributes import BILLING_PROBLEM_KEY
 
 from workflows import decisions, notifications
@@ -85,6 +86,9 @@ MARKETPLACE_FRESH_RUN = "marketplace-fresh-run"
 # Entitlement on the org row and notifications to the console (the outbox), after
 # each change; the run also wakes when a grace or paid period runs out.
 NOTIFICATIONS = "notifications"
+# Provisioning stopped on a refused adoption shows `adoption_refused`, not
+# `provisioning_failed` (a different fix).
+ADOPTION_PROBLEM = "problem-adoption-refused"
 # Every patch id, for the checks of what a history may hold in plaintext.
 PATCH_IDS = (
     NOT_BILLED_RECHECK,
@@ -92,6 +96,7 @@ PATCH_IDS = (
     USAGE_SAFETY,
     MARKETPLACE_FRESH_RUN,
     NOTIFICATIONS,
+    ADOPTION_PROBLEM,
 )
 # The prefix of `last_error` for usage work (cleared when usage goes through again).
 USAGE_ERROR = "usage report"
@@ -737,10 +742,14 @@ class OrgBillingWorkflow:
                 decisions.attribute_updates(wanted, self._last_attributes)
             )
             self._last_attributes = wanted
+        # Not in the history (a query answers it): the UI's one-line "current details".
+        workflow.set_current_details(current_details(self._state))
 
     def _shown_problem(self) -> BillingProblem | None:
         """The problem to show; runs recorded before `BillingProblem` existed show none."""
         problem = decisions.billing_problem(self._state)
+        if decisions.provisioning_refused(self._state) and workflow.patched(ADOPTION_PROBLEM):
+            problem = BillingProblem.ADOPTION_REFUSED
         was_shown = self._state.problem is not None
         if (problem is not None or was_shown) and self._safe():
             return problem

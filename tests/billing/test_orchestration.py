@@ -44,6 +44,12 @@ def expected(**changes: Any) -> dict[str, Any]:
         "search_attributes": TypedSearchAttributes(
             [SearchAttributePair(SearchAttributeKey.for_keyword("OrgId"), str(ORG_ID))]
         ),
+        "static_summary": f"Billing of org {ORG_ID}",
+        "static_details": (
+            f"The one writer of org {ORG_ID}'s billing. What it is doing, and the fix when it "
+            f"is stuck, is in its current details; `billing orgs show {ORG_ID}` prints the "
+            "same. Orgs that need a person: `BillingProblem IS NOT NULL`."
+        ),
         **changes,
     }
 

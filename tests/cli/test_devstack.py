@@ -170,6 +170,8 @@ def test_dev_starts_keeps_data_and_stops_every_child(dev_home: Path) -> None:
     assert "orgs show 1" in restarted and "token 1 --email ada@acme.test" in restarted
     ui = f"http://127.0.0.1:{ports[2]}/namespaces/default/workflows?query="
     assert f"Running org workflows in the Temporal UI: {ui}ExecutionStatus%3D%22Running" in fresh
+    assert f"Orgs with a BillingProblem in the Temporal UI: {ui}ExecutionStatus" in fresh
+    assert "%20AND%20BillingProblem%20IS%20NOT%20NULL\n" in fresh
 
 
 def test_dev_replaces_a_jwt_secret_too_short_for_the_api(dev_home: Path) -> None:

@@ -83,7 +83,8 @@ def test_an_advance_waits_for_no_renewal_of_a_subscription_that_ended_on_the_way
 
 
 def test_the_ready_table_suggests_creating_orgs_only_on_a_new_home() -> None:
-    from tooling.devstack import RUNNING_ORGS_QUERY, KnownOrg, try_commands, workflows_link
+    from billing.problems import PROBLEM_ORGS_QUERY, RUNNING_ORGS_QUERY
+    from tooling.devstack import KnownOrg, try_commands, workflows_link
 
     fresh = try_commands([])
     restarted = try_commands([KnownOrg(7, "Acme", "ada@acme.test"), KnownOrg(8, "Globex", None)])
@@ -95,4 +96,9 @@ def test_the_ready_table_suggests_creating_orgs_only_on_a_new_home() -> None:
     assert workflows_link("http://127.0.0.1:8233", "default", RUNNING_ORGS_QUERY) == (
         "http://127.0.0.1:8233/namespaces/default/workflows?query="
         "ExecutionStatus%3D%22Running%22%20AND%20WorkflowType%3D%22OrgBilling%22"
+    )
+    assert workflows_link("http://127.0.0.1:8233", "default", PROBLEM_ORGS_QUERY) == (
+        "http://127.0.0.1:8233/namespaces/default/workflows?query="
+        "ExecutionStatus%3D%22Running%22%20AND%20WorkflowType%3D%22OrgBilling%22"
+        "%20AND%20BillingProblem%20IS%20NOT%20NULL"
     )

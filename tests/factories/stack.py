@@ -11,10 +11,12 @@ from typing import TypeVar
 
 from sqlalchemy.orm import Session, sessionmaker
 from temporalio.api.enums.v1 import EventType
+from temporalio.api.sdk.v1 import WorkflowMetadata
 from temporalio.client import Client, WorkflowHistory
 
 from activities.stripe_activities import StripeActivities
 from billing.config import Settings
+from billing.constants import org_workflow_id
 from billing.db import orgs
 from billing.domain import BillingStatus, OrgBillingState
 from billing.orchestration import query_state
@@ -189,3 +191,12 @@ async def capture_history(
         history = await client.get_workflow_handle(workflow_id, run_id=run_id).fetch_history()
     target = Path(__file__).resolve().parent.parent / "histories" / f"{name}.json"
     target.write_text(history.to_json())
+
+
+async def current_details(client: Client, org_id: int) -> str:
+    """What the Temporal UI shows as the org workflow's current details (a query)."""
+    handle = client.get_workflow_handle(org_workflow_id(org_id))
+    metadata: WorkflowMetadata = await handle.query(
+        "__temporal_workflow_metadata", result_type=WorkflowMetadata
+    )
+    return str(metadata.current_details)

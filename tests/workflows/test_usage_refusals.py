@@ -31,10 +31,18 @@ from billing.domain import (
     SubscriptionSnapshot,
 )
 from billing.orchestration import RETRY_PROVISIONING, query_state, start_org_workflow
+from billing.problems import problem_help
 from billing.search_attributes import BILLING_PROBLEM_KEY
 from billing.stripe_gateway import MeterOutcome, StripeGateway, make_stripe_client
 from tests.factories.live import LiveStack
-from tests.factories.stack import capture_history, counted, create_org, eventually, wait_for_status
+from tests.factories.stack import (
+    capture_history,
+    counted,
+    create_org,
+    current_details,
+    eventually,
+    wait_for_status,
+)
 from tests.workflows.test_usage import (
     REQUESTS,
     USERS,
@@ -164,6 +172,9 @@ async def test_a_refused_final_report_keeps_retrying_and_makes_the_invoice_once_
         start, UTC
     )
     await eventually(lambda: shown_problem(stack, org_id), lambda shown: shown == problem.value)
+    details = await current_details(stack.client, org_id)
+    assert f"**{problem.value}** — fix: {problem_help(problem).fix_for(org_id)}" in details
+    assert "last error: usage report:" in details
     await eventually(
         lambda: listed(stack, f"BillingProblem = '{problem.value}'"),
         lambda ids: org_workflow_id(org_id) in ids,
@@ -185,6 +196,7 @@ async def test_a_refused_final_report_keeps_retrying_and_makes_the_invoice_once_
     )
     assert healed.last_error is None and healed.usage_failures == 0
     await eventually(lambda: shown_problem(stack, org_id), lambda shown: shown is None)
+    assert "problem" not in await current_details(stack.client, org_id)
     await eventually(
         lambda: listed(stack, "BillingProblem IS NOT NULL"),
         lambda ids: org_workflow_id(org_id) not in ids,
@@ -221,6 +233,7 @@ async def test_an_event_that_failed_is_kept_visible_and_applied_once_stripe_answ
     assert kept.event.event_id not in failed.seen_event_ids
     assert failed.problem is BillingProblem.EVENT_FAILED
     await eventually(lambda: shown_problem(stack, org_id), lambda shown: shown == "event_failed")
+    assert "**event_failed** — fix: " in await current_details(stack.client, org_id)
     assert stack.org(org_id).subscription_end != datetime.fromtimestamp(cancel_at, UTC)
 
     Misconfigured.failing.clear()
@@ -232,4 +245,5 @@ async def test_an_event_that_failed_is_kept_visible_and_applied_once_stripe_answ
     assert applied.last_error is None and applied.problem is None
     assert stack.org(org_id).subscription_end == datetime.fromtimestamp(cancel_at, UTC)
     await eventually(lambda: shown_problem(stack, org_id), lambda shown: shown is None)
+    assert "problem" not in await current_details(stack.client, org_id)
     await capture_history(stack.client, org_workflow_id(org_id), "event_failed_then_applied")

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import stripe
 import typer
+from temporalio.client import Client
 from temporalio.service import RPCError
 
 from billing.constants import org_workflow_id
 from billing.db import orgs
-from billing.domain import BillingStatus, OrgBillingState, UsagePeriodReport
+from billing.domain import BillingProblem, BillingStatus, OrgBillingState, UsagePeriodReport
 from billing.orchestration import start_provisioning
+from billing.problems import PROBLEM_ORGS_QUERY, problem_help
+from billing.search_attributes import BILLING_PROBLEM_KEY, BILLING_STATUS_KEY, ORG_ID_KEY
 from billing.temporal_client import TemporalUnavailableError
 from tooling.cli.context import (
     CliState,
@@ -31,6 +35,8 @@ from tooling.cli.render import (
     merged_view,
     org_document,
     orgs_table,
+    problem_document,
+    problem_orgs_table,
     state_fields,
 )
 from tooling.cli.text import safe
@@ -142,6 +148,13 @@ def list_orgs(
         str | None,
         typer.Option("--status", help="Only orgs with this status (e.g. past_due)."),
     ] = None,
+    problem: Annotated[
+        bool,
+        typer.Option(
+            "--problem",
+            help="Only orgs that need a person (BillingProblem set), with the fix for each.",
+        ),
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Every org, with its live workflow state where available (else its DB row)."""
@@ -149,6 +162,9 @@ def list_orgs(
     if status is not None and status not in known:
         fail(f"{status!r} is not a billing status; use one of {', '.join(known)}.")
     state = state_of(ctx)
+    if problem:
+        _list_problem_orgs(state, status, as_json)
+        return
     with state.session() as session:
         summaries = orgs.list_orgs(session)
     lives = run(_lives(state, [o.id for o in summaries]))
@@ -166,6 +182,65 @@ def list_orgs(
         out.print("No orgs." if not status else f"No orgs with status {status}.")
         return
     out.print(orgs_table(rows))
+
+
+@dataclass(frozen=True)
+class ProblemOrg:
+    """A running org workflow with `BillingProblem` set, as Temporal's visibility lists it."""
+
+    org_id: int
+    status: str
+    problem: BillingProblem
+
+
+async def problem_orgs(client: Client) -> list[ProblemOrg]:
+    """Every running org that needs a person, from the `BillingProblem` search attribute."""
+    found: dict[int, ProblemOrg] = {}
+    async for execution in client.list_workflows(PROBLEM_ORGS_QUERY):
+        attributes = execution.typed_search_attributes
+        org_id, code = attributes.get(ORG_ID_KEY), attributes.get(BILLING_PROBLEM_KEY)
+        known = {problem.value for problem in BillingProblem}
+        if org_id is None or not org_id.isdigit() or code is None or code not in known:
+            continue
+        status = attributes.get(BILLING_STATUS_KEY) or "-"
+        found[int(org_id)] = ProblemOrg(int(org_id), status, BillingProblem(code))
+    return [found[org_id] for org_id in sorted(found)]
+
+
+def _list_problem_orgs(state: CliState, status: str | None, as_json: bool) -> None:
+    async def listed() -> list[ProblemOrg]:
+        try:
+            client = await state.temporal()
+        except TemporalUnavailableError as error:
+            fail(f"{str(error).rstrip('.')}; `--problem` reads Temporal's visibility.")
+        try:
+            return await problem_orgs(client)
+        except RPCError as error:
+            fail(f"Temporal refused the visibility query: {error.message or error}.")
+
+    found = [o for o in run(listed()) if status is None or o.status == status]
+    with state.session() as session:
+        names = {o.id: o.name for o in orgs.list_orgs(session)}
+    if as_json:
+        print_json(
+            [
+                {
+                    "id": o.org_id,
+                    "name": names.get(o.org_id),
+                    "workflow_id": org_workflow_id(o.org_id),
+                    "status": o.status,
+                    "problem": problem_document(o.problem, o.org_id),
+                }
+                for o in found
+            ]
+        )
+        return
+    if not found:
+        out.print("No org needs a person (no running org has a BillingProblem).")
+        return
+    out.print(
+        problem_orgs_table([(o.org_id, names.get(o.org_id), o.status, o.problem) for o in found])
+    )
 
 
 @app.command("show")
@@ -205,6 +280,9 @@ def show(
                     for m in members
                 ],
                 "workflow": {"id": org_workflow_id(org_id), **live_document(live)},
+                "problem": problem_document(live.state.problem, org_id)
+                if live.state is not None and live.state.problem is not None
+                else None,
                 "last_ended_period": {
                     **ended.model_dump(mode="json"),
                     "invoice": invoice if isinstance(invoice, dict) else None,
@@ -221,6 +299,10 @@ def show(
     out.print(key_value_table("Members", {m.email: m.role for m in members}))
     if live.state is not None:
         out.print(key_value_table(f"Workflow {org_workflow_id(org_id)}", state_fields(live.state)))
+        if live.state.problem is not None:
+            help = problem_help(live.state.problem)
+            out.print(f"Problem {live.state.problem.value}: {help.means}.", soft_wrap=True)
+            out.print(f"Fix: {help.fix_for(org_id)}.", soft_wrap=True)
         if ended is not None and invoice is not None:
             out.print(key_value_table("Last ended period", ended_period_fields(ended, invoice)))
     else:

@@ -9,12 +9,14 @@ from rich.table import Table
 
 from billing.db.orgs import OrgSummary
 from billing.domain import (
+    BillingProblem,
     OrgBillingState,
     ReconcileResult,
     UsagePeriodReport,
     UsageReportResult,
     row_billing_status,
 )
+from billing.problems import problem_help
 from tooling.cli.live import Live
 from tooling.cli.text import safe
 
@@ -98,6 +100,29 @@ def orgs_table(rows: list[tuple[OrgSummary, Live]]) -> Table:
             safe(view["stripe_customer_id"] or "-"),
             safe(view["last_event"] or "-"),
             safe(view["last_error"] or ""),
+        )
+    return table
+
+
+def problem_document(problem: BillingProblem, org_id: int) -> dict[str, str]:
+    """A `BillingProblem` code with what it means and the fix for this org."""
+    help = problem_help(problem)
+    return {"code": problem.value, "means": help.means, "fix": help.fix_for(org_id)}
+
+
+def problem_orgs_table(rows: list[tuple[int, str | None, str, BillingProblem]]) -> Table:
+    """`orgs list --problem`: each org that needs a person, its code and its fix."""
+    table = Table(title="Orgs that need a person", title_justify="left")
+    table.add_column("org", overflow="fold")
+    table.add_column("status", no_wrap=True)
+    table.add_column("problem", no_wrap=True)
+    table.add_column("fix", overflow="fold")
+    for org_id, name, status, problem in rows:
+        table.add_row(
+            f"{org_id} {safe(name or '')}".rstrip(),
+            safe(status),
+            problem.value,
+            safe(problem_help(problem).fix_for(org_id)),
         )
     return table
 
