@@ -30,7 +30,8 @@ def subscription_params(catalog: Catalog, customer: str) -> SessionCreateParams:
     }
 
 
-def pay(url: str, **form: str) -> httpx.Response:
+def pay(url: str | None, **form: str) -> httpx.Response:
+    assert url is not None
     return httpx.post(url, data={"cardNumber": VISA, **form}, follow_redirects=False)
 
 
@@ -48,7 +49,7 @@ def test_subscription_session_paid_on_the_page_subscribes_the_customer(
     assert session.url == f"{emulator.url}/c/pay/{session.id}"
     assert session.mode == "subscription" and session.payment_status == "unpaid"
     assert session.subscription is None and session.allow_promotion_codes is True
-    page = httpx.get(session.url)
+    page = httpx.get(str(session.url))
     assert page.status_code == 200 and "cardNumber" in page.text and "20.00 USD" in page.text
 
     answer = pay(session.url)
@@ -58,7 +59,7 @@ def test_subscription_session_paid_on_the_page_subscribes_the_customer(
     done = client.v1.checkout.sessions.retrieve(session.id)
     assert done.status == "complete" and done.payment_status == "paid" and done.url is None
     assert done.subscription is not None
-    sub = client.v1.subscriptions.retrieve(done.subscription)
+    sub = client.v1.subscriptions.retrieve(str(done.subscription))
     assert sub.status == "active" and sub.customer == customer.id
     assert sub.to_dict()["metadata"] == {"org_id": "7", "source": "test"}
     assert [i.price.id for i in sub["items"].data] == [
@@ -122,7 +123,8 @@ def test_setup_session_attaches_the_card_with_a_setup_intent(
     pm = client.v1.payment_methods.retrieve(str(intent.payment_method))
     assert pm.customer == customer.id and pm.card is not None and pm.card.last4 == "4242"
     # As in Stripe: the card is attached, making it the default is the integration's job.
-    assert client.v1.customers.retrieve(customer.id).invoice_settings.default_payment_method is None
+    settings = client.v1.customers.retrieve(customer.id).invoice_settings
+    assert settings is not None and settings.default_payment_method is None
 
 
 def test_automatic_tax_needs_an_address_and_the_page_collects_it(
@@ -139,7 +141,7 @@ def test_automatic_tax_needs_an_address_and_the_page_collects_it(
     params["customer_update"] = {"address": "auto"}
     params["billing_address_collection"] = "required"
     session = client.v1.checkout.sessions.create(params)
-    assert "postalCode" in httpx.get(session.url).text
+    assert "postalCode" in httpx.get(str(session.url)).text
     assert pay(session.url).status_code == 402  # no address given
     assert pay(session.url, country="DE", postalCode="10115").status_code == 303
     assert client.v1.customers.retrieve(customer.id).address is not None
