@@ -95,3 +95,12 @@ class UsagePlan(BaseModel):
 
 class MarkSentInput(BaseModel):
     identifiers: list[str]
+
+
+class CheckoutCompletedInput(BaseModel):
+    """A completed Checkout Session to follow, and whose it must provably be."""
+
+    session_id: str
+    org: OrgProfile
+    # The org's customer as its workflow knows it: the session must be this one's.
+    customer_id: str
