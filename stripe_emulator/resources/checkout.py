@@ -234,6 +234,31 @@ def list_sessions(ctx: Ctx, p: Params, _: dict[str, str]) -> Obj:
     return paginate(items, p, "/v1/checkout/sessions")
 
 
+@router.add("GET", "/v1/checkout/sessions/{id}/line_items", cp.SessionListLineItemsParams)
+def list_line_items(ctx: Ctx, p: Params, path: dict[str, str]) -> Obj:
+    state = ctx.state
+    session = state.get("checkout.session", path["id"])
+    items = []
+    for index, item in enumerate(state.meta_of(session["id"]).get("line_items", [])):
+        price = copy.deepcopy(state.get("price", item["price"]))
+        amount = int(price.get("unit_amount") or 0) * int(item["quantity"] or 0)
+        items.append(
+            {
+                "id": f"li_{session['id'][8:30]}{index}",
+                "object": "item",
+                "amount_discount": 0,
+                "amount_subtotal": amount,
+                "amount_tax": 0,
+                "amount_total": amount,
+                "currency": price["currency"],
+                "description": price.get("nickname"),
+                "price": price,
+                "quantity": item["quantity"],
+            }
+        )
+    return paginate(items, p, f"/v1/checkout/sessions/{session['id']}/line_items")
+
+
 @router.add("POST", "/v1/checkout/sessions/{id}/expire", cp.SessionExpireParams)
 def expire_session(ctx: Ctx, p: Params, path: dict[str, str]) -> Obj:
     state = ctx.state
