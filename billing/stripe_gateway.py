@@ -17,6 +17,7 @@ from stripe.params import (
     CustomerCreateParams,
     SubscriptionCreateParams,
     SubscriptionCreateParamsItem,
+    SubscriptionResumeParams,
 )
 from stripe.params.billing import MeterEventCreateParams
 from stripe.params.billing_portal import ConfigurationCreateParams, SessionCreateParams
@@ -477,7 +478,8 @@ class StripeGateway:
         Proof: the session's customer is the org's, and its metadata names the
         org's `org_uid` and our `source`. A `setup` session's card becomes the
         customer's default payment method (Checkout only attaches it), so the
-        trial's end charges it.
+        trial's end charges it; a subscription a trial without a card paused
+        is resumed with it (a new period starts, its invoice charges the card).
         """
         read = await self._client.v1.checkout.sessions.retrieve_async(
             session_id, {"expand": ["setup_intent"]}
@@ -500,9 +502,19 @@ class StripeGateway:
                 {"invoice_settings": {"default_payment_method": payment_method}},
                 {"idempotency_key": f"checkout-default-card-{session_id}"},
             )
-        return CheckoutOutcome(
-            mode=mode, subscription=await self.find_live_subscription(customer_id)
-        )
+        live = await self.find_live_subscription(customer_id)
+        if mode == "setup" and payment_method and live is not None and live.status == "paused":
+            # A trial that ended without a card paused it: with the card, it goes on.
+            read_at = datetime.now(UTC)
+            # Stripe's default anchor (`now`): a new period starts with the resume.
+            resume: SubscriptionResumeParams = {"expand": ["test_clock"]}
+            resumed = await self._client.v1.subscriptions.resume_async(
+                live.id,
+                resume,
+                {"idempotency_key": f"checkout-resume-{session_id}"},
+            )
+            live = snapshot_of(resumed.to_dict(), read_at=read_at)
+        return CheckoutOutcome(mode=mode, subscription=live)
 
 
 def _id_of(value: Any) -> str | None:

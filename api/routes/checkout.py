@@ -4,7 +4,8 @@ save a card before the trial ends.
 Who manages billing (the owner, billing admins) gets one; a plain member gets
 403. The mode follows the org's subscription: ended (`canceled`,
 `incomplete_expired`) → `subscription` mode with the three prices; `trialing`
-→ `setup` mode (a card on file for the trial's end); any other live
+→ `setup` mode (a card on file for the trial's end), `paused` (a trial that
+ended without a card) → `setup` mode, and the subscription resumes; any other live
 subscription → 409, its place is the billing portal. The org's workflow links
 what the paid session gave once `checkout.session.completed` arrives.
 """
@@ -42,6 +43,9 @@ router = APIRouter(prefix="/api/payments", tags=["payments"])
 
 # Ended for good: only a new subscription bills the org again.
 ENDED_STATUSES = frozenset({SubscriptionStatus.CANCELED, SubscriptionStatus.INCOMPLETE_EXPIRED})
+# A card is what these need: in trial (before it ends), or paused by a trial that
+# ended without one (`STRIPE_TRIAL_END_BEHAVIOR=pause`; resumed once it is saved).
+SETUP_STATUSES = frozenset({SubscriptionStatus.TRIALING, SubscriptionStatus.PAUSED})
 PORTAL = "POST /api/payments/stripe/portal"
 
 
@@ -79,7 +83,7 @@ def checkout_mode(facts: BillingFacts) -> CheckoutMode | NoCheckout:
         )
     if facts.subscription_status in ENDED_STATUSES:
         return "subscription"
-    if facts.subscription_status is SubscriptionStatus.TRIALING:
+    if facts.subscription_status in SETUP_STATUSES:
         return "setup"
     shown = facts.subscription_status.value if facts.subscription_status else "unknown"
     return NoCheckout(

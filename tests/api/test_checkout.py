@@ -140,8 +140,11 @@ async def test_an_ended_subscription_gets_a_subscription_session(
     assert sub.automatic_tax.enabled is True
 
 
-async def test_a_trialing_org_gets_a_setup_session(shop: Api) -> None:
-    org_id, user_id, customer = _org(shop, SubscriptionStatus.TRIALING)
+@pytest.mark.parametrize("status", [SubscriptionStatus.TRIALING, SubscriptionStatus.PAUSED])
+async def test_a_trialing_or_paused_org_gets_a_setup_session(
+    shop: Api, status: SubscriptionStatus
+) -> None:
+    org_id, user_id, customer = _org(shop, status)
 
     answer = await shop.http.post(URL, headers=bearer(user_id, org_id))
 
@@ -197,7 +200,6 @@ async def test_no_token_is_401(shop: Api) -> None:
         SubscriptionStatus.ACTIVE,
         SubscriptionStatus.PAST_DUE,
         SubscriptionStatus.UNPAID,
-        SubscriptionStatus.PAUSED,
         SubscriptionStatus.INCOMPLETE,
     ],
 )

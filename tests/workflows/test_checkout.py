@@ -3,16 +3,22 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
+import pytest_asyncio
+import stripe
+from sqlalchemy.orm import Session, sessionmaker
+from temporalio.testing import WorkflowEnvironment
 
 from billing.constants import REPORT_USAGE_UPDATE, org_workflow_id
 from billing.domain import BillingStatus, UsageReportResult
 from billing.orchestration import query_state
+from stripe_emulator.server import EmulatorServer
 from tests.factories.checkout import CHECKOUT_URL, canceled_org, owner_headers, trialing_org
-from tests.factories.live import LiveStack
+from tests.factories.live import LiveStack, live_stack
 from tests.factories.stack import capture_history, eventually, wait_for_status
 
 pytestmark = pytest.mark.asyncio
@@ -114,3 +120,51 @@ async def test_a_session_of_another_org_is_refused(stack: LiveStack) -> None:
     )
     assert any("not provably" in r.reason for r in after.refused_adoptions)
     assert other.org_id != state.org_id
+
+
+@pytest_asyncio.fixture
+async def pausing_stack(
+    temporal_dev_env: WorkflowEnvironment,
+    emulator: EmulatorServer,
+    stripe_client: stripe.StripeClient,
+    session_factory: sessionmaker[Session],
+    database_url: str,
+    task_queue: str,
+    catalog: dict[str, str],
+) -> AsyncIterator[LiveStack]:
+    """The live stack with `STRIPE_TRIAL_END_BEHAVIOR=pause`."""
+    async with live_stack(
+        temporal_dev_env.client,
+        emulator,
+        stripe_client,
+        session_factory,
+        database_url,
+        task_queue,
+        catalog,
+        stripe_trial_end_behavior="pause",
+    ) as live:
+        yield live
+
+
+async def test_a_trial_paused_without_a_card_resumes_once_one_is_saved(
+    pausing_stack: LiveStack,
+) -> None:
+    stack = pausing_stack
+    state = await trialing_org(stack)
+    assert state.stripe_subscription_id
+    sub = stack.subscription(state.stripe_subscription_id)
+    assert sub.trial_settings.end_behavior.missing_payment_method == "pause"
+    await stack.advance(sub.trial_end + 2 * 3600)
+    await wait_for_status(stack.client, state.org_id, {BillingStatus.PAUSED})
+
+    session = await checkout(stack, state.org_id)
+    assert session["mode"] == "setup"
+    await pay(session["url"])
+
+    state = await wait_for_status(stack.client, state.org_id, {BillingStatus.ACTIVE})
+    assert state.stripe_subscription_id == sub.id
+    resumed = stack.subscription(sub.id)
+    assert resumed.status == "active"
+    assert resumed["items"].data[0].current_period_start == stack.clock_time()
+    await stack.settled(state.org_id)
+    await capture_history(stack.client, org_workflow_id(state.org_id), "checkout_resumes_paused")

@@ -33,13 +33,14 @@ def facts(status: SubscriptionStatus | None, **changes: Any) -> BillingFacts:
         (S.CANCELED, "subscription"),
         (S.INCOMPLETE_EXPIRED, "subscription"),
         (S.TRIALING, "setup"),
+        (S.PAUSED, "setup"),
     ],
 )
 def test_modes(status: SubscriptionStatus, mode: str) -> None:
     assert checkout_mode(facts(status)) == mode
 
 
-@pytest.mark.parametrize("status", [S.ACTIVE, S.PAST_DUE, S.UNPAID, S.PAUSED, S.INCOMPLETE, None])
+@pytest.mark.parametrize("status", [S.ACTIVE, S.PAST_DUE, S.UNPAID, S.INCOMPLETE, None])
 def test_live_or_unknown_subscriptions_get_no_checkout(status: SubscriptionStatus | None) -> None:
     decided = checkout_mode(facts(status))
     assert isinstance(decided, NoCheckout) and "portal" in decided.reason
