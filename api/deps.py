@@ -16,17 +16,36 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
 
 from api import store
-from api.errors import auth_not_configured, forbidden, stripe_not_configured, unauthorized
+from api.errors import (
+    auth_not_configured,
+    forbidden,
+    jwks_unavailable,
+    stripe_not_configured,
+    unauthorized,
+)
 from api.metrics import BillingMetrics
 from api.temporal import TemporalLink
 from api.webhook_store import WebhookStore
-from billing.auth import Claims, InvalidTokenError, TokenRules, decode_token
+from billing.auth import ALGORITHM, Claims, InvalidTokenError, TokenRules, decode_token
 from billing.config import Settings
 from billing.db import orgs
 from billing.domain import BILLING_MANAGER_ROLES, MembershipRole
+from billing.jwks import (
+    JWKS_ALGORITHMS,
+    ExternalClaims,
+    JwksKeys,
+    JwksRules,
+    JwksUnavailableError,
+    UserClaim,
+    decode_jwks_token,
+    token_algorithm,
+)
 from billing.stripe_gateway import StripeGateway
+
+NOT_A_MEMBER = "Not a member of this organization"
 
 
 @dataclass
@@ -39,6 +58,8 @@ class ApiServices:
     temporal: TemporalLink
     stripe: StripeGateway | None
     webhook_store: WebhookStore
+    # The identity provider's keys, when `AUTH_JWKS_URL` is set.
+    jwks: JwksKeys | None = None
 
 
 def services_of(request: Request) -> ApiServices:
@@ -105,29 +126,63 @@ bearer_scheme = HTTPBearer(
     description=(
         "HS256 JWT signed with AUTH_JWT_SECRET; claims `sub` (user id), `org_id`, `iat`, "
         "`exp` (at most AUTH_JWT_MAX_TTL_SECONDS after `iat`), `aud` (AUTH_JWT_AUDIENCE) "
-        "and `iss` (AUTH_JWT_ISSUER)."
+        "and `iss` (AUTH_JWT_ISSUER). Or, with AUTH_JWKS_URL set, an RS256/ES256 JWT of the "
+        "console's identity provider naming its key (`kid`), with `exp`, `aud`, `iss`, the "
+        "user (AUTH_JWT_USER_CLAIM: `sub` as the user's external id, or `email`) and the "
+        "org (AUTH_JWT_ORG_CLAIM, default `org_id`)."
     ),
 )
 
 
+async def get_jwks(services: _ServicesDep) -> JwksKeys | None:
+    return services.jwks
+
+
+async def _resolve_user(factory: store.SessionFactory, claims: ExternalClaims) -> Claims:
+    """The member an identity provider's token names; 403 (as for a non-member) if none."""
+
+    def lookup(session: Session) -> int | None:
+        if claims.user_claim is UserClaim.EMAIL:
+            return orgs.user_id_by_email(session, claims.user)
+        return orgs.user_id_by_external_id(session, claims.user)
+
+    user_id = await store.read(factory, lookup)
+    if user_id is None:
+        raise forbidden(NOT_A_MEMBER)
+    return Claims(user_id=user_id, org_id=claims.org_id, expires_at=claims.expires_at)
+
+
 async def get_claims(
     settings: SettingsDep,
+    factory: SessionFactoryDep,
+    jwks: Annotated[JwksKeys | None, Depends(get_jwks)],
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
 ) -> Claims:
-    """A verified token (401 otherwise); membership is checked by the route."""
-    if not settings.auth_jwt_secret:
+    """A verified token (401 otherwise; 503 if the identity provider's keys are out of
+    reach); membership is checked by the route."""
+    if not settings.auth_jwt_secret and jwks is None:
         raise auth_not_configured()
     if credentials is None:
         raise unauthorized("Missing bearer token")
+    token = credentials.credentials
     try:
-        return decode_token(TokenRules.of(settings), credentials.credentials)
+        alg = token_algorithm(token)
+        if alg in JWKS_ALGORITHMS and jwks is not None:
+            external = await decode_jwks_token(JwksRules.of(settings), jwks, token)
+            return await _resolve_user(factory, external)
+        if alg == ALGORITHM and not settings.auth_jwt_secret:
+            raise InvalidTokenError(
+                "Token algorithm is not allowed (RS256 or ES256 with AUTH_JWKS_URL)"
+            )
+        return decode_token(TokenRules.of(settings), token)
     except InvalidTokenError as err:
         raise unauthorized(err.reason) from None
+    except JwksUnavailableError as err:
+        raise jwks_unavailable(str(err)) from None
 
 
 ClaimsDep = Annotated[Claims, Depends(get_claims)]
 
-NOT_A_MEMBER = "Not a member of this organization"
 NOT_A_BILLING_MANAGER = "Only the organization's owner or a billing admin may manage billing"
 
 

@@ -51,7 +51,16 @@ def auth_not_configured() -> HTTPException:
     return problem(
         status.HTTP_500_INTERNAL_SERVER_ERROR,
         "Authentication not configured",
-        "Set AUTH_JWT_SECRET in the API's environment.",
+        "Set AUTH_JWT_SECRET (or AUTH_JWKS_URL) in the API's environment.",
+    )
+
+
+def jwks_unavailable(reason: str) -> HTTPException:
+    return problem(
+        status.HTTP_503_SERVICE_UNAVAILABLE,
+        "Identity provider unavailable",
+        f"{reason}; retry later.",
+        **{"Retry-After": "5"},
     )
 
 

@@ -35,6 +35,7 @@ from api.webhook_store import WebhookStore
 from billing.auth import AuthConfigError, check_settings
 from billing.config import Settings, get_settings
 from billing.db.session import make_engine, make_session_factory
+from billing.jwks import JwksKeys, JwksRules
 from billing.logging import log_context
 from billing.stripe_gateway import StripeGateway, make_stripe_client
 
@@ -121,7 +122,7 @@ def _check_auth(settings: Settings) -> None:
     except AuthConfigError as err:
         log.error("The API cannot start: %s", err)
         raise
-    if not settings.auth_jwt_secret:
+    if not settings.auth_jwt_secret and not settings.auth_jwks_url:
         log.warning("AUTH_JWT_SECRET is not set: the portal and billing routes will answer 500")
 
 
@@ -160,6 +161,7 @@ def create_app(
             temporal=temporal,
             stripe=_stripe_gateway(resolved, stripe_client),
             webhook_store=WebhookStore(factory),
+            jwks=JwksKeys.of(JwksRules.of(resolved)) if resolved.auth_jwks_url else None,
         )
         try:
             yield

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import re
+import secrets
 import tempfile
 import time
 import uuid
@@ -358,7 +359,7 @@ async def open_stack(revision: str = "head") -> AsyncIterator[Stack]:
                     "stripe_price_id": catalog.base_price_id,
                     "stripe_users_price_id": catalog.users_price_id,
                     "stripe_requests_price_id": catalog.requests_price_id,
-                    "auth_jwt_secret": "bench",
+                    "auth_jwt_secret": secrets.token_urlsafe(36),
                 }
             )
             # The product's own client: encrypted when BILLING_ENCRYPTION_KEYS is set.
@@ -384,13 +385,15 @@ async def running_workers(
     *,
     processes: int = 1,
     cached: int | None = None,
+    settings: Settings | None = None,
 ) -> AsyncIterator[WorkerProcesses]:
     """`processes` worker processes (`python worker.py`) sharing a budget of this many
-    Stripe requests per second; `cached` sets their workflow cache size."""
+    Stripe requests per second; `cached` sets their workflow cache size; `settings`
+    replaces the stack's (e.g. with encryption keys)."""
     with console.status(f"Starting {processes} worker process(es)…"):
         running = worker_processes(
             stack.client,
-            stack.settings,
+            settings or stack.settings,
             count=processes,
             requests_per_second=requests_per_second,
             metrics_ports=[free_port() for _ in range(processes)],

@@ -71,6 +71,11 @@ def worker_env(
         }
     )
     env.pop("STRIPE_ACTIVITIES_PER_SECOND", None)
+    # Payload encryption as the settings say (never inherited from the caller).
+    if settings.billing_encryption_keys is not None:
+        env["BILLING_ENCRYPTION_KEYS"] = settings.billing_encryption_keys.get_secret_value()
+    else:
+        env.pop("BILLING_ENCRYPTION_KEYS", None)
     if cached is not None:
         env["WORKER_MAX_CACHED_WORKFLOWS"] = str(cached)
     return env
@@ -121,6 +126,17 @@ class WorkerProcesses:
 
     def rss(self) -> list[int]:
         return [w.rss_bytes() for w in self.processes]
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the processes used so far (children included)."""
+        total = 0.0
+        for worker in self.processes:
+            try:
+                times = psutil.Process(worker.process.pid).cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            total += times.user + times.system + times.children_user + times.children_system
+        return total
 
     def sample_rss(self) -> list[int]:
         """Current RSS of each process, keeping the peak seen so far."""

@@ -52,7 +52,18 @@ def main() -> int:
         metavar="DIR",
         help="save replayable workflow histories of the run to DIR (e.g. tests/histories)",
     )
+    parser.add_argument(
+        "--encrypt",
+        action="store_true",
+        help="encrypt every workflow payload with a fresh BILLING_ENCRYPTION_KEYS "
+        "(adds the invariant that no payload is in clear)",
+    )
     args = parser.parse_args()
+    if args.encrypt and args.capture_histories is not None:
+        parser.error(
+            "--capture-histories saves histories the tests replay without a key: "
+            "run it without --encrypt"
+        )
     options = ChaosOptions(
         orgs=args.orgs,
         seed=args.seed,
@@ -62,6 +73,7 @@ def main() -> int:
         workdir=args.workdir,
         keep=args.keep,
         capture_histories=args.capture_histories,
+        encrypt=args.encrypt,
     )
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:

@@ -57,13 +57,18 @@ from _stack import (
     warnings_table,
 )
 from _workers import WorkerProcesses
+from pydantic import SecretStr
+from rich.table import Table
 from sqlalchemy import func, insert, select, text
 from sqlalchemy.orm import Session
+from temporalio.client import Client
 
 from billing.constants import REPORT_USAGE_UPDATE, org_workflow_id
 from billing.db.models import Membership, Org, RequestLog, UsageLedger, User
 from billing.domain import LedgerStatus, MembershipRole, UsageReportResult
+from billing.encryption import new_key_entry
 from billing.stripe_gateway import snapshot_of
+from billing.temporal_client import connect_client
 
 T = TypeVar("T")
 
@@ -262,16 +267,41 @@ class Cycle:
     traffic: Traffic
     accepted: int
     duplicates: int
+    worker_cpu: float = 0.0  # seconds of the worker processes' CPU over the cycle
+
+    def merged(self, other: Cycle) -> Cycle:
+        """Two cycles run one after the other, as one."""
+        return Cycle(
+            load=f"{self.load}; {other.load}",
+            metrics=MetricsDelta(
+                {
+                    k: self.metrics.samples.get(k, 0.0) + other.metrics.samples.get(k, 0.0)
+                    for k in {*self.metrics.samples, *other.metrics.samples}
+                }
+            ),
+            wall=self.wall + other.wall,
+            results=self.results + other.results,
+            latencies=self.latencies + other.latencies,
+            traffic=Traffic(self.traffic.requests + other.traffic.requests),
+            accepted=self.accepted + other.accepted,
+            duplicates=max(self.duplicates, other.duplicates),
+            worker_cpu=self.worker_cpu + other.worker_cpu,
+        )
 
 
 async def report_cycle(
-    stack: Stack, workers: WorkerProcesses, org_ids: list[int], concurrency: int
+    stack: Stack,
+    workers: WorkerProcesses,
+    org_ids: list[int],
+    concurrency: int,
+    client: Client | None = None,
 ) -> Cycle:
     """`report_usage` on every org's workflow, `concurrency` in flight, Stripe's limit on."""
     latencies: list[float] = []
+    client = client or stack.client
 
     async def report(org_id: int) -> UsageReportResult:
-        handle = stack.client.get_workflow_handle(org_workflow_id(org_id))
+        handle = client.get_workflow_handle(org_workflow_id(org_id))
         started = time.monotonic()
         result: UsageReportResult = await handle.execute_update(
             REPORT_USAGE_UPDATE, result_type=UsageReportResult
@@ -282,9 +312,11 @@ async def report_cycle(
     metrics_before = await asyncio.to_thread(workers.snapshot)
     stack.emulator.set_faults(rate_limit_per_second=STRIPE_RATE)
     before, stats_before = request_counts(stack.emulator), stat_counts(stack.emulator)
+    cpu_before = workers.cpu_seconds()
     started = time.monotonic()
     results = await gather_bounded("Reporting usage", org_ids, concurrency, report)
     wall = time.monotonic() - started
+    cpu = workers.cpu_seconds() - cpu_before
     after, stats_after = request_counts(stack.emulator), stat_counts(stack.emulator)
     stack.emulator.clear_faults()
     load = machine()
@@ -298,6 +330,7 @@ async def report_cycle(
         traffic=Traffic.between(before, after),
         accepted=stats_after["meter_events_accepted"] - stats_before["meter_events_accepted"],
         duplicates=stats_after["meter_events_duplicate"],
+        worker_cpu=cpu,
     )
 
 
@@ -369,27 +402,86 @@ async def run(args: argparse.Namespace) -> int:
             grouped_s, grouped = await asyncio.to_thread(best_time, stack, grouped_usage, periods)
             per_org_s, per_org = await asyncio.to_thread(best_time, stack, per_org_usage, periods)
 
+        # With --compare-encryption: half the orgs with plain payloads, then the
+        # other half by workers (and a client) that encrypt them, back to back.
+        half = len(org_ids) // 2 if args.compare_encryption else len(org_ids)
         async with running_workers(
             stack, args.requests_per_second, processes=args.worker_processes
         ) as workers:
             cycle = await asyncio.wait_for(
-                report_cycle(stack, workers, org_ids, args.concurrency), timeout=args.timeout
+                report_cycle(stack, workers, org_ids[:half], args.concurrency),
+                timeout=args.timeout,
             )
             warnings = workers.warnings()
             rss = workers.rss()
+        sealed: Cycle | None = None
+        if args.compare_encryption:
+            keys = SecretStr(new_key_entry("bench"))
+            enc_settings = stack.settings.model_copy(update={"billing_encryption_keys": keys})
+            enc_client = await connect_client(enc_settings)
+            async with running_workers(
+                stack,
+                args.requests_per_second,
+                processes=args.worker_processes,
+                settings=enc_settings,
+            ) as workers:
+                sealed = await asyncio.wait_for(
+                    report_cycle(
+                        stack, workers, org_ids[half:], args.concurrency, client=enc_client
+                    ),
+                    timeout=args.timeout,
+                )
+                warnings += workers.warnings()
         problems = ledger_problems(stack, grouped)
     start_of = {p.org_id: p.start for p in periods}
     problems["Updates that reported another period"] = sum(
         1 for r in cycle.results if not r.periods or r.periods[0].period_start != start_of[r.org_id]
     )
 
+    plain = cycle
+    if sealed is not None:
+        cycle = plain.merged(sealed)
     ok = report(args, grouped_s, per_org_s, grouped == per_org, cycle, problems, grouped, rss)
+    if sealed is not None:
+        console.print(encryption_table(plain, sealed))
     console.print(route_table(cycle.traffic, cycle.wall))
     console.print(time_table(cycle.metrics, TASK_QUEUE))
     table = warnings_table(warnings)
     if table is not None:
         console.print(table)
     return 0 if ok else 1
+
+
+def encryption_table(plain: Cycle, sealed: Cycle) -> Table:
+    """The cost of payload encryption: the two halves of the orgs, back to back."""
+
+    def figures(cycle: Cycle) -> tuple[float, float, float, float]:
+        lat = sorted(cycle.latencies)
+        n = max(len(cycle.results), 1)
+        return (
+            cycle.accepted / cycle.wall,
+            statistics.median(lat),
+            lat[int(0.95 * (len(lat) - 1))],
+            cycle.worker_cpu / n * 1000,
+        )
+
+    a, b = figures(plain), figures(sealed)
+    rows = [
+        ("meter events/s", fmt_rate(a[0]), fmt_rate(b[0]), f"{b[0] / a[0]:.2f}"),
+        ("Update latency p50", f"{a[1]:.1f} s", f"{b[1]:.1f} s", f"{b[1] / a[1]:.2f}"),
+        ("Update latency p95", f"{a[2]:.1f} s", f"{b[2]:.1f} s", f"{b[2] / a[2]:.2f}"),
+        ("worker CPU per Update", f"{a[3]:.1f} ms", f"{b[3]:.1f} ms", f"{b[3] / a[3]:.2f}"),
+    ]
+    table = Table(
+        title=f"Payload encryption: {len(plain.results)} orgs plain, then "
+        f"{len(sealed.results)} encrypted (AES-256-GCM), same run",
+        title_justify="left",
+    )
+    for column in ("figure", "plain", "encrypted", "encrypted / plain"):
+        table.add_column(column, justify="left" if column == "figure" else "right")
+    for row in rows:
+        table.add_row(*row)
+    return table
 
 
 def report(
@@ -402,7 +494,7 @@ def report(
     expected: Usage,
     rss: list[int],
 ) -> bool:
-    n: int = args.orgs
+    n: int = len(cycle.results)
     rps: float = args.requests_per_second
     console.print(
         report_table(
@@ -529,6 +621,12 @@ def main() -> int:
         "--worker-processes", type=int, default=1, help="worker processes (default 1)"
     )
     parser.add_argument("--concurrency", type=int, default=200, help="Updates in flight")
+    parser.add_argument(
+        "--compare-encryption",
+        action="store_true",
+        help="report half the orgs with plain payloads, then half with workers that "
+        "encrypt them (BILLING_ENCRYPTION_KEYS), and print the cost",
+    )
     parser.add_argument("--requests-per-org", type=int, default=20, help="request-log rows")
     parser.add_argument("--seed", type=int, default=7, help="random seed for the data")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per phase")

@@ -61,6 +61,7 @@ from _stack import (
     wait_with_progress,
 )
 from provisioning import create_orgs
+from pydantic import SecretStr
 from rich.table import Table
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
@@ -73,9 +74,11 @@ from billing.config import Settings
 from billing.constants import ORG_BILLING_WORKFLOW, STRIPE_EVENT_SIGNAL, org_workflow_id
 from billing.db.models import Org, StripeEventLog
 from billing.domain import OrgBillingInput, StripeEventSignal
+from billing.encryption import ENCODING, KEYS_VARIABLE, new_key_entry
 from billing.orchestration import tuning_of
 from billing.search_attributes import ORG_ID_KEY
 from billing.stripe_gateway import make_stripe_client
+from billing.temporal_client import connect_client
 from stripe_emulator.webhooks import sign
 from tooling.catalog import ensure_webhook_endpoint
 from tooling.supervise import free_port
@@ -158,20 +161,28 @@ def api_environment(settings: Settings, webhook_secret: str, home: Path) -> dict
 
 @contextlib.contextmanager
 def api_process(
-    settings: Settings, webhook_secret: str, port: int, workers: int, workdir: Path
+    settings: Settings,
+    webhook_secret: str,
+    port: int,
+    workers: int,
+    workdir: Path,
+    extra_env: dict[str, str] | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """`billing api` in its own process group, ready (GET /readyz is 200) or an error."""
     argv = [sys.executable, "-m", "tooling.cli", "api", "--host", HOST, "--port", str(port)]
     if workers != 1:
         argv += ["--workers", str(workers)]
-    log_path = workdir / "api.log"
+    log_path = workdir / f"api-{port}.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=api_environment(settings, webhook_secret, workdir / "home"),
+            env={
+                **api_environment(settings, webhook_secret, workdir / "home"),
+                **(extra_env or {}),
+            },
             cwd=workdir,
             start_new_session=True,
         )
@@ -526,11 +537,36 @@ async def signals_in_histories(client: Client, orgs: Sequence[BenchOrg]) -> Coun
             attrs = event.workflow_execution_signaled_event_attributes
             if attrs.signal_name != STRIPE_EVENT_SIGNAL:
                 continue
+            if any(p.metadata.get("encoding") == ENCODING for p in attrs.input.payloads):
+                continue  # counted by `encrypted_signals`
             [decoded] = await client.data_converter.decode(
                 attrs.input.payloads, [StripeEventSignal]
             )
             found[decoded.event_id.rsplit("_", 1)[0] + "_"] += 1
     return found
+
+
+async def encrypted_signals(
+    client: Client, orgs: Sequence[BenchOrg], prefix: str
+) -> tuple[int, int]:
+    """Signals whose event id starts with `prefix` (read with the key), and how many of
+    them the history holds encrypted (as a reader without the key sees them)."""
+    found = sealed = 0
+    for org in orgs:
+        handle = client.get_workflow_handle(org_workflow_id(org.id))
+        async for event in handle.fetch_history_events():
+            if event.event_type != EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED:
+                continue
+            attrs = event.workflow_execution_signaled_event_attributes
+            if attrs.signal_name != STRIPE_EVENT_SIGNAL:
+                continue
+            [decoded] = await client.data_converter.decode(
+                attrs.input.payloads, [StripeEventSignal]
+            )
+            if decoded.event_id.startswith(prefix):
+                found += 1
+                sealed += all(p.metadata.get("encoding") == ENCODING for p in attrs.input.payloads)
+    return found, sealed
 
 
 def logged_signalled(stack: Stack, prefix: str) -> int:
@@ -595,6 +631,10 @@ class Results:
     in_histories: tuple[int, int]  # (API, raw) signals found
     log_rows: int
     load: str
+    # With --encrypted: the same load through an API that encrypts its signals.
+    encrypted: list[tuple[Load, Load]] = field(default_factory=list)  # (plain, encrypting)
+    in_histories_encrypted: int = 0
+    sealed: int = 0  # of those signals, how many a history holds encrypted
 
     @property
     def api(self) -> Load:
@@ -659,12 +699,54 @@ async def measure(args: argparse.Namespace, stack: Stack, workdir: Path, run_id:
             console.print(
                 f"round {r + 1}: API {api_load.rate:.0f}/s, raw {raw_load.rate:.0f}/s ({machine()})"
             )
+        encrypted: list[tuple[Load, Load]] = []
+        if args.encrypted:
+            keys = new_key_entry("bench")
+            enc_port = free_port()
+            enc_api = processes.enter_context(
+                api_process(
+                    stack.settings,
+                    secret,
+                    enc_port,
+                    args.api_workers,
+                    workdir,
+                    extra_env={KEYS_VARIABLE: keys},
+                )
+            )
+            enc_meter = CpuMeter(enc_api.pid, make_url(stack.settings.database_url).database or "")
+            for r in range(args.rounds):
+                bodies = event_bodies(orgs, args.events, f"evt_{run_id}_enc{r}_")
+
+                async def sealed_api(bodies: list[bytes] = bodies) -> Load:
+                    return await post_events(enc_port, bodies, secret, args.concurrency)
+
+                # Plain again right before, so the pair meets the same histories.
+                plain_bodies = event_bodies(orgs, args.events, f"evt_{run_id}_api{r}b_")
+
+                async def plain_api(bodies: list[bytes] = plain_bodies) -> Load:
+                    return await post_events(port, bodies, secret, args.concurrency)
+
+                plain_load = await timed(meter, plain_api)
+                enc_load = await timed(enc_meter, sealed_api)
+                encrypted.append((plain_load, enc_load))
+                console.print(
+                    f"encrypted round {r + 1}: API {plain_load.rate:.0f}/s, "
+                    f"API encrypting {enc_load.rate:.0f}/s ({machine()})"
+                )
+            reader = await connect_client(
+                stack.settings.model_copy(update={"billing_encryption_keys": SecretStr(keys)})
+            )
+            found_enc, sealed = await encrypted_signals(reader, orgs, f"evt_{run_id}_enc")
+        else:
+            found_enc, sealed = 0, 0
         found = await signals_in_histories(stack.client, orgs)
         in_histories = (
             sum(n for prefix, n in found.items() if prefix.startswith(f"evt_{run_id}_api")),
             sum(n for prefix, n in found.items() if prefix.startswith(f"evt_{run_id}_raw")),
         )
-        accepted = sum(api_load.accepted for api_load, _ in rounds)
+        accepted = sum(api_load.accepted for api_load, _ in rounds) + sum(
+            plain.accepted for plain, _ in encrypted
+        )
         log_rows = await wait_for_log_rows(stack, f"evt_{run_id}_api", accepted)
     return Results(
         rounds=rounds,
@@ -672,6 +754,9 @@ async def measure(args: argparse.Namespace, stack: Stack, workdir: Path, run_id:
         in_histories=in_histories,
         log_rows=log_rows,
         load=f"{load} → {machine()}",
+        encrypted=encrypted,
+        in_histories_encrypted=found_enc,
+        sealed=sealed,
     )
 
 
@@ -718,6 +803,10 @@ def report(args: argparse.Namespace, results: Results) -> bool:
         suffix = f" (round {r + 1})" if several else ""
         table.add_row(*load_row("API over HTTP" + suffix, api_load))
         table.add_row(*load_row("raw start" + suffix, raw_load))
+    for r, (plain_load, enc_load) in enumerate(results.encrypted):
+        suffix = f" (round {r + 1})" if several else ""
+        table.add_row(*load_row("API over HTTP, again" + suffix, plain_load))
+        table.add_row(*load_row("API encrypting" + suffix, enc_load))
     if several:
         table.add_row(*load_row("API over HTTP (all)", api))
         table.add_row(*load_row("raw start (all)", raw))
@@ -729,6 +818,8 @@ def report(args: argparse.Namespace, results: Results) -> bool:
     finished = [x for x in results.rows if math.isfinite(x)]
     row_p99 = percentile(results.rows, 0.99)
     in_api, in_raw = results.in_histories
+    # Every plain API event of the run (the back-to-back ones of --encrypted too).
+    api_all = combined([a for a, _ in results.rounds] + [p for p, _ in results.encrypted])
     spread = f"rounds {ratios[0]:.2f} to {ratios[-1]:.2f}; " if several and ratios else ""
     checks = [
         (
@@ -754,8 +845,8 @@ def report(args: argparse.Namespace, results: Results) -> bool:
         ),
         (
             "acknowledged events in histories (API)",
-            f"{in_api} / {api.accepted}",
-            verdict(in_api == api.accepted),
+            f"{in_api} / {api_all.accepted}",
+            verdict(in_api == api_all.accepted),
         ),
         (
             "acknowledged starts in histories (raw)",
@@ -764,8 +855,8 @@ def report(args: argparse.Namespace, results: Results) -> bool:
         ),
         (
             "acknowledged events in stripe_events",
-            f"{results.log_rows} / {api.accepted}",
-            verdict(results.log_rows == api.accepted),
+            f"{results.log_rows} / {api_all.accepted}",
+            verdict(results.log_rows == api_all.accepted),
         ),
         (
             "refused or failed",
@@ -773,17 +864,40 @@ def report(args: argparse.Namespace, results: Results) -> bool:
             "API + raw; " + verdict(not api.refused and not raw.refused),
         ),
     ]
+    encrypted_ok = True
+    if results.encrypted:
+        plain = combined([p for p, _ in results.encrypted])
+        enc = combined([e for _, e in results.encrypted])
+        enc_ratio = enc.rate / plain.rate if plain.rate else 0.0
+        checks += [
+            (
+                "encrypting API rate / plain API rate",
+                f"{enc_ratio:.2f}",
+                f"ack p99 {ms(percentile(enc.latencies, 0.99))} vs "
+                f"{ms(percentile(plain.latencies, 0.99))} (measured back to back)",
+            ),
+            (
+                "acknowledged encrypted events in histories",
+                f"{results.in_histories_encrypted} / {enc.accepted}, "
+                f"{results.sealed} held encrypted",
+                verdict(results.in_histories_encrypted == results.sealed == enc.accepted),
+            ),
+        ]
+        encrypted_ok = (
+            results.in_histories_encrypted == results.sealed == enc.accepted and not enc.refused
+        )
     console.print(report_table("Targets and checks", checks))
     return all(
         (
             ratio >= TARGET_RATIO,
             api_p99 < TARGET_ACK_P99,
             row_p99 < TARGET_ROW_P99,
-            in_api == api.accepted,
+            in_api == api_all.accepted,
             in_raw == raw.accepted,
-            results.log_rows == api.accepted,
+            results.log_rows == api_all.accepted,
             not api.refused,
             not raw.refused,
+            encrypted_ok,
         )
     )
 
@@ -830,6 +944,12 @@ def main() -> int:
     )
     parser.add_argument(
         "--api-workers", type=positive, default=1, help="`billing api --workers N` (1)"
+    )
+    parser.add_argument(
+        "--encrypted",
+        action="store_true",
+        help="also send the load through a second API process that encrypts its signals "
+        "(BILLING_ENCRYPTION_KEYS), back to back with the plain one",
     )
     parser.add_argument(
         "--profile",

@@ -156,7 +156,8 @@ def mint_token(
     return jwt.encode(payload, rules.secret, algorithm=ALGORITHM)
 
 
-def _positive_int(value: object, claim: str) -> int:
+def positive_id(value: object, claim: str) -> int:
+    """A claim naming a row id: a positive 32-bit integer, or its decimal string."""
     if isinstance(value, bool):
         raise InvalidTokenError(f"Token claim {claim!r} is not an id")
     if isinstance(value, int):
@@ -204,8 +205,8 @@ def decode_token(rules: TokenRules, token: str) -> Claims:
         raise InvalidTokenError("Token is malformed") from err
     except jwt.InvalidTokenError as err:
         raise InvalidTokenError("Token is invalid") from err
-    expires = _timestamp(payload.get("exp"), "exp")
-    issued = _timestamp(payload.get("iat"), "iat")
+    expires = timestamp_claim(payload.get("exp"), "exp")
+    issued = timestamp_claim(payload.get("iat"), "iat")
     if issued > datetime.now(UTC) + CLOCK_SKEW:
         raise InvalidTokenError("Token claim 'iat' is in the future")
     if expires <= issued:
@@ -215,8 +216,8 @@ def decode_token(rules: TokenRules, token: str) -> Claims:
             f"Token lifetime exceeds the maximum of {int(rules.max_ttl.total_seconds())} s"
         )
     return Claims(
-        user_id=_positive_int(payload.get("sub"), "sub"),
-        org_id=_positive_int(payload.get("org_id"), "org_id"),
+        user_id=positive_id(payload.get("sub"), "sub"),
+        org_id=positive_id(payload.get("org_id"), "org_id"),
         expires_at=expires,
     )
 
@@ -225,7 +226,7 @@ def decode_token(rules: TokenRules, token: str) -> Claims:
 _LATEST_TIMESTAMP = int(datetime(9999, 12, 31, tzinfo=UTC).timestamp())
 
 
-def _timestamp(value: object, claim: str) -> datetime:
+def timestamp_claim(value: object, claim: str) -> datetime:
     """`exp`/`iat` as RFC 7519 NumericDate: an integer here (no strings, floats or booleans)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidTokenError(f"Token claim {claim!r} is not an integer timestamp")

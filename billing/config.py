@@ -53,6 +53,17 @@ class Settings(BaseSettings):
     auth_jwt_audience: str = Field(default="org-billing", min_length=1, max_length=255)
     auth_jwt_issuer: str = Field(default="org-billing", min_length=1, max_length=255)
     auth_jwt_max_ttl_seconds: int = Field(default=3600, ge=60, le=86400)
+    # Tokens of the console's identity provider (billing/jwks.py): RS256/ES256 verified
+    # with the keys at this URL; their `aud`/`iss` (empty: the AUTH_JWT_ ones); the claim
+    # naming the user (`sub`: the user's external id, or `email`) and the org.
+    auth_jwks_url: str = ""
+    auth_jwks_audience: str = Field(default="", max_length=255)
+    auth_jwks_issuer: str = Field(default="", max_length=255)
+    auth_jwt_user_claim: Literal["sub", "email"] = "sub"
+    auth_jwt_org_claim: str = Field(default="org_id", min_length=1, max_length=64)
+    # Keys are kept this long, and fetched again on an unknown `kid` at most this often.
+    auth_jwks_cache_seconds: float = Field(default=300.0, ge=0, le=86400)
+    auth_jwks_refresh_seconds: float = Field(default=30.0, ge=0, le=3600)
 
     stripe_secret_key: str = ""
     stripe_webhook_secret: str = ""
@@ -99,6 +110,10 @@ class Settings(BaseSettings):
     # The environment's name: written on every customer and subscription, and part of
     # the customer lookup, idempotency keys and meter identifiers (docs/contracts.md).
     billing_source: str = Field(default="org-billing", pattern=BILLING_SOURCE_PATTERN)
+    # Customers of the implementation this one replaces carry metadata `orgId`, `orgUid`
+    # and one of these `source`s (comma-separated; empty: none recognized), and are
+    # adopted by `billing adopt` (docs/legacy-adoption.md).
+    billing_legacy_sources: str = "flotorch_console"
     # A slow client cannot hold the API: headers and each body chunk must arrive in time.
     api_header_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
     api_body_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
@@ -119,6 +134,9 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, value: object) -> object:
         """`WORKER_METRICS_PORT=` (as `.env.example` has it) means no endpoint."""
         return None if isinstance(value, str) and not value.strip() else value
+
+    def legacy_sources(self) -> frozenset[str]:
+        return frozenset(p.strip() for p in self.billing_legacy_sources.split(",") if p.strip())
 
     def missing_stripe_settings(self) -> list[str]:
         missing = []

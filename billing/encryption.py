@@ -16,14 +16,19 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from google.protobuf.message import Message
 from temporalio.api.common.v1 import Payload
+from temporalio.api.enums.v1 import EventType
+from temporalio.api.history.v1 import HistoryEvent
+from temporalio.client import WorkflowHistory
 from temporalio.converter import PayloadCodec
 
 ENCODING = b"binary/encrypted"
@@ -148,3 +153,65 @@ class EncryptionCodec(PayloadCodec):
                 "(or the payload was altered).",
             ) from None
         return Payload.FromString(plain)
+
+
+# Reading histories as a namespace reader would -----------------------------------
+
+# Search attributes are plaintext by design (they hold no personal data).
+PLAINTEXT_FIELDS = frozenset({"search_attributes"})
+
+
+def _sealable_payloads(event: HistoryEvent, patch_ids: Collection[str]) -> Iterator[Payload]:
+    """Every payload an event carries that the codec must have sealed.
+
+    Left out: search attributes, and the markers of `workflow.patched`, which
+    Temporal writes itself with nothing but one of our patch ids.
+    """
+    if event.HasField("marker_recorded_event_attributes"):
+        details = event.marker_recorded_event_attributes.details
+        if set(details) == {"patch-data"} and all(
+            _patch_id(p) in patch_ids for p in details["patch-data"].payloads
+        ):
+            return
+    yield from payloads_in(event)
+
+
+def _patch_id(payload: Payload) -> str | None:
+    try:
+        data = json.loads(payload.data)
+    except ValueError:
+        return None
+    return str(data.get("id")) if isinstance(data, dict) else None
+
+
+def payloads_in(message: Message) -> Iterator[Payload]:
+    if isinstance(message, Payload):
+        yield message
+        return
+    for described, value in message.ListFields():
+        if described.message_type is None or described.name in PLAINTEXT_FIELDS:
+            continue
+        if described.message_type.GetOptions().map_entry:
+            items: Iterable[Message] = value.values()
+        elif isinstance(value, Message):
+            items = (value,)
+        else:
+            items = value  # a repeated field
+        for item in items:
+            yield from payloads_in(item)
+
+
+def clear_payloads(history: WorkflowHistory, patch_ids: Collection[str]) -> list[str]:
+    """Where a history holds a payload that is not encrypted (an empty list when none).
+
+    What anyone with access to the namespace reads in clear; `patch_ids` are the
+    workflow's `workflow.patched` ids, which Temporal's markers may hold.
+    """
+    found: list[str] = []
+    for event in history.events:
+        for payload in _sealable_payloads(event, patch_ids):
+            if payload.metadata.get("encoding") != ENCODING:
+                kind = payload.metadata.get("encoding", b"?").decode(errors="replace")
+                what = EventType.Name(event.event_type).removeprefix("EVENT_TYPE_").lower()
+                found.append(f"event {event.event_id} {what} ({kind})")
+    return found

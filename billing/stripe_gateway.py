@@ -142,6 +142,11 @@ def snapshot_of(sub: Mapping[str, Any], *, read_at: datetime | None = None) -> S
     )
 
 
+# The legacy implementation's customer metadata (docs/legacy-adoption.md).
+LEGACY_ORG_ID_KEY = "orgId"
+LEGACY_ORG_UID_KEY = "orgUid"
+
+
 def search_quoted(value: str) -> str:
     """A value inside single quotes of a Stripe search query."""
     return value.replace("\\", "\\\\").replace("'", "\\'")
@@ -237,13 +242,51 @@ class StripeGateway:
         if customer.get("deleted"):
             return f"customer {customer_id} is deleted in Stripe"
         metadata = customer.get("metadata") or {}
-        if self.is_the_orgs(metadata, org):
+        if self.is_the_orgs(metadata, org) or self.is_adopted_legacy_customer(metadata, org):
             return None
         return (
             f"customer {customer_id} is not provably org {org.org_id}'s: its metadata has "
             f"org_uid {str(metadata.get('org_uid'))[:40]!r} and "
             f"source {str(metadata.get('source'))[:40]!r}, the org is {org.org_uid!r} "
             f"in {self._settings.billing_source!r}"
+        )
+
+    def is_legacy_customer_of(self, metadata: Mapping[str, Any], org: OrgProfile) -> bool:
+        """The legacy implementation's customer of the org (docs/legacy-adoption.md).
+
+        `orgUid` is the org's uid, `source` one of `BILLING_LEGACY_SOURCES`, and
+        `orgId`, when present, the org's id: what `billing adopt` accepts.
+        """
+        org_id = metadata.get(LEGACY_ORG_ID_KEY)
+        return (
+            metadata.get(LEGACY_ORG_UID_KEY) == org.org_uid
+            and metadata.get("source") in self._settings.legacy_sources()
+            and (org_id is None or str(org_id) == str(org.org_id))
+        )
+
+    def is_adopted_legacy_customer(self, metadata: Mapping[str, Any], org: OrgProfile) -> bool:
+        """A legacy customer `billing adopt` took over: it added `org_uid` beside the legacy
+        `source`, after recording the usage already reported. Only then does provisioning
+        link it, so no report runs before that record is in place."""
+        return (
+            metadata.get("org_uid") == org.org_uid
+            and metadata.get("source") in self._settings.legacy_sources()
+            and self.is_legacy_customer_of(metadata, org)
+        )
+
+    async def customer_metadata(self, customer_id: str) -> dict[str, str] | None:
+        """The customer's metadata; None if Stripe has it deleted."""
+        customer = (await self._client.v1.customers.retrieve_async(customer_id)).to_dict()
+        if customer.get("deleted"):
+            return None
+        return {str(k): str(v) for k, v in (customer.get("metadata") or {}).items()}
+
+    async def add_customer_metadata(
+        self, customer_id: str, keys: Mapping[str, str], *, idempotency_key: str
+    ) -> None:
+        """Add metadata keys; Stripe merges them, every other key stays as it is."""
+        await self._client.v1.customers.update_async(
+            customer_id, {"metadata": dict(keys)}, {"idempotency_key": idempotency_key}
         )
 
     async def customer_org_id(self, customer_id: str) -> str | None:
@@ -357,6 +400,34 @@ class StripeGateway:
                 return "duplicate"
             raise
         return "sent"
+
+    async def meter_id(self, event_name: str) -> str | None:
+        """The active meter counting `event_name`, if any."""
+        meters = await self._client.v1.billing.meters.list_async({"limit": 100})
+        async for meter in meters.auto_paging_iter():
+            if meter.event_name == event_name and meter.status == "active":
+                return meter.id
+        return None
+
+    async def reported_usage(
+        self, meter_id: str, customer_id: str, start: datetime, end: datetime
+    ) -> int:
+        """What the meter holds for the customer from `start` to `end` (Stripe's summary).
+
+        Stripe wants whole minutes: the range is widened to them.
+        """
+        start_time = int(start.timestamp()) // 60 * 60
+        end_time = -(-int(end.timestamp()) // 60) * 60
+        if end_time <= start_time:
+            return 0
+        summaries = await self._client.v1.billing.meters.event_summaries.list_async(
+            meter_id,
+            {"customer": customer_id, "start_time": start_time, "end_time": end_time},
+        )
+        total = 0.0
+        async for summary in summaries.auto_paging_iter():
+            total += float(summary.aggregated_value)
+        return int(total)
 
     # Portal and webhooks -------------------------------------------------------
 

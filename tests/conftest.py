@@ -39,8 +39,8 @@ from tooling.binaries import temporal_cli_path, temporal_test_server_path
 
 
 def _psycopg_dsn(sqlalchemy_url: str) -> str:
-    return make_url(sqlalchemy_url).set(drivername="postgresql").render_as_string(
-        hide_password=False
+    return (
+        make_url(sqlalchemy_url).set(drivername="postgresql").render_as_string(hide_password=False)
     )
 
 

@@ -40,6 +40,7 @@ with workflow.unsafe.imports_passed_through():
         STRIPE_EVENT_SIGNAL,
     )
     from billing.domain import (
+        LIVE_SUBSCRIPTION_STATUSES,
         BillingProblem,
         BillingStatus,
         FieldDifference,
@@ -78,11 +79,21 @@ PROVABLE_ADOPTION = "provable-adoption"
 # gets its Stripe subscription ended at period end; each write of a Stripe read
 # to the org row carries a stamp; the `BillingProblem` search attribute.
 USAGE_SAFETY = "usage-safety"
+# A fresh run (after a reset) of an org that moved to AWS/Azure while its Stripe
+# subscription is still live follows that subscription and ends it at period end,
+# rather than leaving it billing unseen under `not_billed`.
+MARKETPLACE_FRESH_RUN = "marketplace-fresh-run"
 # `checkout.session.completed`: the session is re-read and, proven the org's,
 # its subscription linked (or its card made the customer's default).
 CHECKOUT = "checkout"
 # Every patch id, for the checks of what a history may hold in plaintext.
-PATCH_IDS = (NOT_BILLED_RECHECK, PROVABLE_ADOPTION, USAGE_SAFETY, CHECKOUT)
+PATCH_IDS = (
+    NOT_BILLED_RECHECK,
+    PROVABLE_ADOPTION,
+    USAGE_SAFETY,
+    MARKETPLACE_FRESH_RUN,
+    CHECKOUT,
+)
 # The prefix of `last_error` for usage work (cleared when usage goes through again).
 USAGE_ERROR = "usage report"
 
@@ -322,19 +333,30 @@ class OrgBillingWorkflow:
         )
         return False
 
+    def _not_billed(self) -> Refused | None:
+        """Billed through a marketplace: nothing to provision (never an error)."""
+        self._state.last_error = None
+        self._set_status(BillingStatus.NOT_BILLED)
+        return None
+
     async def _provision(self) -> Refused | None:
         """Customer, then subscription; a `Refused` when the row's customer is not the org's."""
         org = await db_activity(DbActivities.load_org, self._state.org_id)
-        if org.billed_elsewhere:
-            self._state.last_error = None
-            self._set_status(BillingStatus.NOT_BILLED)
-            return None
+        # Billed elsewhere with a subscription of ours on the row: it may still be
+        # live in Stripe (the move happened while no run was watching).
+        leaving = (
+            org.billed_elsewhere
+            and bool(org.stripe_subscription_id)
+            and workflow.patched(MARKETPLACE_FRESH_RUN)
+        )
+        if org.billed_elsewhere and not leaving:
+            return self._not_billed()
         if workflow.patched(PROVABLE_ADOPTION):
             own = await stripe_activity(StripeActivities.own_customer, org)
             if own.customer_id is None:
                 reason = own.refused or "no customer"
                 await self._refuse_adoption(reason, customer_id=org.stripe_customer_id)
-                return Refused(reason)
+                return self._not_billed() if leaving else Refused(reason)
             customer_id = own.customer_id
             if customer_id != org.stripe_customer_id:
                 await db_activity(
@@ -361,12 +383,18 @@ class OrgBillingWorkflow:
                     subscription_id=org.stripe_subscription_id, customer_id=customer_id
                 ),
             )
+        if leaving and (snapshot is None or snapshot.status not in LIVE_SUBSCRIPTION_STATUSES):
+            # Nothing of ours bills any more: never subscribe a marketplace org.
+            return self._not_billed()
         if snapshot is None:
             snapshot = await stripe_activity(
                 StripeActivities.ensure_subscription,
                 EnsureSubscriptionInput(customer_id=customer_id, org=org),
             )
         await self._apply(snapshot)
+        if leaving:
+            # Its last Stripe period gets its final report; nothing after it.
+            await self._follow_marketplace(snapshot)
         self._state.last_error = None
         workflow.logger.info(
             "org provisioned", extra={"org_id": org.org_id, "subscription_id": snapshot.id}

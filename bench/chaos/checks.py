@@ -502,9 +502,7 @@ class Checker:
         check = Invariant("orgs billed through Stripe and a marketplace at once")
         with self.sessions() as session:
             elsewhere = set(
-                session.scalars(
-                    select(Org.id).where(Org.id.in_(self.orgs), Org.billed_elsewhere)
-                )
+                session.scalars(select(Org.id).where(Org.id.in_(self.orgs), Org.billed_elsewhere))
             )
         moved = {org_id: plan for org_id, plan in self.orgs.items() if org_id in elsewhere}
         for sub in world.subscriptions:

@@ -55,6 +55,7 @@ def _signal_types(history: WorkflowHistory) -> set[str]:
 
 
 async def _replays(history: WorkflowHistory) -> bool:
+    # Saved histories are replayed by the tests without any key: never encrypted ones.
     replayer = Replayer(workflows=ALL_WORKFLOWS, data_converter=pydantic_data_converter)
     try:
         await replayer.replay_workflow(history)

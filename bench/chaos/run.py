@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import shutil
 import tempfile
@@ -19,8 +20,10 @@ from temporalio.runtime import LoggingConfig, Runtime, TelemetryConfig, Telemetr
 from billing.auth import TokenRules
 from billing.config import Settings
 from billing.db.session import make_engine, make_session_factory
+from billing.encryption import KEYS_VARIABLE, new_key_entry
 from billing.temporal_client import TemporalConfigError, TemporalUnavailableError, connect_client
 
+from . import encryption
 from .checks import Checker
 from .faults import PLANS, EmulatorControl, FaultInjector
 from .metrics import RssSampler, WebhookLatency
@@ -46,6 +49,8 @@ class ChaosOptions:
     workdir: Path | None = None
     keep: bool = False
     capture_histories: Path | None = None
+    # Every process encrypts workflow payloads with a fresh key; one more invariant.
+    encrypt: bool = False
 
 
 def _quiet_runtime() -> Runtime:
@@ -86,6 +91,10 @@ async def _run(options: ChaosOptions, say: Say) -> Report:
     workdir.mkdir(parents=True, exist_ok=True)
     say(f"chaos month: {options.orgs} orgs, seed {options.seed}, faults {options.faults}")
     say(f"work folder (logs, Temporal and emulator state): {workdir}")
+    if options.encrypt:
+        # Read by every child of the stack and by the harness's client below.
+        os.environ[KEYS_VARIABLE] = new_key_entry("chaos")
+        say(f"payloads encrypted: {KEYS_VARIABLE} set for every process")
     database = await asyncio.to_thread(create_database, workdir)
     stack = Stack(workdir, database)
     engine = make_engine(database.url, pool_size=5)
@@ -167,6 +176,8 @@ async def _run(options: ChaosOptions, say: Say) -> Report:
             source=stack.values["BILLING_SOURCE"],
         )
         report.invariants = await checker.run()
+        if options.encrypt:
+            report.invariants.append(await encryption.check(client, checker.executions))
         p99, p50 = latency.quantile(0.99), latency.quantile(0.5)
         events = after.get("events_emitted", 0) - before.get("events_emitted", 0)
         hooks = after["webhooks"].get("attempted", 0) - before["webhooks"].get("attempted", 0)

@@ -113,6 +113,8 @@ class User(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     email: Mapped[str] = mapped_column(String(320), unique=True, nullable=False)
+    # The console's own id for the user (a JWKS token's `sub`); None if never named.
+    external_id: Mapped[str | None] = mapped_column(String(255))
     first_name: Mapped[str] = mapped_column(String(255), nullable=False, default="")
     last_name: Mapped[str] = mapped_column(String(255), nullable=False, default="")
     created_at: Mapped[datetime] = mapped_column(
@@ -120,6 +122,8 @@ class User(Base):
     )
 
     memberships: Mapped[list[Membership]] = relationship(back_populates="user")
+
+    __table_args__ = (UniqueConstraint("external_id", name="uq_users_external_id"),)
 
 
 class Membership(Base):

@@ -133,6 +133,16 @@ def find_user(session: Session, email: str) -> User:
     return user
 
 
+def user_id_by_external_id(session: Session, external_id: str) -> int | None:
+    """The user the console names `external_id` (a JWKS token's `sub`), if any."""
+    return session.scalar(select(User.id).where(User.external_id == external_id))
+
+
+def user_id_by_email(session: Session, email: str) -> int | None:
+    """The user with this email address (compared as stored: lower case), if any."""
+    return session.scalar(select(User.id).where(User.email == email.strip().lower()))
+
+
 # Orgs --------------------------------------------------------------------------------
 
 

@@ -204,6 +204,8 @@ def test_a_stale_read_never_overwrites_a_newer_one(
     assert {d.field for d in again} == {"subscription_status", "subscription_end"}
     with session_factory() as session:
         assert orgs.get_org(session, org_id).subscription_status == "active"
+
+
 def test_roles_are_owner_billing_admin_and_member_with_exactly_one_owner(
     session_factory: sessionmaker[Session],
 ) -> None:
@@ -241,6 +243,8 @@ def test_only_member_and_billing_admin_can_be_granted(
             orgs.add_member(session, org_id, "eve@grant.test", role=role)  # type: ignore[arg-type]
         members = [m.email for m in orgs.list_members(session, org_id)]
         assert members == [f"owner@grant-{role}.test"]
+
+
 def test_routing_facts_answer_each_pair_in_order_with_one_statement(
     session_factory: sessionmaker[Session],
 ) -> None:

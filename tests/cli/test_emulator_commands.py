@@ -37,8 +37,9 @@ def test_advance_moves_the_clock_forward_only(
 
 
 def test_advance_needs_a_clock(invoke: Invoke, emulator: EmulatorServer) -> None:
-    result = invoke("emulator", "advance", "--to", "2030-01-15T00:00:00Z",
-                    env=_stripe_env(emulator))
+    result = invoke(
+        "emulator", "advance", "--to", "2030-01-15T00:00:00Z", env=_stripe_env(emulator)
+    )
 
     assert_clean_error(result, "STRIPE_TEST_CLOCK")
 
@@ -50,11 +51,11 @@ def test_card_sets_the_default_payment_method(
     session_factory: sessionmaker[Session],
 ) -> None:
     org = json.loads(
-        invoke("orgs", "create", "--name", "Acme", "--owner-email", "ada@acme.test",
-               "--json").stdout
+        invoke(
+            "orgs", "create", "--name", "Acme", "--owner-email", "ada@acme.test", "--json"
+        ).stdout
     )["org"]
-    no_customer = invoke("emulator", "card", str(org["id"]), "--failing",
-                         env=_stripe_env(emulator))
+    no_customer = invoke("emulator", "card", str(org["id"]), "--failing", env=_stripe_env(emulator))
     customer = stripe_client.v1.customers.create({"email": "ada@acme.test"})
     with session_factory.begin() as session:
         row = session.get(Org, org["id"])
@@ -65,8 +66,9 @@ def test_card_sets_the_default_payment_method(
     after_failing = stripe_client.v1.customers.retrieve(customer.id)
     working = invoke("emulator", "card", str(org["id"]), "--working", env=_stripe_env(emulator))
     after_working = stripe_client.v1.customers.retrieve(customer.id)
-    both = invoke("emulator", "card", str(org["id"]), "--working", "--failing",
-                  env=_stripe_env(emulator))
+    both = invoke(
+        "emulator", "card", str(org["id"]), "--working", "--failing", env=_stripe_env(emulator)
+    )
 
     assert_clean_error(no_customer, "has no Stripe customer yet")
     assert failing.exit_code == 0, failing.output
@@ -82,11 +84,22 @@ def test_card_sets_the_default_payment_method(
 def test_setup_prints_settings_and_is_idempotent(
     invoke: Invoke, emulator: EmulatorServer, stripe_client: stripe.StripeClient
 ) -> None:
-    first = invoke("emulator", "setup", "--webhook-url", "http://api:8000/api/webhooks/stripe",
-                   "--json", env=_stripe_env(emulator))
+    first = invoke(
+        "emulator",
+        "setup",
+        "--webhook-url",
+        "http://api:8000/api/webhooks/stripe",
+        "--json",
+        env=_stripe_env(emulator),
+    )
     values = json.loads(first.stdout)
-    again = invoke("emulator", "setup", "--webhook-url", "http://api:8000/api/webhooks/stripe",
-                   env=_stripe_env(emulator, STRIPE_WEBHOOK_SECRET=values["STRIPE_WEBHOOK_SECRET"]))
+    again = invoke(
+        "emulator",
+        "setup",
+        "--webhook-url",
+        "http://api:8000/api/webhooks/stripe",
+        env=_stripe_env(emulator, STRIPE_WEBHOOK_SECRET=values["STRIPE_WEBHOOK_SECRET"]),
+    )
 
     assert first.exit_code == 0, first.output
     assert values["STRIPE_WEBHOOK_SECRET"].startswith("whsec_")

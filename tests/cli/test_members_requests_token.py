@@ -41,15 +41,19 @@ def _org(invoke: Invoke, name: str = "Acme", email: str = "ada@acme.test") -> in
 def test_add_and_remove_a_member(invoke: Invoke) -> None:
     org_id = _org(invoke)
 
-    added = invoke("members", "add", str(org_id), "--email", "Grace@Acme.test", "--name",
-                   "Grace Hopper")
+    added = invoke(
+        "members", "add", str(org_id), "--email", "Grace@Acme.test", "--name", "Grace Hopper"
+    )
     removed = invoke("members", "remove", str(org_id), "--email", "grace@acme.test", "--json")
 
     assert added.exit_code == 0, added.output
     assert "grace@acme.test" in added.stdout and "2 members" in added.stdout
     assert removed.exit_code == 0, removed.output
     assert json.loads(removed.stdout) == {
-        "org_id": org_id, "email": "grace@acme.test", "removed": True, "members": 1,
+        "org_id": org_id,
+        "email": "grace@acme.test",
+        "removed": True,
+        "members": 1,
     }
 
 
@@ -92,21 +96,34 @@ def _role(session_factory: sessionmaker[Session], org_id: int, email: str) -> st
 def test_add_a_billing_admin(invoke: Invoke, session_factory: sessionmaker[Session]) -> None:
     org_id = _org(invoke)
 
-    admin = invoke("members", "add", str(org_id), "--email", "bill@acme.test",
-                   "--role", "billing_admin", "--json")
+    admin = invoke(
+        "members",
+        "add",
+        str(org_id),
+        "--email",
+        "bill@acme.test",
+        "--role",
+        "billing_admin",
+        "--json",
+    )
     plain = invoke("members", "add", str(org_id), "--email", "pat@acme.test")
     shown = invoke("orgs", "show", str(org_id), "--json")
 
     assert admin.exit_code == 0, admin.output
     assert json.loads(admin.stdout) == {
-        "org_id": org_id, "email": "bill@acme.test", "role": "billing_admin", "members": 2,
+        "org_id": org_id,
+        "email": "bill@acme.test",
+        "role": "billing_admin",
+        "members": 2,
     }
     assert plain.exit_code == 0 and "as member" in plain.stdout
     assert _role(session_factory, org_id, "bill@acme.test") == "billing_admin"
     assert _role(session_factory, org_id, "pat@acme.test") == "member"
     roles = {m["email"]: m["role"] for m in json.loads(shown.stdout)["members"]}
     assert roles == {
-        "ada@acme.test": "owner", "bill@acme.test": "billing_admin", "pat@acme.test": "member",
+        "ada@acme.test": "owner",
+        "bill@acme.test": "billing_admin",
+        "pat@acme.test": "member",
     }
 
 
@@ -178,10 +195,12 @@ def test_member_errors_name_what_is_missing(invoke: Invoke) -> None:
 def test_record_requests_at_a_time(invoke: Invoke, session_factory: sessionmaker[Session]) -> None:
     org_id = _org(invoke)
 
-    first = invoke("requests", "record", str(org_id), "--count", "5",
-                   "--at", "2025-03-01T10:00:00+02:00")
-    naive = invoke("requests", "record", str(org_id), "--count", "7",
-                   "--at", "2025-03-02T10:00:00", "--json")
+    first = invoke(
+        "requests", "record", str(org_id), "--count", "5", "--at", "2025-03-01T10:00:00+02:00"
+    )
+    naive = invoke(
+        "requests", "record", str(org_id), "--count", "7", "--at", "2025-03-02T10:00:00", "--json"
+    )
     now = invoke("requests", "record", str(org_id), "--count", "1")
 
     assert first.exit_code == 0, first.output
@@ -223,12 +242,8 @@ def test_record_requests_a_duration_ago_on_the_test_clock(
 def test_record_requests_refuses_bad_input(invoke: Invoke) -> None:
     org_id = _org(invoke)
 
-    assert_clean_error(
-        invoke("requests", "record", str(org_id), "--count", "0"), "at least 1"
-    )
-    assert_clean_error(
-        invoke("requests", "record", str(org_id), "--count", "-3"), "at least 1"
-    )
+    assert_clean_error(invoke("requests", "record", str(org_id), "--count", "0"), "at least 1")
+    assert_clean_error(invoke("requests", "record", str(org_id), "--count", "-3"), "at least 1")
     assert_clean_error(
         invoke("requests", "record", str(org_id), "--count", "2", "--at", "yesterday"),
         "not an ISO 8601 time",
@@ -284,16 +299,21 @@ def test_token_carries_audience_issuer_and_a_bounded_lifetime(invoke: Invoke) ->
     }
 
     default = invoke("token", str(org_id), "--email", "ada@acme.test", env=env)
-    short = invoke("token", str(org_id), "--email", "ada@acme.test", "--ttl-minutes", "5",
-                   env=env)
+    short = invoke("token", str(org_id), "--email", "ada@acme.test", "--ttl-minutes", "5", env=env)
 
     assert default.exit_code == 0, default.output
-    payload = jwt.decode(default.stdout.strip(), JWT_SECRET, algorithms=["HS256"],
-                         audience="console", issuer="accounts")
+    payload = jwt.decode(
+        default.stdout.strip(),
+        JWT_SECRET,
+        algorithms=["HS256"],
+        audience="console",
+        issuer="accounts",
+    )
     assert payload["exp"] - payload["iat"] == 900  # an hour, cut to the maximum
     assert abs(payload["iat"] - time.time()) < 10
-    short_payload = jwt.decode(short.stdout.strip(), JWT_SECRET, algorithms=["HS256"],
-                               audience="console")
+    short_payload = jwt.decode(
+        short.stdout.strip(), JWT_SECRET, algorithms=["HS256"], audience="console"
+    )
     assert short_payload["exp"] - short_payload["iat"] == 300
 
 
@@ -309,8 +329,9 @@ def test_token_longer_than_the_maximum_is_refused(invoke: Invoke) -> None:
 def test_token_refuses_a_secret_shorter_than_32_bytes(invoke: Invoke) -> None:
     org_id = _org(invoke)
 
-    result = invoke("token", str(org_id), "--email", "ada@acme.test",
-                    env={"AUTH_JWT_SECRET": "cli-test-secret"})
+    result = invoke(
+        "token", str(org_id), "--email", "ada@acme.test", env={"AUTH_JWT_SECRET": "cli-test-secret"}
+    )
 
     assert_clean_error(result, "AUTH_JWT_SECRET is 15 bytes long", "at least 32 bytes")
     assert result.stdout == ""
@@ -328,8 +349,7 @@ def test_token_refused_for_a_non_member(invoke: Invoke) -> None:
 def test_token_needs_a_secret(invoke: Invoke) -> None:
     org_id = _org(invoke)
 
-    result = invoke("token", str(org_id), "--email", "ada@acme.test",
-                    env={"AUTH_JWT_SECRET": None})
+    result = invoke("token", str(org_id), "--email", "ada@acme.test", env={"AUTH_JWT_SECRET": None})
 
     assert_clean_error(result, "AUTH_JWT_SECRET")
 
@@ -344,8 +364,9 @@ def test_settings_come_from_the_dev_home(invoke: Invoke, cli_home: object) -> No
     write_settings_file(cli_home, {"AUTH_JWT_SECRET": FROM_HOME_SECRET})
     org_id = _org(invoke)
 
-    from_home = invoke("token", str(org_id), "--email", "ada@acme.test",
-                       env={"AUTH_JWT_SECRET": None})
+    from_home = invoke(
+        "token", str(org_id), "--email", "ada@acme.test", env={"AUTH_JWT_SECRET": None}
+    )
     env_wins = invoke("token", str(org_id), "--email", "ada@acme.test")
 
     assert decode_token(_rules(FROM_HOME_SECRET), from_home.stdout.strip()).org_id == org_id

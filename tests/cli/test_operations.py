@@ -29,7 +29,9 @@ def settings(
     database_url: str, emulator: EmulatorServer, task_queue: str, catalog: dict[str, str]
 ) -> Settings:
     return make_settings(
-        database_url=database_url, emulator_url=emulator.url, task_queue=task_queue,
+        database_url=database_url,
+        emulator_url=emulator.url,
+        task_queue=task_queue,
         catalog=catalog,
     )
 
@@ -55,8 +57,17 @@ async def test_provision_report_reconcile_and_list(
     session_factory: sessionmaker[Session],
 ) -> None:
     async with running_worker(temporal_dev_env.client, settings, session_factory):
-        created = await cli(invoke, stack_env, "orgs", "create", "--name", "Acme",
-                            "--owner-email", "ada@acme.test", "--json")
+        created = await cli(
+            invoke,
+            stack_env,
+            "orgs",
+            "create",
+            "--name",
+            "Acme",
+            "--owner-email",
+            "ada@acme.test",
+            "--json",
+        )
         org_id = str(json.loads(created.stdout)["org"]["id"])
         provisioned = await cli(invoke, stack_env, "provision", org_id, "--json")
         await cli(invoke, stack_env, "members", "add", org_id, "--email", "grace@acme.test")
@@ -101,10 +112,29 @@ async def test_backfill_starts_orgs_created_while_temporal_was_down(
     session_factory: sessionmaker[Session],
 ) -> None:
     offline = {**stack_env, "TEMPORAL_ADDRESS": f"127.0.0.1:{closed_port()}"}
-    first = await cli(invoke, offline, "orgs", "create", "--name", "Acme",
-                      "--owner-email", "ada@acme.test", "--json")
-    await cli(invoke, offline, "orgs", "create", "--name", "Initech",
-              "--owner-email", "bill@initech.test", "--aws-account-id", "1234")
+    first = await cli(
+        invoke,
+        offline,
+        "orgs",
+        "create",
+        "--name",
+        "Acme",
+        "--owner-email",
+        "ada@acme.test",
+        "--json",
+    )
+    await cli(
+        invoke,
+        offline,
+        "orgs",
+        "create",
+        "--name",
+        "Initech",
+        "--owner-email",
+        "bill@initech.test",
+        "--aws-account-id",
+        "1234",
+    )
     org_id = json.loads(first.stdout)["org"]["id"]
 
     async with running_worker(temporal_dev_env.client, settings, session_factory):
@@ -119,15 +149,24 @@ async def test_backfill_starts_orgs_created_while_temporal_was_down(
 async def test_workflow_commands_explain_what_is_missing(
     invoke: Invoke, stack_env: dict[str, str | None], temporal_dev_env: WorkflowEnvironment
 ) -> None:
-    created = await cli(invoke, {**stack_env, "TEMPORAL_ADDRESS": f"127.0.0.1:{closed_port()}"},
-                        "orgs", "create", "--name", "Acme", "--owner-email", "ada@acme.test",
-                        "--json")
+    created = await cli(
+        invoke,
+        {**stack_env, "TEMPORAL_ADDRESS": f"127.0.0.1:{closed_port()}"},
+        "orgs",
+        "create",
+        "--name",
+        "Acme",
+        "--owner-email",
+        "ada@acme.test",
+        "--json",
+    )
     org_id = str(json.loads(created.stdout)["org"]["id"])
 
     no_workflow = await cli(invoke, stack_env, "usage", "report", org_id)
     unknown = await cli(invoke, stack_env, "provision", "999999999")
-    offline = await cli(invoke, {**stack_env, "TEMPORAL_ADDRESS": f"127.0.0.1:{closed_port()}"},
-                        "reconcile", org_id)
+    offline = await cli(
+        invoke, {**stack_env, "TEMPORAL_ADDRESS": f"127.0.0.1:{closed_port()}"}, "reconcile", org_id
+    )
     no_worker = await cli(invoke, stack_env, "provision", org_id, "--timeout", "2")
 
     assert_clean_error(no_workflow, f"Org {org_id} has no running billing workflow")
@@ -145,17 +184,36 @@ async def test_reconcile_all_reports_orgs_whose_worker_is_gone(
     session_factory: sessionmaker[Session],
 ) -> None:
     orphan_queue = {**stack_env, "TEMPORAL_TASK_QUEUE": f"{settings.temporal_task_queue}-gone"}
-    orphan = await cli(invoke, orphan_queue, "orgs", "create", "--name", "Orphan",
-                       "--owner-email", "o@orphan.test", "--json")
+    orphan = await cli(
+        invoke,
+        orphan_queue,
+        "orgs",
+        "create",
+        "--name",
+        "Orphan",
+        "--owner-email",
+        "o@orphan.test",
+        "--json",
+    )
     orphan_id = json.loads(orphan.stdout)["org"]["id"]
     async with running_worker(temporal_dev_env.client, settings, session_factory):
-        served = await cli(invoke, stack_env, "orgs", "create", "--name", "Acme",
-                           "--owner-email", "ada@acme.test", "--json")
+        served = await cli(
+            invoke,
+            stack_env,
+            "orgs",
+            "create",
+            "--name",
+            "Acme",
+            "--owner-email",
+            "ada@acme.test",
+            "--json",
+        )
         served_id = json.loads(served.stdout)["org"]["id"]
         await cli(invoke, stack_env, "provision", str(served_id))
         result = await cli(invoke, stack_env, "reconcile", "--timeout", "2", "--json")
 
     assert [r["org_id"] for r in json.loads(result.stdout)] == [served_id]
-    assert_clean_error(result, "1 orgs could not be reconciled", f"org {orphan_id}",
-                       "did not answer")
+    assert_clean_error(
+        result, "1 orgs could not be reconciled", f"org {orphan_id}", "did not answer"
+    )
     await temporal_dev_env.client.get_workflow_handle(f"org-billing-{orphan_id}").terminate()

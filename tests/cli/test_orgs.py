@@ -30,8 +30,17 @@ def test_create_makes_org_owner_and_membership_even_when_temporal_is_down(
     invoke: Invoke, session_factory: sessionmaker[Session]
 ) -> None:
     result = invoke(
-        "orgs", "create", "--name", "Acme", "--owner-email", "Ada@Acme.test",
-        "--owner-first-name", "Ada", "--owner-last-name", "Lovelace", "--json",
+        "orgs",
+        "create",
+        "--name",
+        "Acme",
+        "--owner-email",
+        "Ada@Acme.test",
+        "--owner-first-name",
+        "Ada",
+        "--owner-last-name",
+        "Lovelace",
+        "--json",
     )
 
     assert result.exit_code == 0, result.output
@@ -95,7 +104,13 @@ async def test_create_starts_the_org_workflow(
     address = temporal_dev_env.client.service_client.config.target_host
     result = await asyncio.to_thread(
         invoke,
-        "orgs", "create", "--name", "Acme", "--owner-email", "ada@acme.test", "--json",
+        "orgs",
+        "create",
+        "--name",
+        "Acme",
+        "--owner-email",
+        "ada@acme.test",
+        "--json",
         env={"TEMPORAL_ADDRESS": address, "TEMPORAL_TASK_QUEUE": f"cli-{uuid.uuid4().hex[:8]}"},
     )
 
@@ -191,7 +206,8 @@ def test_missing_tables_are_a_clear_error(invoke: Invoke, database_url: str) -> 
 
 def test_unreachable_database_is_a_clear_error(invoke: Invoke) -> None:
     result = invoke(
-        "orgs", "list",
+        "orgs",
+        "list",
         env={"DATABASE_URL": "postgresql+psycopg://nobody@127.0.0.1:1/nothing?connect_timeout=2"},
     )
 

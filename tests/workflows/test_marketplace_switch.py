@@ -12,6 +12,7 @@ from billing.constants import RECONCILE_UPDATE, org_workflow_id
 from billing.db import orgs
 from billing.db.models import UsageLedger
 from billing.domain import BillingStatus, ReconcileResult
+from billing.orchestration import RETRY_PROVISIONING, start_org_workflow
 from tests.factories.live import LiveStack
 from tests.factories.stack import capture_history, eventually, scheduled, wait_for_status
 from tests.workflows.test_usage import (
@@ -125,3 +126,44 @@ async def test_a_cancel_the_customer_asked_for_is_not_taken_back(stack: LiveStac
     await reconcile(stack, org_id)
 
     assert stack.subscription(sub_id).cancel_at_period_end
+
+
+async def test_a_fresh_run_of_an_org_moved_to_aws_still_ends_its_live_subscription(
+    stack: LiveStack,
+) -> None:
+    """Moved while no run watched (an operator reset it): the fresh run follows the
+    live subscription to its period end instead of calling the org `not_billed`."""
+    state = await active(stack)
+    org_id, sub_id, customer = state.org_id, state.stripe_subscription_id, state.stripe_customer_id
+    assert sub_id and customer
+    start, end = period_of(stack, sub_id)
+    record(stack, org_id, 5, start + DAY)
+    await stack.settled(org_id)
+    await stack.client.get_workflow_handle(org_workflow_id(org_id)).terminate("reset")
+    set_marketplace(stack, org_id, "123456789012")
+
+    await start_org_workflow(
+        stack.client, stack.settings.temporal_task_queue, org_id, signal=RETRY_PROVISIONING
+    )
+
+    async def cancel_at() -> int | None:
+        when: int | None = stack.subscription(sub_id).cancel_at
+        return when
+
+    async def reported() -> float:
+        return meter_total(stack, customer, REQUESTS, start, end)
+
+    await eventually(cancel_at, lambda when: when == end)
+    fresh = await wait_for_status(stack.client, org_id, {BillingStatus.ACTIVE})
+    assert fresh.stripe_subscription_id == sub_id
+    await stack.advance(end + 300)
+    await wait_for_status(stack.client, org_id, {BillingStatus.CANCELED})
+    await eventually(reported, lambda n: n == 5)
+    subs = stack.stripe.v1.subscriptions.list({"customer": customer, "status": "all"}).data
+    assert [s.id for s in subs] == [sub_id]
+    await capture_history(
+        stack.client,
+        org_workflow_id(org_id),
+        "marketplace_fresh_run",
+        pick=scheduled("stripe_cancel_at_period_end"),
+    )

@@ -26,7 +26,7 @@ from rich.markup import escape
 from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 from temporalio.client import Client
 from typer.core import TyperGroup, TyperOption
 
@@ -195,13 +195,16 @@ class CliState:
             "or set DATABASE_URL"
         )
 
+    def session_factory(self) -> sessionmaker[Session]:
+        """Sessions on the command's engine, for work that opens several transactions."""
+        if self._engine is None:
+            self._engine = make_engine(self.settings.database_url, pool_size=2)
+        return make_session_factory(self._engine)
+
     @contextmanager
     def session(self) -> Iterator[Session]:
         """One transaction: committed when the block ends, rolled back on error."""
-        if self._engine is None:
-            self._engine = make_engine(self.settings.database_url, pool_size=2)
-        factory = make_session_factory(self._engine)
-        with factory() as session, session.begin():
+        with self.session_factory()() as session, session.begin():
             yield session
 
     def close(self) -> None:

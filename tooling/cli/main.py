@@ -23,7 +23,7 @@ import typer
 
 from billing.auth import AuthConfigError, check_settings
 from billing.config import StripeNotConfiguredError
-from tooling.cli import emulator, members, operations, orgs, request_log
+from tooling.cli import adopt, emulator, members, operations, orgs, request_log
 from tooling.cli.context import (
     BillingGroup,
     CliError,
@@ -54,6 +54,7 @@ app.add_typer(usage_app, name="usage")
 
 app.command("provision")(operations.provision)
 app.command("backfill")(operations.backfill)
+app.command("adopt")(adopt.adopt)
 app.command("reconcile")(operations.reconcile)
 app.command("token")(operations.token)
 

@@ -16,6 +16,7 @@ from temporalio.client import (
 )
 from temporalio.service import RPCError, RPCStatusCode
 
+from billing.adoption import candidates as adoption_candidates
 from billing.auth import AuthConfigError, TokenLifetimeError, TokenRules, mint_token
 from billing.constants import (
     ORG_BILLING_WORKFLOW,
@@ -26,6 +27,7 @@ from billing.constants import (
 from billing.db import orgs
 from billing.domain import BillingStatus, OrgBillingState, ReconcileResult, UsageReportResult
 from billing.orchestration import start_provisioning
+from tooling.cli.adopt import adopt_orgs, fail_on_refusals, print_report
 from tooling.cli.context import (
     CliError,
     CliState,
@@ -119,27 +121,50 @@ async def _backfill(state: CliState, org_ids: list[int]) -> list[tuple[int, str 
     return outcomes
 
 
-def backfill(ctx: typer.Context, as_json: JsonOption = False) -> None:
-    """Start the workflow of every org that has no billing yet."""
+def backfill(
+    ctx: typer.Context,
+    as_json: JsonOption = False,
+    skip_adoption: Annotated[
+        bool,
+        typer.Option(
+            "--no-adopt",
+            help="Skip `billing adopt`'s step (orgs with a subscription id and no workflow).",
+        ),
+    ] = False,
+) -> None:
+    """Adopt the orgs billed by the legacy implementation (as `billing adopt`), then start
+    the workflow of every org that has no billing yet."""
     state = state_of(ctx)
+    adopted = None
+    if not skip_adoption and state.settings.stripe_secret_key:
+        with state.session() as session:
+            legacy = bool(adoption_candidates(session))
+        if legacy:
+            adopted = run(adopt_orgs(state, dry_run=False))
     with state.session() as session:
         org_ids = orgs.orgs_without_billing(session)
     outcomes = run(_backfill(state, org_ids)) if org_ids else []
     failed = [(org_id, problem) for org_id, problem in outcomes if problem]
     if as_json:
-        print_json(
-            {
-                "started": [org_id for org_id, problem in outcomes if not problem],
-                "failed": [{"org_id": org_id, "error": problem} for org_id, problem in failed],
-            }
-        )
-    elif not org_ids:
-        out.print("Every org already has billing; nothing to start.")
+        document: dict[str, Any] = {
+            "started": [org_id for org_id, problem in outcomes if not problem],
+            "failed": [{"org_id": org_id, "error": problem} for org_id, problem in failed],
+        }
+        if adopted is not None:
+            document["adoption"] = adopted.model_dump(mode="json")
+        print_json(document)
     else:
-        out.print(f"Signalled {len(outcomes) - len(failed)} of {len(org_ids)} org workflows.")
+        if adopted is not None:
+            print_report(adopted)
+        if not org_ids:
+            out.print("Every org already has billing; nothing to start.")
+        else:
+            out.print(f"Signalled {len(outcomes) - len(failed)} of {len(org_ids)} org workflows.")
     if failed:
         org_id, problem = failed[0]
         fail(f"{len(failed)} org workflows could not be started (org {org_id}: {problem}).")
+    if adopted is not None:
+        fail_on_refusals(adopted)
 
 
 # updates: usage report and reconcile -------------------------------------------------

@@ -158,9 +158,7 @@ def money(amount: int, currency: str) -> str:
     return f"{symbol}{amount / 100:,.2f}"
 
 
-def ended_period_fields(
-    report: UsagePeriodReport, invoice: dict[str, Any] | str
-) -> dict[str, Any]:
+def ended_period_fields(report: UsagePeriodReport, invoice: dict[str, Any] | str) -> dict[str, Any]:
     """The `orgs show` rows for the last ended period; `invoice` is Stripe's, or why none."""
     if isinstance(invoice, str):
         billed = invoice
