@@ -159,6 +159,7 @@ def build_workers(
             stripe_activities.own_customer,
             stripe_activities.ensure_subscription,
             stripe_activities.fetch_subscription,
+            stripe_activities.checkout_completed,
             stripe_activities.cancel_at_period_end,
             stripe_activities.send_meter_event,
         ],

@@ -114,3 +114,12 @@ class PublishInput(BaseModel):
     published: PublishedBilling
     row_changed: bool
     notifications: list[BillingNotification] = Field(default_factory=list)
+
+
+class CheckoutCompletedInput(BaseModel):
+    """A completed Checkout Session to follow, and whose it must provably be."""
+
+    session_id: str
+    org: OrgProfile
+    # The org's customer as its workflow knows it: the session must be this one's.
+    customer_id: str

@@ -9,13 +9,19 @@ from temporalio import activity
 from activities.errors import stripe_errors_classified
 from activities.models import (
     CancelAtPeriodEndInput,
+    CheckoutCompletedInput,
     EnsureSubscriptionInput,
     FetchSubscriptionInput,
     MeterEventToSend,
     OwnCustomer,
 )
 from billing.config import Settings
-from billing.domain import LIVE_SUBSCRIPTION_STATUSES, OrgProfile, SubscriptionSnapshot
+from billing.domain import (
+    LIVE_SUBSCRIPTION_STATUSES,
+    CheckoutOutcome,
+    OrgProfile,
+    SubscriptionSnapshot,
+)
 from billing.stripe_gateway import MeterOutcome, StripeGateway
 
 log = logging.getLogger(__name__)
@@ -87,6 +93,22 @@ class StripeActivities:
         if data.customer_id:
             return await self._gateway.find_live_subscription(data.customer_id)
         return None
+
+    @activity.defn(name="stripe_checkout_completed")
+    @stripe_errors_classified
+    async def checkout_completed(self, data: CheckoutCompletedInput) -> CheckoutOutcome:
+        """Follow a completed Checkout Session that is provably the org's."""
+        outcome = await self._gateway.checkout_outcome(data.session_id, data.org, data.customer_id)
+        log.info(
+            "checkout session followed",
+            extra={
+                "org_id": data.org.org_id,
+                "session_id": data.session_id,
+                "mode": outcome.mode,
+                "refused": outcome.refused,
+            },
+        )
+        return outcome
 
     @activity.defn(name="stripe_cancel_at_period_end")
     @stripe_errors_classified

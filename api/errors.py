@@ -108,6 +108,10 @@ _RESPONSES: dict[int, dict[str, Any]] = {
     },
     403: {"model": ErrorPublic, "description": "The token's user may not act on this org"},
     404: {"model": ErrorPublic, "description": "Not found"},
+    409: {
+        "model": ProblemPublic,
+        "description": "Not possible in the org's billing state (the description says why)",
+    },
     413: {"model": ErrorPublic, "description": "Body larger than 1 MiB"},
     500: {"model": ProblemPublic, "description": "The API is not configured (names the setting)"},
     502: {"model": ProblemPublic, "description": "Stripe refused or failed the request"},

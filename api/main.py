@@ -28,7 +28,7 @@ from api.docs_pages import add_offline_docs
 from api.errors import database_unavailable
 from api.log_limits import BoundedLog
 from api.metrics import CLIENT_CLOSED_STATUS, BillingMetrics, method_label, status_label
-from api.routes import entitlement, health, orgs, payments, webhooks
+from api.routes import checkout, entitlement, health, orgs, payments, webhooks
 from api.server import BodyTimeoutMiddleware
 from api.temporal import TemporalLink
 from api.webhook_store import WebhookStore
@@ -196,6 +196,7 @@ def create_app(
 
     app.include_router(webhooks.router)
     app.include_router(payments.router)
+    app.include_router(checkout.router)
     app.include_router(orgs.router)
     app.include_router(entitlement.router)
     app.include_router(health.router)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -79,6 +80,15 @@ class Settings(BaseSettings):
     stripe_automatic_tax: bool = False
     stripe_api_base: str | None = None
     stripe_portal_return_url: str = "http://localhost:3000/settings/billing"
+    # Checkout (docs/checkout.md): where Stripe sends the customer after paying
+    # (`{CHECKOUT_SESSION_ID}` is filled in by Stripe) or after going back.
+    stripe_checkout_success_url: str = (
+        "http://localhost:3000/settings/billing?checkout=success&session_id={CHECKOUT_SESSION_ID}"
+    )
+    stripe_checkout_cancel_url: str = "http://localhost:3000/settings/billing?checkout=canceled"
+    # What a trial ending without a payment method does to new subscriptions
+    # (Stripe's `trial_settings.end_behavior.missing_payment_method`).
+    stripe_trial_end_behavior: Literal["create_invoice", "pause", "cancel"] = "create_invoice"
 
     # One budget of Stripe requests per second shared by every worker process of
     # the environment (billing/stripe_budget.py): 25 is test mode's limit, live 100.
@@ -125,6 +135,15 @@ class Settings(BaseSettings):
     billing_notify_poll_seconds: float = Field(default=1.0, gt=0, le=60)
     # Emulator only: new customers are attached to this test clock (set by `billing dev`).
     stripe_test_clock: str | None = None
+
+    @field_validator("stripe_checkout_success_url", "stripe_checkout_cancel_url")
+    @classmethod
+    def _absolute_url(cls, value: str) -> str:
+        """Stripe only redirects to absolute http(s) URLs; say so at startup."""
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc or len(value) > 5000:
+            raise ValueError("must be an absolute http:// or https:// URL")
+        return value
 
     @field_validator(
         "worker_metrics_port",

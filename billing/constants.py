@@ -41,5 +41,6 @@ HANDLED_EVENT_TYPES = frozenset(
         "customer.subscription.trial_will_end",
         "invoice.payment_succeeded",
         "invoice.payment_failed",
+        "checkout.session.completed",
     }
 )

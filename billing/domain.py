@@ -379,3 +379,17 @@ class UsageReportResult(BaseModel):
     periods: list[UsagePeriodReport] = Field(default_factory=list)
     meter_events_sent: int = 0
     skipped_reason: str | None = None
+
+
+class CheckoutOutcome(BaseModel):
+    """What a completed Checkout Session gave the org, or why it is not the org's.
+
+    `subscription` is the session's subscription (`subscription` mode) or the
+    customer's live one after a card was saved (`setup` mode).
+    """
+
+    mode: str | None = None
+    subscription: SubscriptionSnapshot | None = None
+    refused: str | None = None
+    # The subscription the session names, for the record of a refusal.
+    subscription_id: str | None = None

@@ -17,13 +17,17 @@ from stripe.params import (
     CustomerCreateParams,
     SubscriptionCreateParams,
     SubscriptionCreateParamsItem,
+    SubscriptionResumeParams,
 )
 from stripe.params.billing import MeterEventCreateParams
 from stripe.params.billing_portal import ConfigurationCreateParams, SessionCreateParams
+from stripe.params.checkout import SessionCreateParams as CheckoutSessionCreateParams
+from stripe.params.checkout import SessionCreateParamsLineItem
 
 from billing.config import Settings
 from billing.domain import (
     LIVE_SUBSCRIPTION_STATUSES,
+    CheckoutOutcome,
     OrgProfile,
     SubscriptionSnapshot,
     SubscriptionStatus,
@@ -37,6 +41,8 @@ from billing.stripe_keys import (
 )
 
 WEBHOOK_TOLERANCE_SECONDS = 300
+
+CheckoutMode = Literal["subscription", "setup"]
 
 
 def make_stripe_client(
@@ -336,6 +342,12 @@ class StripeGateway:
         }
         if s.stripe_trial_days > 0:
             params["trial_period_days"] = s.stripe_trial_days
+            # Stripe's default (`create_invoice`) is left implicit: the parameters,
+            # and so the idempotency key, stay those of earlier versions.
+            if s.stripe_trial_end_behavior != "create_invoice":
+                params["trial_settings"] = {
+                    "end_behavior": {"missing_payment_method": s.stripe_trial_end_behavior}
+                }
         key = idempotency_key or subscription_create_key(
             s.billing_source, org.org_id, org.org_uid, params
         )
@@ -468,6 +480,139 @@ class StripeGateway:
         )
         self._portal_configuration_id = config.id
         return config.id
+
+    # Checkout ------------------------------------------------------------------
+
+    async def create_checkout_session(
+        self, org: OrgProfile, customer_id: str, mode: CheckoutMode
+    ) -> str:
+        """A Checkout Session for the org's own customer; returns its URL.
+
+        `subscription`: the three prices, for an org whose subscription ended.
+        `setup`: save a card for the trial's end. The org's other open sessions
+        are expired first, so at most one can be paid.
+        """
+        s = self._settings
+        identity = self._identity(org)
+        await self._expire_open_sessions(customer_id, org)
+        params: CheckoutSessionCreateParams = {
+            "mode": mode,
+            "customer": customer_id,
+            "client_reference_id": str(org.org_id),
+            "metadata": identity,
+            "success_url": s.stripe_checkout_success_url,
+            "cancel_url": s.stripe_checkout_cancel_url,
+        }
+        if mode == "subscription":
+            items: list[SessionCreateParamsLineItem] = [
+                {"price": s.stripe_price_id, "quantity": 1},
+                {"price": s.stripe_users_price_id},
+                {"price": s.stripe_requests_price_id},
+            ]
+            params["line_items"] = items
+            params["subscription_data"] = {"metadata": identity}
+            if s.stripe_allow_promotion_codes:
+                params["allow_promotion_codes"] = True
+            if s.stripe_automatic_tax:
+                # Tax needs the customer's address: Checkout asks for it and saves it.
+                params["automatic_tax"] = {"enabled": True}
+                params["billing_address_collection"] = "required"
+                params["customer_update"] = {"address": "auto", "name": "auto"}
+        else:
+            params["currency"] = await self._currency()
+            params["setup_intent_data"] = {"metadata": identity}
+        session = await self._client.v1.checkout.sessions.create_async(params)
+        if not session.url:
+            raise ValueError(f"Stripe gave checkout session {session.id} no URL")
+        return session.url
+
+    async def _expire_open_sessions(self, customer_id: str, org: OrgProfile) -> None:
+        found = await self._client.v1.checkout.sessions.list_async(
+            {"customer": customer_id, "status": "open", "limit": 100}
+        )
+        for session in found.data:
+            if self.is_the_orgs(session.to_dict().get("metadata") or {}, org):
+                try:
+                    await self._client.v1.checkout.sessions.expire_async(session.id)
+                except stripe.InvalidRequestError:
+                    continue  # completed or expired meanwhile
+
+    async def _currency(self) -> str:
+        price = await self._client.v1.prices.retrieve_async(self._settings.stripe_price_id)
+        return price.currency
+
+    async def checkout_outcome(
+        self, session_id: str, org: OrgProfile, customer_id: str
+    ) -> CheckoutOutcome:
+        """What a completed session gave the org, once it is proven the org's.
+
+        Proof: the session's customer is the org's, and its metadata names the
+        org's `org_uid` and our `source`. A `setup` session's card becomes the
+        customer's default payment method (Checkout only attaches it), so the
+        trial's end charges it; a subscription a trial without a card paused
+        is resumed with it (a new period starts, its invoice charges the card).
+        """
+        read = await self._client.v1.checkout.sessions.retrieve_async(
+            session_id, {"expand": ["setup_intent"]}
+        )
+        session = read.to_dict()
+        subscription_id = _id_of(session.get("subscription"))
+        problem = checkout_problem(session, org, customer_id, self._settings.billing_source)
+        if problem is not None:
+            return CheckoutOutcome(refused=problem, subscription_id=subscription_id)
+        mode = str(session.get("mode"))
+        if mode == "subscription" and subscription_id:
+            return CheckoutOutcome(
+                mode=mode, subscription=await self.get_subscription(subscription_id)
+            )
+        intent = session.get("setup_intent")
+        payment_method = _id_of(intent.get("payment_method")) if isinstance(intent, dict) else None
+        if mode == "setup" and payment_method:
+            await self._client.v1.customers.update_async(
+                customer_id,
+                {"invoice_settings": {"default_payment_method": payment_method}},
+                {"idempotency_key": f"checkout-default-card-{session_id}"},
+            )
+        live = await self.find_live_subscription(customer_id)
+        if mode == "setup" and payment_method and live is not None and live.status == "paused":
+            # A trial that ended without a card paused it: with the card, it goes on.
+            read_at = datetime.now(UTC)
+            # Stripe's default anchor (`now`): a new period starts with the resume.
+            resume: SubscriptionResumeParams = {"expand": ["test_clock"]}
+            resumed = await self._client.v1.subscriptions.resume_async(
+                live.id,
+                resume,
+                {"idempotency_key": f"checkout-resume-{session_id}"},
+            )
+            live = snapshot_of(resumed.to_dict(), read_at=read_at)
+        return CheckoutOutcome(mode=mode, subscription=live)
+
+
+def _id_of(value: Any) -> str | None:
+    if isinstance(value, Mapping):
+        value = value.get("id")
+    return value if isinstance(value, str) and value else None
+
+
+def checkout_problem(
+    session: Mapping[str, Any], org: OrgProfile, customer_id: str, source: str
+) -> str | None:
+    """Why a Checkout Session is not provably the org's completed one (None: it is)."""
+    metadata = session.get("metadata") or {}
+    named = f"checkout session {session.get('id')}"
+    if session.get("status") != "complete":
+        return f"{named} is {session.get('status')}, not complete"
+    if _id_of(session.get("customer")) != customer_id:
+        return (
+            f"{named} belongs to customer {_id_of(session.get('customer'))}, "
+            f"not to this org's {customer_id}"
+        )
+    if metadata.get("org_uid") != org.org_uid or metadata.get("source") != source:
+        return (
+            f"{named} is not provably org {org.org_id}'s: its metadata has org_uid "
+            f"{str(metadata.get('org_uid'))[:40]!r} and source {str(metadata.get('source'))[:40]!r}"
+        )
+    return None
 
 
 def verify_webhook_signature(payload: bytes, sig_header: str, secret: str) -> dict[str, Any]:

@@ -18,12 +18,13 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
 import stripe_emulator.resources  # noqa: F401  (registers the routes)
 from stripe_emulator import engine
 from stripe_emulator.errors import StripeError
 from stripe_emulator.forms import parse_query
+from stripe_emulator.resources import checkout
 from stripe_emulator.routing import Ctx, render, router, strip_private
 from stripe_emulator.schema import coerce_struct
 from stripe_emulator.state import API_VERSION, Obj, State, new_id
@@ -77,6 +78,8 @@ class EmulatorApp:
             response = await self.control(request)
         elif path.startswith("/p/session/"):
             response = self.portal_page(path.rsplit("/", 1)[-1])
+        elif path.startswith("/c/pay/"):
+            response = await self.checkout_page(request, path.rsplit("/", 1)[-1])
         else:
             response = await self.api(request)
         await response(scope, receive, send)
@@ -386,6 +389,103 @@ class EmulatorApp:
             + "</body></html>"
         )
         return HTMLResponse(page)
+
+    # -- hosted checkout page -------------------------------------------------------------
+
+    async def checkout_page(self, request: Request, session_id: str) -> Response:
+        """A stand-in for Stripe's hosted Checkout: a test-card form that completes the session.
+
+        GET shows the form; POST pays (attaches the card, subscribes or sets up)
+        and redirects to the session's `success_url`, or shows the form again
+        with what went wrong (a declined card, a missing address).
+        """
+        error: str | None = None
+        if request.method.upper() == "POST":
+            body = (await request.body()).decode("utf-8", "replace")
+            form = dict(parse_qsl(body, keep_blank_values=True))
+            try:
+                with self.state.lock:
+                    session = checkout.complete(self.state, session_id, form)
+            except checkout.CheckoutRefused as refused:
+                error = str(refused)
+            else:
+                target = session.get("success_url")
+                if target:
+                    target = str(target).replace("{CHECKOUT_SESSION_ID}", session_id)
+                    return RedirectResponse(target, status_code=303)
+                return HTMLResponse(_page("Thanks", "<p id='complete'>Payment complete.</p>"))
+        elif request.method.upper() != "GET":
+            return HTMLResponse(_page("Not allowed", "<p>GET or POST</p>"), status_code=405)
+        with self.state.lock:
+            checkout.expire_due(self.state)
+            fields = checkout.page_fields(self.state, session_id)
+        if fields is None:
+            return HTMLResponse(_page("Not found", "<h1>Session not found</h1>"), status_code=404)
+        return HTMLResponse(_checkout_form(fields, error), status_code=200 if not error else 402)
+
+
+def _page(title: str, body: str) -> str:
+    return (
+        f"<!doctype html><html><head><title>{html.escape(title)} (Stripe emulator)</title>"
+        f"</head><body>{body}</body></html>"
+    )
+
+
+def _money(amount: Any, currency: Any) -> str:
+    if amount is None:
+        return ""
+    return f"{int(amount) / 100:.2f} {html.escape(str(currency or '').upper())}"
+
+
+def _checkout_form(fields: dict[str, Any], error: str | None) -> str:
+    session = fields["session"]
+    escape = html.escape
+    if session["status"] != "open":
+        return _page(
+            "Checkout",
+            f"<h1>Checkout</h1><p id='status'>This checkout session is "
+            f"{escape(str(session['status']))}.</p>",
+        )
+    rows = "".join(
+        f"<li>{escape(str(line['name']))}: "
+        + ("billed by usage" if line["metered"] else f"{line['quantity']} x ")
+        + ("" if line["metered"] else _money(line["unit_amount"], line["currency"]))
+        + "</li>"
+        for line in fields["lines"]
+    )
+    heading = "Save a card" if session["mode"] == "setup" else "Subscribe"
+    trial = f"<p>{int(fields['trial_days'])} days free</p>" if fields.get("trial_days") else ""
+    address = (
+        "<fieldset><legend>Billing address</legend>"
+        "<label>Address <input name='line1' id='line1'></label>"
+        "<label>City <input name='city' id='city'></label>"
+        "<label>Postal code <input name='postalCode' id='postalCode' required></label>"
+        "<label>Country <input name='country' id='country' maxlength='2' required></label>"
+        "</fieldset>"
+        if fields["collect_address"]
+        else ""
+    )
+    email = escape(str(fields.get("email") or ""))
+    problem = f"<p id='error' role='alert'>{escape(error)}</p>" if error else ""
+    cancel = (
+        f"<p><a id='cancel' href='{escape(str(session['cancel_url']))}'>Cancel</a></p>"
+        if session.get("cancel_url")
+        else ""
+    )
+    body = (
+        f"<h1>{heading}</h1><ul>{rows}</ul>{trial}{problem}"
+        f"<form method='post' id='payment-form'>"
+        f"<label>Email <input name='email' id='email' value='{email}'></label>"
+        "<label>Card number <input name='cardNumber' id='cardNumber' required></label>"
+        "<label>Expiry <input name='cardExpiry' id='cardExpiry' placeholder='MM / YY'></label>"
+        "<label>CVC <input name='cardCvc' id='cardCvc'></label>"
+        "<label>Name on card <input name='billingName' id='billingName'></label>"
+        f"{address}"
+        f"<button type='submit' id='submit'>{'Save card' if session['mode'] == 'setup' else 'Pay'}"
+        "</button></form>"
+        f"{cancel}"
+    )
+    return _page("Checkout", body)
 
 
 def _readable(timestamp: int) -> str:

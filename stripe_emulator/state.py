@@ -46,6 +46,8 @@ KINDS_BY_PREFIX = {
     "bps": "billing_portal.session",
     "we": "webhook_endpoint",
     "evt": "event",
+    "cs": "checkout.session",
+    "seti": "setup_intent",
 }
 
 PERSISTED = (

@@ -22,6 +22,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.models import (
         AdoptionRefusalInput,
         CancelAtPeriodEndInput,
+        CheckoutCompletedInput,
         EnsureSubscriptionInput,
         FetchSubscriptionInput,
         PlanUsageInput,
@@ -55,7 +56,7 @@ with workflow.unsafe.imports_passed_through():
     from billing.problems import current_details
     from billing.search_attributes import BILLING_PROBLEM_KEY
 
-from workflows import decisions, notifications
+from workflows import checkout, decisions, notifications
 from workflows.calls import (
     Refused,
     db_activity,
@@ -89,6 +90,9 @@ NOTIFICATIONS = "notifications"
 # Provisioning stopped on a refused adoption shows `adoption_refused`, not
 # `provisioning_failed` (a different fix).
 ADOPTION_PROBLEM = "problem-adoption-refused"
+# `checkout.session.completed`: the session is re-read and, proven the org's,
+# its subscription linked (or its card made the customer's default).
+CHECKOUT = "checkout"
 # Every patch id, for the checks of what a history may hold in plaintext.
 PATCH_IDS = (
     NOT_BILLED_RECHECK,
@@ -97,6 +101,7 @@ PATCH_IDS = (
     MARKETPLACE_FRESH_RUN,
     NOTIFICATIONS,
     ADOPTION_PROBLEM,
+    CHECKOUT,
 )
 # The prefix of `last_error` for usage work (cleared when usage goes through again).
 USAGE_ERROR = "usage report"
@@ -476,6 +481,9 @@ class OrgBillingWorkflow:
             if plan.late_trial_notice:
                 self._note_trial_will_end(self._state.trial_end)
             return
+        if checkout.is_checkout(event) and workflow.patched(CHECKOUT):
+            await self._follow_checkout(event, plan.key)
+            return
         if plan.fetch is None:
             return
         snapshot = await stripe_activity(StripeActivities.fetch_subscription, plan.fetch)
@@ -486,6 +494,28 @@ class OrgBillingWorkflow:
         decisions.advance_watermark(self._state, plan.key, event.created, cap)
         if event.type == TRIAL_WILL_END and snapshot.id == self._state.stripe_subscription_id:
             self._note_trial_will_end(snapshot.trial_end)
+
+    async def _follow_checkout(self, event: StripeEventSignal, key: str) -> None:
+        """A completed Checkout Session: linked if provably the org's, else recorded."""
+        org = await db_activity(DbActivities.load_org, self._state.org_id)
+        asked = checkout.checkout_input(self._state, event, org)
+        if isinstance(asked, CheckoutCompletedInput):
+            outcome = await stripe_activity(StripeActivities.checkout_completed, asked)
+            refused, sub_id = outcome.refused, outcome.subscription_id
+        else:
+            outcome, refused, sub_id = None, asked, event.subscription_id
+        if refused is not None:
+            await self._refuse_adoption(
+                refused, customer_id=event.customer_id, subscription_id=sub_id, event=event
+            )
+            return
+        if outcome is None or outcome.subscription is None:
+            return
+        await self._apply(outcome.subscription, event)
+        if checkout.needs_resync(self._state, outcome.subscription.id):
+            await self._resync()
+        cap = decisions.watermark_cap(outcome.subscription, workflow.now())
+        decisions.advance_watermark(self._state, key, event.created, cap)
 
     def _note_trial_will_end(self, trial_end: datetime | None) -> None:
         """Once per trial end, however often Stripe redelivers: the hook for a notice."""

@@ -184,18 +184,40 @@ class Checker:
         return check
 
     def subscriptions(self, world: StripeWorld, customer_org: dict[str, int]) -> Invariant:
-        """One subscription per Stripe-billed org, whatever its status; none for AWS/Azure."""
+        """One subscription per Stripe-billed org, whatever its status; none for AWS/Azure.
+
+        An org that canceled and came back through checkout has two: the
+        canceled one, and exactly one live one, the one checkout made.
+        """
         found = Counter(customer_org.get(s["customer"]) for s in world.subscriptions)
-        check = Invariant("orgs with != 1 subscription (AWS/Azure: != 0)")
+        check = Invariant("orgs with != 1 subscription (AWS/Azure: != 0; back: 1 live)")
         for org_id, plan in self.orgs.items():
-            expected = 1 if plan.billed else 0
+            expected = (2 if plan.canceled_subscription else 1) if plan.billed else 0
             if found[org_id] != expected:
                 check.add(f"org {org_id} ({plan.kind}) has {found[org_id]} subscriptions")
+            if plan.canceled_subscription:
+                live = [
+                    s["id"]
+                    for s in world.subscriptions
+                    if customer_org.get(s["customer"]) == org_id and s["status"] in LIVE
+                ]
+                # Moved to a marketplace afterwards: that subscription has ended too.
+                moved_on = plan.switched_month is not None and not live
+                if live != [plan.came_back_with] and not moved_on:
+                    check.add(
+                        f"org {org_id} came back with {plan.came_back_with}, live in Stripe: {live}"
+                    )
+        self.notes["orgs that canceled and came back through checkout"] = sorted(
+            org_id for org_id, plan in self.orgs.items() if plan.canceled_subscription
+        )
         return check
 
     def rows(self, world: StripeWorld, customer_org: dict[str, int]) -> Invariant:
         """The org row says what Stripe says: ids, status and subscription_end."""
-        subs = {customer_org.get(s["customer"]): s for s in world.subscriptions}
+        ended = {p.canceled_subscription for p in self.orgs.values()}
+        subs = {
+            customer_org.get(s["customer"]): s for s in world.subscriptions if s["id"] not in ended
+        }
         customers = {org: cid for cid, org in customer_org.items()}
         check = Invariant("org rows whose status or subscription_end differ from Stripe")
         with self.sessions() as session:
@@ -288,6 +310,10 @@ class Checker:
             if plan.switched_month is not None:
                 # Its subscription ended with the period it moved in: not renewed then.
                 expected_invoices = min(expected_invoices, plan.switched_month - 1)
+            if plan.canceled_subscription:
+                # Its periods follow the checkout's date: each invoice's lines are
+                # checked above; how many there are is Stripe's calendar.
+                continue
             if billed_periods[org_id] != expected_invoices:
                 check.add(
                     f"org {org_id} has {billed_periods[org_id]} usage invoices, "

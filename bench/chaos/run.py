@@ -17,6 +17,7 @@ from typing import Any
 from temporalio.client import Client
 from temporalio.runtime import LoggingConfig, Runtime, TelemetryConfig, TelemetryFilter
 
+from billing.auth import TokenRules
 from billing.config import Settings
 from billing.db.session import make_engine, make_session_factory
 from billing.encryption import KEYS_VARIABLE, new_key_entry
@@ -126,6 +127,10 @@ async def _run(options: ChaosOptions, say: Say) -> Report:
             step_timeout=options.step_timeout,
             source=stack.values["BILLING_SOURCE"],
             base_price=stack.values["STRIPE_PRICE_ID"],
+            api_url=stack.api_url,
+            token_rules=TokenRules.of(
+                Settings(auth_jwt_secret=stack.values["AUTH_JWT_SECRET"], _env_file=None)
+            ),
         )
         before = await asyncio.to_thread(emulator.stats)
         drive_began = time.monotonic()

@@ -15,6 +15,9 @@ the test clock's time, so the users meter's level at each period's end is known.
 In the middle of the second month a couple of paying orgs move to a cloud
 marketplace (an AWS account id in their row, then the re-sync an operator's
 `billing reconcile` makes): Stripe must stop billing them at that period's end.
+In the first month a couple of paying orgs cancel their subscription and come
+back through checkout: the owner asks the API for a checkout link and pays on
+Stripe's page; each must end with exactly one live subscription, the new one.
 """
 
 from __future__ import annotations
@@ -28,11 +31,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
 
+import httpx
 import stripe
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from temporalio.client import Client
 
+from billing.auth import TokenRules, mint_token
 from billing.constants import RECONCILE_UPDATE, REPORT_USAGE_UPDATE, org_workflow_id
 from billing.db import orgs
 from billing.db.models import Org, StripeEventLog, UsageLedger
@@ -61,6 +66,10 @@ QUERY_TIMEOUT = 5.0
 POLL = 1.0
 # Paying orgs that move to a cloud marketplace in the middle of the second month.
 SWITCHED_ORGS = 2
+# Paying orgs that cancel and come back through checkout in the first month.
+RETURNING_ORGS = 2
+CHECKOUT_URL = "/api/payments/stripe/checkout"
+TEST_CARD_NUMBER = "4242424242424242"
 
 OrgKind = Literal["stripe", "aws", "azure"]
 PlantedKind = Literal["look-alike", "dashboard"]
@@ -84,6 +93,10 @@ class OrgPlan:
     switched_month: int | None = None
     switched_at: int | None = None
     switched_period_end: int | None = None
+    # Set when the org canceled and came back through checkout: the canceled
+    # subscription and the one checkout made.
+    canceled_subscription: str | None = None
+    came_back_with: str | None = None
 
     @property
     def billed(self) -> bool:
@@ -141,6 +154,8 @@ class Scenario:
         step_timeout: float = 180.0,
         source: str = "org-billing",
         base_price: str = "",
+        api_url: str | None = None,
+        token_rules: TokenRules | None = None,
     ) -> None:
         self.client = client
         self.stripe = stripe_client
@@ -154,6 +169,8 @@ class Scenario:
         self.step_timeout = step_timeout
         self.source = source
         self.base_price = base_price
+        self.api_url = api_url
+        self.token_rules = token_rules
         self.orgs: list[OrgPlan] = []
         self.planted: list[Planted] = []
         self.steps: list[StepLog] = []
@@ -481,6 +498,84 @@ class Scenario:
 
         await asyncio.gather(*(reconcile(p) for p in chosen))
 
+    # -- cancel, then come back through checkout -------------------------------------------
+
+    def _owner(self, org_id: int) -> int:
+        with self.sessions() as session:
+            owner = orgs.list_members(session, org_id)
+            return next(m.user_id for m in owner if m.role == "owner")
+
+    async def _until(self, what: str, attempt: Callable[[], Awaitable[T | None]]) -> T:
+        """Retry `attempt` (a fault may be on) until it gives a value or the run's bound."""
+        while True:
+            try:
+                value = await attempt()
+            except Exception as err:
+                value, last = None, f"{type(err).__name__}: {err}"
+            else:
+                last = "no answer yet"
+            if value is not None:
+                return value
+            if self.remaining() <= 0:
+                raise DeadlineExceeded(f"{what}: {last}")
+            await asyncio.sleep(POLL)
+
+    async def cancel_and_come_back(self) -> None:
+        """A couple of paying orgs cancel now, then pay again through checkout."""
+        if self.api_url is None or self.token_rules is None:
+            return
+        candidates = [
+            p for p in self.orgs if p.billed and not p.failing_card and p.switched_month is None
+        ]
+        chosen = self.rng.sample(candidates, min(RETURNING_ORGS, len(candidates)))
+        if not chosen:
+            return
+        self.log(f"orgs {', '.join(str(p.org_id) for p in chosen)} cancel, then check out")
+        await asyncio.gather(*(self._come_back(p) for p in chosen))
+
+    async def _come_back(self, plan: OrgPlan) -> None:
+        assert self.api_url is not None and self.token_rules is not None
+        api_url, org_id = self.api_url, plan.org_id
+
+        async def state_with(statuses: set[BillingStatus]) -> OrgBillingState | None:
+            state = await asyncio.wait_for(query_state(self.client, org_id), QUERY_TIMEOUT)
+            return state if state.status in statuses else None
+
+        state = await self._until(
+            f"org {org_id} billed", lambda: state_with({BillingStatus.ACTIVE})
+        )
+        old = state.stripe_subscription_id
+        assert old is not None
+        await self.blocking(self.stripe.v1.subscriptions.cancel, old)
+        plan.canceled_subscription = old
+        await self._until(f"org {org_id} canceled", lambda: state_with({BillingStatus.CANCELED}))
+        token = mint_token(self.token_rules, self._owner(org_id), org_id)
+
+        async def session_url() -> str | None:
+            async with httpx.AsyncClient(base_url=api_url, timeout=20) as http:
+                answer = await http.post(CHECKOUT_URL, headers={"Authorization": f"Bearer {token}"})
+            if answer.status_code != 200:
+                return None  # the API or Stripe may be down for a moment
+            url: str = answer.json()["url"]
+            return url
+
+        url = await self._until(f"org {org_id} checkout", session_url)
+
+        async def paid() -> bool | None:
+            async with httpx.AsyncClient(timeout=20) as http:
+                answer = await http.post(url, data={"cardNumber": TEST_CARD_NUMBER})
+            return True if answer.status_code == 303 else None
+
+        await self._until(f"org {org_id} pays", paid)
+
+        async def linked() -> OrgBillingState | None:
+            state = await state_with({BillingStatus.ACTIVE})
+            return state if state and state.stripe_subscription_id != old else None
+
+        state = await self._until(f"org {org_id} billed again", linked)
+        plan.came_back_with = state.stripe_subscription_id
+        self.log(f"org {org_id} came back: {old} -> {plan.came_back_with}")
+
     # -- the clock --------------------------------------------------------------------------
 
     def _advance(self, target: int) -> None:
@@ -534,6 +629,8 @@ class Scenario:
             if month == 2:
                 await self.switch_to_marketplace(month)
             await self.step(f"month {month}, day 20", start + 20 * DAY)
+            if month == 1:
+                await self.cancel_and_come_back()
             await self.step(f"month {month} end", end + 5 * MINUTE, boundary=end)
             await self.step(f"month {month} invoices", end + 2 * HOUR)
             self.months_invoiced = month

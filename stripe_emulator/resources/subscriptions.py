@@ -477,7 +477,8 @@ def resume_subscription(ctx: Ctx, p: Params, path: dict[str, str]) -> Obj:
         "status_details": None,
         "trial_end": sub["trial_end"],
     }
-    if p.get("billing_cycle_anchor") == "unchanged":
+    anchor = p.get("billing_cycle_anchor")
+    if (anchor.get("type") if isinstance(anchor, dict) else anchor) == "unchanged":
         previous = {"status": sub["status"]}
         sub.update(status="active", status_details=None)
         state.emit("customer.subscription.updated", sub, now, previous=previous)
