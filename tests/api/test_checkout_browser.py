@@ -56,7 +56,7 @@ async def stack(
         yield live
 
 
-async def test_canceled_org_pays_in_the_browser_and_its_subscription_is_live(
+async def test_canceled_org_pays_in_the_browser_and_is_entitled_again(
     stack: LiveStack,
 ) -> None:
     if not shutil.which(CHROMIUM):
@@ -120,3 +120,15 @@ async def test_canceled_org_pays_in_the_browser_and_its_subscription_is_live(
         )
     assert billing.status_code == 200, billing.text
     assert billing.json()["status"] == "active"
+
+    async def entitlement() -> Any:
+        async with httpx.AsyncClient(base_url=stack.api_url) as http:
+            answer = await http.get(
+                f"/api/orgs/{state.org_id}/entitlement", headers=owner_headers(stack, state.org_id)
+            )
+        assert answer.status_code == 200, answer.text
+        return answer.json()
+
+    entitled = await eventually(entitlement, lambda e: e["status"] == "active")
+    assert entitled["entitled"] is True, entitled
+    await eventually(row, lambda o: o.entitled is True)
