@@ -95,3 +95,21 @@ class UsagePlan(BaseModel):
 
 class MarkSentInput(BaseModel):
     identifiers: list[str]
+
+
+class SyncCustomerInput(BaseModel):
+    """Bring the Stripe customer in line with the org (name and owner email)."""
+
+    customer_id: str
+    name: str
+    email: str
+    # When the workflow asked: part of the idempotency key, so a later change back
+    # to an earlier name is a new request.
+    requested_at: datetime
+
+
+class CancelSubscriptionInput(BaseModel):
+    """End the subscription now: the org was closed."""
+
+    subscription_id: str
+    requested_at: datetime

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -52,6 +53,13 @@ class Settings(BaseSettings):
     auth_jwt_issuer: str = Field(default="org-billing", min_length=1, max_length=255)
     auth_jwt_max_ttl_seconds: int = Field(default=3600, ge=60, le=86400)
 
+    # The service API (console backends): bearer keys, comma-separated so a new
+    # key can be added before the old one is removed. Unset: the routes answer 503.
+    billing_service_api_keys: SecretStr | None = None
+    # What closing an org does to its Stripe subscription: end it now, after a
+    # final usage report of the period so far, or at the end of the period.
+    org_close_cancels: Literal["immediately", "period_end"] = "immediately"
+
     stripe_secret_key: str = ""
     stripe_webhook_secret: str = ""
     stripe_price_id: str = ""
@@ -99,6 +107,13 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, value: object) -> object:
         """`WORKER_METRICS_PORT=` (as `.env.example` has it) means no endpoint."""
         return None if isinstance(value, str) and not value.strip() else value
+
+    def service_api_keys(self) -> list[bytes]:
+        """The service API keys (empty entries dropped), as bytes for constant-time compares."""
+        if self.billing_service_api_keys is None:
+            return []
+        raw = self.billing_service_api_keys.get_secret_value()
+        return [key.strip().encode() for key in raw.split(",") if key.strip()]
 
     def missing_stripe_settings(self) -> list[str]:
         missing = []
