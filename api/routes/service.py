@@ -218,8 +218,12 @@ async def _org_changed(link: TemporalLink, settings: Settings, org_id: int) -> N
 
 
 ERRORS = responses(401, 404, 503)
-CONFLICT: dict[int | str, dict[str, Any]] = {409: {"model": ErrorPublic, "description": "Conflicts with the org's state"}}
-INVALID: dict[int | str, dict[str, Any]] = {422: {"description": "A malformed body, or a value that cannot be stored"}}
+CONFLICT: dict[int | str, dict[str, Any]] = {
+    409: {"model": ErrorPublic, "description": "Conflicts with the org's state"}
+}
+INVALID: dict[int | str, dict[str, Any]] = {
+    422: {"description": "A malformed body, or a value that cannot be stored"}
+}
 
 ORG_EXAMPLES = {
     "create": {
@@ -440,8 +444,5 @@ async def post_usage(
     bind_log_context(org_id=org_id)
     outcomes = await _write(factory, lambda s: orgs.record_usage_items(s, org_id, body.items))
     return UsageOut(
-        items=[
-            UsageItemOut(id=o.id, outcome=o.outcome, detail=o.detail)
-            for o in outcomes
-        ]
+        items=[UsageItemOut(id=o.id, outcome=o.outcome, detail=o.detail) for o in outcomes]
     )

@@ -52,7 +52,7 @@ async def service_stack(
             task_queue,
             catalog,
             billing_service_api_keys=f"{SERVICE_KEY},{OLD_SERVICE_KEY}",
-            **overrides,
+            org_close_cancels=org_close_cancels,
         ) as stack,
         httpx.AsyncClient(
             base_url=stack.api_url,
