@@ -64,6 +64,18 @@ T = TypeVar("T")
 # Models ------------------------------------------------------------------------------
 
 
+class ValidationProblem(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ValidationErrorPublic(BaseModel):
+    """A body that does not fit the route's schema: every problem found."""
+
+    detail: list[ValidationProblem]
+
+
 class OwnerIn(BaseModel):
     email: str = Field(max_length=orgs.MAX_EMAIL, description="The owner's email (Stripe's too)")
     first_name: str = Field(default="", max_length=orgs.MAX_NAME)
@@ -218,11 +230,17 @@ async def _org_changed(link: TemporalLink, settings: Settings, org_id: int) -> N
 
 
 ERRORS = responses(401, 404, 503)
+# Routes with a body: one that is not JSON at all is a 400.
+BODY_ERRORS = responses(400, 401, 404, 503)
 CONFLICT: dict[int | str, dict[str, Any]] = {
     409: {"model": ErrorPublic, "description": "Conflicts with the org's state"}
 }
 INVALID: dict[int | str, dict[str, Any]] = {
-    422: {"description": "A malformed body, or a value that cannot be stored"}
+    422: {
+        "model": ErrorPublic | ValidationErrorPublic,
+        "description": "A malformed body (a list of problems), or a value that cannot be "
+        "stored (one sentence)",
+    }
 }
 
 ORG_EXAMPLES = {
@@ -287,7 +305,12 @@ USAGE_EXAMPLES = {
     "/{org_id}",
     response_model=OrgOut,
     status_code=status.HTTP_200_OK,
-    responses={201: {"model": OrgOut, "description": "Created"}, **ERRORS, **CONFLICT, **INVALID},
+    responses={
+        201: {"model": OrgOut, "description": "Created"},
+        **BODY_ERRORS,
+        **CONFLICT,
+        **INVALID,
+    },
     summary="Create or update an org (service API)",
 )
 async def put_org(
@@ -329,7 +352,7 @@ async def put_org(
     "/{org_id}",
     response_model=OrgClosedOut,
     status_code=status.HTTP_202_ACCEPTED,
-    responses={**ERRORS},
+    responses={**ERRORS, **INVALID},
     summary="Close an org (service API)",
 )
 async def delete_org(
@@ -372,7 +395,12 @@ async def delete_org(
 @router.put(
     "/{org_id}/members/{user_external_id}",
     response_model=MemberOut,
-    responses={201: {"model": MemberOut, "description": "Added"}, **ERRORS, **CONFLICT, **INVALID},
+    responses={
+        201: {"model": MemberOut, "description": "Added"},
+        **BODY_ERRORS,
+        **CONFLICT,
+        **INVALID,
+    },
     summary="Add or update a member (service API)",
 )
 async def put_member(
@@ -413,7 +441,7 @@ async def put_member(
 @router.delete(
     "/{org_id}/members/{user_external_id}",
     status_code=status.HTTP_204_NO_CONTENT,
-    responses={**ERRORS, **CONFLICT},
+    responses={**ERRORS, **CONFLICT, **INVALID},
     summary="Remove a member (service API)",
 )
 async def delete_member(
@@ -428,7 +456,7 @@ async def delete_member(
 @router.post(
     "/{org_id}/usage",
     response_model=UsageOut,
-    responses={**ERRORS, **INVALID},
+    responses={**BODY_ERRORS, **INVALID},
     summary="Record request counts (service API)",
 )
 async def post_usage(

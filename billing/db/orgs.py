@@ -79,7 +79,8 @@ REQUESTS_AHEAD = timedelta(days=5 * 366)
 def checked_text(value: str, what: str, *, max_length: int = MAX_NAME) -> str:
     """`value` stripped, refused if it holds control characters or is too long."""
     text = value.strip()
-    if any(unicodedata.category(char) == "Cc" for char in text):
+    # Unpaired surrogates (valid in JSON, not in UTF-8) cannot be stored either.
+    if any(unicodedata.category(char) in ("Cc", "Cs") for char in text):
         raise InvalidInputError(f"The {what} must not contain control characters.")
     if len(text) > max_length:
         raise InvalidInputError(
