@@ -18,6 +18,7 @@ import stripe
 from fastapi import FastAPI
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
+from pydantic import SecretStr
 from schemathesis.checks import (
     content_type_conformance,
     not_a_server_error,
@@ -26,7 +27,6 @@ from schemathesis.checks import (
 )
 from schemathesis.core.result import Ok
 from schemathesis.generation import GenerationMode
-from pydantic import SecretStr
 from sqlalchemy.orm import Session, sessionmaker
 from temporalio.testing import WorkflowEnvironment
 
