@@ -332,6 +332,8 @@ class OrgProfile(BaseModel):
     stripe_subscription_id: str | None = None
     # When the org was closed (None: open); a closed org is never provisioned.
     closed_at: datetime | None = None
+    # The row's subscription status (what the last Stripe read wrote there).
+    subscription_status: SubscriptionStatus | None = None
 
     @property
     def billed_elsewhere(self) -> bool:

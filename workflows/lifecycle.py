@@ -80,6 +80,17 @@ def closed_status(state: OrgBillingState) -> BillingStatus:
     return BillingStatus.CLOSED if state.status in UNBILLED_STATUSES else state.status
 
 
+def closed_row_status(org: OrgProfile) -> BillingStatus | None:
+    """For a closed org's row: the status to end with when nothing of it bills any more
+    (never subscribed: `closed`; its subscription ended: that status), else None."""
+    if not org.stripe_subscription_id:
+        return BillingStatus.CLOSED
+    status = org.subscription_status
+    if status is not None and status not in LIVE_SUBSCRIPTION_STATUSES:
+        return BillingStatus.of(status)
+    return None
+
+
 def customer_target(org: OrgProfile) -> tuple[str, str]:
     """The Stripe customer's name (`"{first} {last} ({org})"`) and email, from the org."""
     return org.customer_name, org.owner_email

@@ -369,9 +369,11 @@ class OrgBillingWorkflow:
             if self._state.closed_at is None:
                 # Started by something else (a webhook) after the close: nothing to do.
                 self._state.closed_at = org.closed_at
-            if not org.stripe_subscription_id:
+            ended = lifecycle.closed_row_status(org)
+            if ended is not None:
+                # Nothing of it bills: the run ends without asking Stripe.
                 self._state.last_error = None
-                self._set_status(BillingStatus.CLOSED)
+                self._set_status(ended)
                 return None
         if org.billed_elsewhere:
             self._state.last_error = None

@@ -340,11 +340,17 @@ async def put_org(
         azure_subscription_id=body.azure_subscription_id,
     )
     result = await _write(factory, lambda s: orgs.put_org(s, org_id, data))
-    if result.created:
+    unbilled = result.org.stripe_subscription_id is None and not result.org.billed_elsewhere
+    if result.created or unbilled:
+        # New, or not billed yet (a start that failed before is made up for):
+        # provisioning starts, or a running workflow is reminded.
         await _tell(link, org_id, lambda client: start_provisioning(client, settings, org_id))
-        response.status_code = status.HTTP_201_CREATED
-    elif result.customer_changed or result.marketplace_changed:
+    if not result.created and (result.customer_changed or result.marketplace_changed):
         await _org_changed(link, settings, org_id)
+    for other in result.also_changed:
+        await _org_changed(link, settings, other)
+    if result.created:
+        response.status_code = status.HTTP_201_CREATED
     return _org_out(result.org)
 
 
@@ -426,6 +432,8 @@ async def put_member(
     result = await _write(factory, lambda s: orgs.put_member(s, org_id, user_external_id, data))
     if result.customer_changed:
         await _org_changed(link, settings, org_id)
+    for other in result.also_changed:
+        await _org_changed(link, settings, other)
     if result.created:
         response.status_code = status.HTTP_201_CREATED
     m = result.member

@@ -317,6 +317,7 @@ def org_profile(session: Session, org_id: int) -> OrgProfile:
         stripe_customer_id=org.stripe_customer_id,
         stripe_subscription_id=org.stripe_subscription_id,
         closed_at=org.closed_at,
+        subscription_status=org.subscription_status,
     )
 
 
@@ -752,6 +753,8 @@ class OrgPut:
     created: bool
     customer_changed: bool
     marketplace_changed: bool
+    # Other orgs the owner owns, whose Stripe customer shows the owner's changed name.
+    also_changed: tuple[int, ...] = ()
 
 
 def _optional_id(value: str | None, what: str) -> str | None:
@@ -808,6 +811,31 @@ def _customer_facts(session: Session, org: Org) -> CustomerFacts | None:
         owner_first_name=owner.user.first_name,
         owner_last_name=owner.user.last_name,
     )
+
+
+def _owned_elsewhere(session: Session, user: User, org_id: int) -> tuple[int, ...]:
+    """The other open orgs `user` owns (their customers carry the user's name and email)."""
+    return tuple(
+        session.scalars(
+            select(Membership.org_id)
+            .join(Org, Org.id == Membership.org_id)
+            .where(
+                Membership.user_id == user.id,
+                Membership.role == MembershipRole.OWNER,
+                Membership.org_id != org_id,
+                Org.closed_at.is_(None),
+                _current(),
+            )
+            .order_by(Membership.org_id)
+        )
+    )
+
+
+def _set_person(user: User, email: str, first_name: str, last_name: str) -> bool:
+    """Give the user these details; True if any changed."""
+    before = (user.email, user.first_name, user.last_name)
+    user.email, user.first_name, user.last_name = email, first_name, last_name
+    return before != (email, first_name, last_name)
 
 
 def _make_owner(session: Session, org_id: int, user: User) -> None:
@@ -900,7 +928,7 @@ def put_org(session: Session, org_id: int, data: OrgInput) -> OrgPut:
     org.aws_account_id = data.aws_account_id
     org.azure_subscription_id = data.azure_subscription_id
     owner = _upsert_user(session, data.owner.email)
-    owner.first_name, owner.last_name = data.owner.first_name, data.owner.last_name
+    renamed = _set_person(owner, owner.email, data.owner.first_name, data.owner.last_name)
     _make_owner(session, org_id, owner)
     session.flush()
     return OrgPut(
@@ -908,6 +936,7 @@ def put_org(session: Session, org_id: int, data: OrgInput) -> OrgPut:
         created=False,
         customer_changed=_customer_facts(session, org) != before,
         marketplace_changed=(org.aws_account_id, org.azure_subscription_id) != marketplace_before,
+        also_changed=_owned_elsewhere(session, owner, org_id) if renamed else (),
     )
 
 
@@ -957,6 +986,8 @@ class MemberPut:
     member: ExternalMember
     created: bool
     customer_changed: bool
+    # Other orgs the user owns, whose Stripe customer shows the user's changed details.
+    also_changed: tuple[int, ...] = ()
 
 
 def _role(value: str) -> MembershipRole:
@@ -1010,7 +1041,7 @@ def put_member(
         user.external_id = external_id
     elif by_email is not None and by_email.id != user.id:
         raise ConflictError(f"{email} belongs to another user.")
-    user.email, user.first_name, user.last_name = email, first, last
+    changed_person = _set_person(user, email, first, last)
     session.flush()
     membership = session.scalar(
         select(Membership).where(
@@ -1044,6 +1075,7 @@ def put_member(
         ),
         created=created,
         customer_changed=_customer_facts(session, org) != before,
+        also_changed=_owned_elsewhere(session, user, org_id) if changed_person else (),
     )
 
 

@@ -83,3 +83,14 @@ def test_the_customer_is_synced_only_when_it_differs() -> None:
     assert not lifecycle.customer_sync_needed(state, name, email)
     assert lifecycle.customer_sync_needed(state, "Ada King (Acme)", email)
     assert not lifecycle.customer_sync_needed(billed(stripe_customer_id=None), name, email)
+
+
+def test_a_closed_row_ends_the_run_only_when_nothing_of_it_bills() -> None:
+    org = OrgProfile(org_id=7, org_uid="u", name="Acme", owner_email="a@acme.example")
+    assert lifecycle.closed_row_status(org) is BillingStatus.CLOSED
+    live = org.model_copy(
+        update={"stripe_subscription_id": "sub_1", "subscription_status": SubscriptionStatus.ACTIVE}
+    )
+    assert lifecycle.closed_row_status(live) is None
+    ended = live.model_copy(update={"subscription_status": SubscriptionStatus.CANCELED})
+    assert lifecycle.closed_row_status(ended) is BillingStatus.CANCELED
