@@ -271,3 +271,27 @@ async def test_an_org_leaving_the_marketplace_is_billed_through_stripe(svc: Serv
     state = await wait_for_status(stack.client, org_id, {BillingStatus.TRIALING})
     assert state.stripe_subscription_id
     assert stack.subscription(state.stripe_subscription_id).status == "trialing"
+
+
+async def test_an_owner_renamed_in_one_org_is_renamed_in_every_org_they_own(
+    svc: ServiceStack,
+) -> None:
+    stack = svc.stack
+    first, second = new_org_id(), new_org_id()
+    email = "ada@labs.example"
+    for org_id, name in ((first, "Labs"), (second, "Works")):
+        assert (await svc.put_org(org_id, org_body(name=name, email=email))).status_code == 201
+    customers = []
+    for org_id in (first, second):
+        state = await wait_for_status(stack.client, org_id, {BillingStatus.TRIALING})
+        assert state.stripe_customer_id
+        customers.append(state.stripe_customer_id)
+
+    renamed = {"email": email, "first_name": "Ada", "last_name": "Byron", "role": "owner"}
+    answer = await svc.http.put(f"/api/orgs/{first}/members/u-ada", json=renamed)
+    assert answer.status_code == 200
+
+    async def names() -> list[str | None]:
+        return [stack.stripe.v1.customers.retrieve(c).name for c in customers]
+
+    await eventually(names, lambda n: n == ["Ada Byron (Labs)", "Ada Byron (Works)"])
