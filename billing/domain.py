@@ -269,6 +269,8 @@ class OrgBillingState(BaseModel):
     # (`immediately` or `period_end`); the run finishes once nothing is owed.
     closed_at: datetime | None = None
     close_cancels: OrgCloseCancels | None = None
+    # The subscription whose end at period end the close asked Stripe for.
+    close_cancel_of: str | None = None
     # The last time the Stripe customer was checked against the org (`org_changed`).
     customer_sync: CustomerSync | None = None
 

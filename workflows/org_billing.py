@@ -111,12 +111,10 @@ class OrgBillingWorkflow:
         self._wake_to_continue = False
         # Stripe's clock at the last read of the subscription (the report time).
         self._stripe_now: datetime | None = None
-        # Service API lifecycle (ORG_LIFECYCLE): an org change to act on, the next
-        # re-sync follows marketplace ids even if it is the run's first, and the
-        # subscription this run asked Stripe to end at its period end.
+        # Service API lifecycle (ORG_LIFECYCLE): an org change to act on, and the
+        # next re-sync follows marketplace ids even if it is the run's first.
         self._org_changed = input.org_changed
         self._follow_now = False
-        self._close_cancel_of: str | None = None
         self._close_wake = self._state.closed_at is not None
 
     # Handlers: record only, the run loop acts. --------------------------------
@@ -733,7 +731,7 @@ class OrgBillingWorkflow:
         workflow.logger.info("customer synced", extra={**self._org(), "updated": updated})
 
     async def _close_step(self) -> None:
-        step = lifecycle.close_step(self._state, self._close_cancel_of)
+        step = lifecycle.close_step(self._state, self._state.close_cancel_of)
         if step is lifecycle.CloseStep.NONE:
             return
         subscription_id = self._state.stripe_subscription_id
@@ -745,7 +743,7 @@ class OrgBillingWorkflow:
                     subscription_id=subscription_id, cancel=True, requested_at=workflow.now()
                 ),
             )
-            self._close_cancel_of = subscription_id
+            self._state.close_cancel_of = subscription_id
             await self._apply(updated)
             workflow.logger.info("org closed: subscription ends at period end", extra=self._org())
             return

@@ -904,7 +904,7 @@ def put_org(session: Session, org_id: int, data: OrgInput) -> OrgPut:
     if inserted is not None:
         _keep_sequence_ahead(session, org_id)
         owner = _upsert_user(session, data.owner.email)
-        owner.first_name, owner.last_name = data.owner.first_name, data.owner.last_name
+        renamed = _set_person(owner, owner.email, data.owner.first_name, data.owner.last_name)
         session.add(Membership(org_id=org_id, user_id=owner.id, role=MembershipRole.OWNER))
         session.flush()
         return OrgPut(
@@ -912,6 +912,7 @@ def put_org(session: Session, org_id: int, data: OrgInput) -> OrgPut:
             created=True,
             customer_changed=False,
             marketplace_changed=False,
+            also_changed=_owned_elsewhere(session, owner, org_id) if renamed else (),
         )
     org = session.get(Org, org_id, with_for_update=True, populate_existing=True)
     if org is None:
