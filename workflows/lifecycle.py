@@ -8,6 +8,7 @@ No I/O here: the workflow asks, these answer, tests call them directly.
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from enum import Enum
 
 from temporalio import workflow
@@ -89,6 +90,11 @@ def closed_row_status(org: OrgProfile) -> BillingStatus | None:
     if status is not None and status not in LIVE_SUBSCRIPTION_STATUSES:
         return BillingStatus.of(status)
     return None
+
+
+def before_cancel(now: datetime) -> datetime:
+    """The time of the report made just before an immediate cancel (a second earlier)."""
+    return now - timedelta(seconds=1)
 
 
 def customer_target(org: OrgProfile) -> tuple[str, str]:

@@ -751,7 +751,9 @@ class OrgBillingWorkflow:
         await self._resync()
         period = decisions.billable_period(self._state)
         if period is not None and self._state.stripe_subscription_id == subscription_id:
-            await self._report_period(*period, self._report_time())
+            # A second before the cancel: the period ends at the cancel's time,
+            # and no meter event may sit at or after a period's end.
+            await self._report_period(*period, lifecycle.before_cancel(self._report_time()))
         canceled = await stripe_activity(
             StripeActivities.cancel_subscription,
             CancelSubscriptionInput(subscription_id=subscription_id, requested_at=workflow.now()),
@@ -762,6 +764,9 @@ class OrgBillingWorkflow:
     async def _finish_close(self) -> None:
         """The run ends: nothing is owed to Stripe any more."""
         self._set_status(lifecycle.closed_status(self._state))
+        # Events that came after the end change nothing for a closed org: seen.
+        while self._pending:
+            decisions.remember(self._state, self._pending.popleft(), self._tuning.seen_events_limit)
         workflow.logger.info("org closed: billing finished", extra=self._org())
         await workflow.wait_condition(workflow.all_handlers_finished)
 

@@ -24,7 +24,7 @@ from billing.orchestration import query_state
 from stripe_emulator.server import EmulatorServer
 from tests.factories.service_api import ServiceStack, new_org_id, org_body, service_stack
 from tests.factories.stack import capture_history, eventually, scheduled, wait_for_status
-from tests.workflows.test_usage import REQUESTS, USERS, ledger, meter_total, period_of
+from tests.workflows.test_usage import REQUESTS, USERS, at, ledger, meter_total, period_of
 
 pytestmark = pytest.mark.asyncio
 
@@ -138,8 +138,12 @@ async def test_closing_bills_the_period_so_far_then_cancels_and_finishes(
     assert closed.status_code == 202 and closed.json()["cancels"] == "immediately"
 
     await finished(svc, org_id)
+    # Stripe's events about the cancel come after the end: each is seen, none reopens.
+    await stack.settled(org_id)
+    await finished(svc, org_id)
     sub = stack.subscription(sub_id)
     assert sub.status == "canceled"
+    assert all(r.event_timestamp < at(int(sub.ended_at)) for r in ledger(stack, org_id, start))
     rows = ledger(stack, org_id, start)
     assert sum(r.value for r in rows if r.dimension == REQUESTS) == 9
     assert {r.dimension for r in rows} == {REQUESTS, USERS}
