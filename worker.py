@@ -162,6 +162,8 @@ def build_workers(
             stripe_activities.checkout_completed,
             stripe_activities.cancel_at_period_end,
             stripe_activities.send_meter_event,
+            stripe_activities.sync_customer,
+            stripe_activities.cancel_subscription,
         ],
         max_concurrent_activities=stripe_worker_concurrency(rate),
         max_task_queue_activities_per_second=rate * DISPATCH_HEADROOM,

@@ -123,3 +123,21 @@ class CheckoutCompletedInput(BaseModel):
     org: OrgProfile
     # The org's customer as its workflow knows it: the session must be this one's.
     customer_id: str
+
+
+class SyncCustomerInput(BaseModel):
+    """Bring the Stripe customer in line with the org (name and owner email)."""
+
+    customer_id: str
+    name: str
+    email: str
+    # When the workflow asked: part of the idempotency key, so a later change back
+    # to an earlier name is a new request.
+    requested_at: datetime
+
+
+class CancelSubscriptionInput(BaseModel):
+    """End the subscription now: the org was closed."""
+
+    subscription_id: str
+    requested_at: datetime

@@ -9,11 +9,13 @@ from temporalio import activity
 from activities.errors import stripe_errors_classified
 from activities.models import (
     CancelAtPeriodEndInput,
+    CancelSubscriptionInput,
     CheckoutCompletedInput,
     EnsureSubscriptionInput,
     FetchSubscriptionInput,
     MeterEventToSend,
     OwnCustomer,
+    SyncCustomerInput,
 )
 from billing.config import Settings
 from billing.domain import (
@@ -23,6 +25,7 @@ from billing.domain import (
     SubscriptionSnapshot,
 )
 from billing.stripe_gateway import MeterOutcome, StripeGateway
+from billing.stripe_keys import params_digest
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +129,30 @@ class StripeActivities:
             "subscription cancel at period end set",
             extra={"subscription_id": data.subscription_id, "cancel": data.cancel},
         )
+        return sub
+
+    @activity.defn(name="stripe_sync_customer")
+    @stripe_errors_classified
+    async def sync_customer(self, data: SyncCustomerInput) -> bool:
+        """The customer's name and email as the org has them now; True if Stripe's changed."""
+        params = {"name": data.name, "email": data.email}
+        key = (
+            f"customer-update-{data.customer_id}-{params_digest(params)}-"
+            f"{int(data.requested_at.timestamp())}"
+        )
+        changed = await self._gateway.sync_customer(
+            data.customer_id, name=data.name, email=data.email, idempotency_key=key
+        )
+        log.info("customer synced", extra={"customer_id": data.customer_id, "changed": changed})
+        return changed
+
+    @activity.defn(name="stripe_cancel_subscription")
+    @stripe_errors_classified
+    async def cancel_subscription(self, data: CancelSubscriptionInput) -> SubscriptionSnapshot:
+        """End the subscription now (the org was closed)."""
+        key = f"subscription-cancel-{data.subscription_id}-{int(data.requested_at.timestamp())}"
+        sub = await self._gateway.cancel_subscription_now(data.subscription_id, idempotency_key=key)
+        log.info("subscription canceled", extra={"subscription_id": data.subscription_id})
         return sub
 
     @activity.defn(name="stripe_send_meter_event")

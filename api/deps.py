@@ -11,7 +11,6 @@ a worker thread for each one on every request.
 
 from __future__ import annotations
 
-import hmac
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -30,7 +29,14 @@ from api.errors import (
 from api.metrics import BillingMetrics
 from api.temporal import TemporalLink
 from api.webhook_store import WebhookStore
-from billing.auth import ALGORITHM, Claims, InvalidTokenError, TokenRules, decode_token
+from billing.auth import (
+    ALGORITHM,
+    Claims,
+    InvalidTokenError,
+    TokenRules,
+    decode_token,
+    key_matches,
+)
 from billing.config import Settings
 from billing.db import orgs
 from billing.domain import BILLING_MANAGER_ROLES, MembershipRole
@@ -223,19 +229,9 @@ BillingManagerDep = Annotated[Claims, Depends(get_billing_manager_claims)]
 
 
 def service_key_ok(settings: Settings, presented: str) -> bool:
-    """Whether `presented` is one of `BILLING_SERVICE_API_KEYS` (comma-separated).
-
-    Compared in constant time against every key, so timing tells nothing.
-    """
-    keys = settings.billing_service_api_keys
-    if keys is None or not presented:
-        return False
-    found = False
-    for key in keys.get_secret_value().split(","):
-        key = key.strip()
-        if key and hmac.compare_digest(key.encode(), presented.encode()):
-            found = True
-    return found
+    """Whether `presented` is one of `BILLING_SERVICE_API_KEYS` (constant time)."""
+    keys = settings.service_api_keys()
+    return bool(keys and presented) and key_matches(presented, keys)
 
 
 async def get_org_reader(

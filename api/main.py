@@ -28,8 +28,9 @@ from api.docs_pages import add_offline_docs
 from api.errors import database_unavailable
 from api.log_limits import BoundedLog
 from api.metrics import CLIENT_CLOSED_STATUS, BillingMetrics, method_label, status_label
-from api.routes import checkout, entitlement, health, orgs, payments, webhooks
+from api.routes import checkout, entitlement, health, orgs, payments, service, webhooks
 from api.server import BodyTimeoutMiddleware
+from api.service_auth import check_service_keys
 from api.temporal import TemporalLink
 from api.webhook_store import WebhookStore
 from billing.auth import AuthConfigError, check_settings
@@ -122,6 +123,7 @@ def _check_auth(settings: Settings) -> None:
     except AuthConfigError as err:
         log.error("The API cannot start: %s", err)
         raise
+    check_service_keys(settings)
     if not settings.auth_jwt_secret and not settings.auth_jwks_url:
         log.warning("AUTH_JWT_SECRET is not set: the portal and billing routes will answer 500")
 
@@ -199,6 +201,7 @@ def create_app(
     app.include_router(checkout.router)
     app.include_router(orgs.router)
     app.include_router(entitlement.router)
+    app.include_router(service.router)
     app.include_router(health.router)
     return app
 

@@ -120,12 +120,17 @@ def candidates(session: Session) -> list[int]:
     A workflow stamps `stripe_synced_at` whenever it writes a Stripe read to
     the row; the legacy implementation never does. So an org once adopted, or
     provisioned here, is not looked at again, also after its workflow finished
-    (a closed org stays closed). Those with a running workflow are skipped.
+    (a closed org stays closed). Those with a running workflow are skipped, and
+    orgs the console closed are never adopted.
     """
     return list(
         session.scalars(
             select(Org.id)
-            .where(Org.stripe_subscription_id.is_not(None), Org.stripe_synced_at.is_(None))
+            .where(
+                Org.stripe_subscription_id.is_not(None),
+                Org.stripe_synced_at.is_(None),
+                Org.closed_at.is_(None),
+            )
             .order_by(Org.id)
         )
     )

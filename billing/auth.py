@@ -16,6 +16,7 @@ refused before its signature is even looked at.
 
 from __future__ import annotations
 
+import hmac
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -233,3 +234,13 @@ def timestamp_claim(value: object, claim: str) -> datetime:
     if not 0 < value <= _LATEST_TIMESTAMP:
         raise InvalidTokenError(f"Token claim {claim!r} is out of range")
     return datetime.fromtimestamp(value, tz=UTC)
+
+
+def key_matches(given: str, keys: list[bytes]) -> bool:
+    """Whether `given` is one of `keys` (the service API keys): constant time per key,
+    and every key is compared (no early exit), so timing tells nothing."""
+    candidate = given.encode()
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(candidate, key)
+    return matched

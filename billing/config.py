@@ -65,6 +65,13 @@ class Settings(BaseSettings):
     auth_jwks_cache_seconds: float = Field(default=300.0, ge=0, le=86400)
     auth_jwks_refresh_seconds: float = Field(default=30.0, ge=0, le=3600)
 
+    # The service API (console backends): bearer keys, comma-separated so a new
+    # key can be added before the old one is removed. Unset: the routes answer 503.
+    billing_service_api_keys: SecretStr | None = None
+    # What closing an org does to its Stripe subscription: end it now, after a
+    # final usage report of the period so far, or at the end of the period.
+    org_close_cancels: Literal["immediately", "period_end"] = "immediately"
+
     stripe_secret_key: str = ""
     stripe_webhook_secret: str = ""
     stripe_price_id: str = ""
@@ -117,8 +124,6 @@ class Settings(BaseSettings):
     # A slow client cannot hold the API: headers and each body chunk must arrive in time.
     api_header_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
     api_body_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
-    # The console backend's service keys (`Authorization: Bearer <key>`), comma-separated.
-    billing_service_api_keys: SecretStr | None = None
     # Entitlement (billing/entitlement.py): a past-due org keeps access this long
     # after its first failed payment.
     past_due_grace_days: int = Field(default=7, ge=0, le=365)
@@ -166,6 +171,13 @@ class Settings(BaseSettings):
         if value is not None and not value.startswith(("http://", "https://")):
             raise ValueError("BILLING_NOTIFY_URL must be an http:// or https:// URL")
         return value
+
+    def service_api_keys(self) -> list[bytes]:
+        """The service API keys (empty entries dropped), as bytes for constant-time compares."""
+        if self.billing_service_api_keys is None:
+            return []
+        raw = self.billing_service_api_keys.get_secret_value()
+        return [key.strip().encode() for key in raw.split(",") if key.strip()]
 
     def missing_stripe_settings(self) -> list[str]:
         missing = []

@@ -32,6 +32,8 @@ class BillingStatus(StrEnum):
     PROVISIONING = "provisioning"
     PROVISIONING_FAILED = "provisioning_failed"
     NOT_BILLED = "not_billed"
+    # Closed (service API) before Stripe billed it: nothing to cancel.
+    CLOSED = "closed"
     INCOMPLETE = "incomplete"
     INCOMPLETE_EXPIRED = "incomplete_expired"
     TRIALING = "trialing"
@@ -235,6 +237,31 @@ class PublishedBilling(BaseModel):
     access_until: datetime | None = None
 
 
+class OrgCloseCancels(StrEnum):
+    """`ORG_CLOSE_CANCELS`: how a closed org's subscription ends."""
+
+    IMMEDIATELY = "immediately"
+    PERIOD_END = "period_end"
+
+
+class OrgCloseSignal(BaseModel):
+    """The `close_org` signal: the org was closed in the database at `closed_at`."""
+
+    closed_at: datetime
+    cancels: OrgCloseCancels = OrgCloseCancels.IMMEDIATELY
+
+
+class CustomerSync(BaseModel):
+    """The Stripe customer as last checked against the org: name, email, and whether
+    the check changed it (the `org_changed` signal's work)."""
+
+    customer_id: str
+    name: str
+    email: str
+    synced_at: datetime
+    updated: bool
+
+
 class OrgBillingState(BaseModel):
     """Everything the `OrgBilling` workflow knows; carried across continue-as-new."""
 
@@ -290,6 +317,16 @@ class OrgBillingState(BaseModel):
     pending_notifications: list[BillingNotification] = Field(default_factory=list)
 
 
+    # The org was closed (`close_org` signal): when, and how its subscription ends
+    # (`immediately` or `period_end`); the run finishes once nothing is owed.
+    closed_at: datetime | None = None
+    close_cancels: OrgCloseCancels | None = None
+    # The subscription whose end at period end the close asked Stripe for.
+    close_cancel_of: str | None = None
+    # The last time the Stripe customer was checked against the org (`org_changed`).
+    customer_sync: CustomerSync | None = None
+
+
 class OrgBillingTuning(BaseModel):
     """Timings of an org workflow; tests shrink them to exercise the same paths quickly."""
 
@@ -322,6 +359,8 @@ class OrgBillingInput(BaseModel):
     retry_requested: bool = False
     resync_requested: bool = False
     tuning: OrgBillingTuning = Field(default_factory=OrgBillingTuning)
+    # An `org_changed` signal not acted on yet.
+    org_changed: bool = False
 
 
 class BackfillInput(BaseModel):
@@ -347,6 +386,10 @@ class OrgProfile(BaseModel):
     azure_subscription_id: str | None = None
     stripe_customer_id: str | None = None
     stripe_subscription_id: str | None = None
+    # When the org was closed (None: open); a closed org is never provisioned.
+    closed_at: datetime | None = None
+    # The row's subscription status (what the last Stripe read wrote there).
+    subscription_status: SubscriptionStatus | None = None
 
     @property
     def billed_elsewhere(self) -> bool:

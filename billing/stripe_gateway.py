@@ -374,6 +374,36 @@ class StripeGateway:
         )
         return snapshot_of(sub.to_dict(), read_at=read_at)
 
+    async def cancel_subscription_now(
+        self, subscription_id: str, *, idempotency_key: str
+    ) -> SubscriptionSnapshot:
+        """End the subscription now (a closed org); an ended one is read as it is.
+
+        `invoice_now` bills the usage reported for the period so far at once.
+        """
+        read_at = datetime.now(UTC)
+        current = await self._client.v1.subscriptions.retrieve_async(
+            subscription_id, {"expand": ["test_clock"]}
+        )
+        if current.status in ("canceled", "incomplete_expired"):
+            return snapshot_of(current.to_dict(), read_at=read_at)
+        await self._client.v1.subscriptions.cancel_async(
+            subscription_id, {"invoice_now": True}, {"idempotency_key": idempotency_key}
+        )
+        return await self.get_subscription(subscription_id)
+
+    async def sync_customer(
+        self, customer_id: str, *, name: str, email: str, idempotency_key: str
+    ) -> bool:
+        """Give the customer this name and email unless it has them; True if it changed."""
+        customer = (await self._client.v1.customers.retrieve_async(customer_id)).to_dict()
+        if customer.get("name") == name and customer.get("email") == email:
+            return False
+        await self._client.v1.customers.update_async(
+            customer_id, {"name": name, "email": email}, {"idempotency_key": idempotency_key}
+        )
+        return True
+
     # Usage ---------------------------------------------------------------------
 
     async def report_usage(

@@ -22,16 +22,20 @@ with workflow.unsafe.imports_passed_through():
     from activities.models import (
         AdoptionRefusalInput,
         CancelAtPeriodEndInput,
+        CancelSubscriptionInput,
         CheckoutCompletedInput,
         EnsureSubscriptionInput,
         FetchSubscriptionInput,
         PlanUsageInput,
         SaveCustomerInput,
         SaveSubscriptionInput,
+        SyncCustomerInput,
     )
     from activities.stripe_activities import StripeActivities
     from billing.constants import (
+        CLOSE_ORG_SIGNAL,
         ORG_BILLING_WORKFLOW,
+        ORG_CHANGED_SIGNAL,
         RECONCILE_UPDATE,
         REPORT_USAGE_UPDATE,
         RESYNC_SIGNAL,
@@ -43,9 +47,11 @@ with workflow.unsafe.imports_passed_through():
         LIVE_SUBSCRIPTION_STATUSES,
         BillingProblem,
         BillingStatus,
+        CustomerSync,
         FieldDifference,
         OrgBillingInput,
         OrgBillingState,
+        OrgCloseSignal,
         ReconcileResult,
         RefusedAdoption,
         StripeEventSignal,
@@ -56,7 +62,7 @@ with workflow.unsafe.imports_passed_through():
     from billing.problems import current_details
     from billing.search_attributes import BILLING_PROBLEM_KEY
 
-from workflows import checkout, decisions, notifications
+from workflows import checkout, decisions, lifecycle, notifications
 from workflows.calls import (
     Refused,
     db_activity,
@@ -93,6 +99,9 @@ ADOPTION_PROBLEM = "problem-adoption-refused"
 # `checkout.session.completed`: the session is re-read and, proven the org's,
 # its subscription linked (or its card made the customer's default).
 CHECKOUT = "checkout"
+# The service API's org lifecycle: `org_changed` syncs the Stripe customer and
+# follows marketplace ids at once; `close_org` ends the subscription and the run.
+ORG_LIFECYCLE = "org-lifecycle"
 # Every patch id, for the checks of what a history may hold in plaintext.
 PATCH_IDS = (
     NOT_BILLED_RECHECK,
@@ -102,6 +111,7 @@ PATCH_IDS = (
     NOTIFICATIONS,
     ADOPTION_PROBLEM,
     CHECKOUT,
+    ORG_LIFECYCLE,
 )
 # The prefix of `last_error` for usage work (cleared when usage goes through again).
 USAGE_ERROR = "usage report"
@@ -128,6 +138,11 @@ class OrgBillingWorkflow:
         self._stripe_now: datetime | None = None
         # Whether this run publishes entitlement and notifications (`NOTIFICATIONS`).
         self._notifying = False
+        # Service API lifecycle (ORG_LIFECYCLE): an org change to act on, and the
+        # next re-sync follows marketplace ids even if it is the run's first.
+        self._org_changed = input.org_changed
+        self._follow_now = False
+        self._close_wake = self._state.closed_at is not None
 
     # Handlers: record only, the run loop acts. --------------------------------
 
@@ -142,6 +157,15 @@ class OrgBillingWorkflow:
     @workflow.signal(name=RESYNC_SIGNAL)
     def on_resync(self) -> None:
         self._resync_requested = True
+
+    @workflow.signal(name=ORG_CHANGED_SIGNAL)
+    def on_org_changed(self) -> None:
+        self._org_changed = True
+
+    @workflow.signal(name=CLOSE_ORG_SIGNAL)
+    def on_close_org(self, close: OrgCloseSignal) -> None:
+        lifecycle.note_close(self._state, close)
+        self._close_wake = True
 
     @workflow.query(name=STATE_QUERY)
     def state(self) -> OrgBillingState:
@@ -194,6 +218,9 @@ class OrgBillingWorkflow:
         if decisions.provisioning_pending(self._state):
             await self._provision_until_done()
         while True:
+            if self._closing() and lifecycle.close_finished(self._state):
+                await self._finish_close()
+                return
             if self._period_rolled or self._history_too_long():
                 await self._continue_as_new()
             with contextlib.suppress(TimeoutError):
@@ -208,6 +235,8 @@ class OrgBillingWorkflow:
             self._retry_requested = False
             async with self._lock:
                 await self._drain_events()
+                if self._org_changed or self._closing():
+                    await self._kept_alive("org lifecycle", self._lifecycle_work())
                 if self._resync_requested or decisions.resync_due(
                     self._state, self._tuning, workflow.now()
                 ):
@@ -223,6 +252,8 @@ class OrgBillingWorkflow:
             or self._continue_due()
             or self._resync_requested
             or self._retry_requested
+            or self._org_changed
+            or self._close_wake
             or (
                 bool(self._state.to_finalize)
                 and not decisions.usage_quiet(self._state, workflow.now())
@@ -256,6 +287,7 @@ class OrgBillingWorkflow:
                 retry_requested=self._retry_requested,
                 resync_requested=self._resync_requested,
                 tuning=self._tuning,
+                org_changed=self._org_changed,
             )
         )
 
@@ -300,6 +332,10 @@ class OrgBillingWorkflow:
                 done = await self._provision_once()
             if done:
                 return
+            if self._closing():
+                # Closed while provisioning failed: nothing was billed, nothing to end.
+                self._set_status(BillingStatus.CLOSED)
+                return
             if await self._wait_for_provisioning_retry():
                 return
 
@@ -320,13 +356,18 @@ class OrgBillingWorkflow:
             event_retry = decisions.next_event_retry(self._state, workflow.now())
             try:
                 await workflow.wait_condition(
-                    lambda: self._retry_requested or self._events_waiting() or self._continue_due(),
+                    lambda: (
+                        self._retry_requested
+                        or self._events_waiting()
+                        or self._continue_due()
+                        or self._state.closed_at is not None
+                    ),
                     timeout=remaining if event_retry is None else min(remaining, event_retry),
                 )
             except TimeoutError:
                 if event_retry is None or workflow.now() >= retry_at:
                     return False
-            if self._retry_requested:
+            if self._retry_requested or self._state.closed_at is not None:
                 return False
             async with self._lock:
                 await self._drain_events()
@@ -359,6 +400,18 @@ class OrgBillingWorkflow:
     async def _provision(self) -> Refused | None:
         """Customer, then subscription; a `Refused` when the row's customer is not the org's."""
         org = await db_activity(DbActivities.load_org, self._state.org_id)
+        if (org.closed_at is not None or self._state.closed_at is not None) and workflow.patched(
+            ORG_LIFECYCLE
+        ):
+            if self._state.closed_at is None:
+                # Started by something else (a webhook) after the close: nothing to do.
+                self._state.closed_at = org.closed_at
+            ended = lifecycle.closed_row_status(org)
+            if ended is not None:
+                # Nothing of it bills: the run ends without asking Stripe.
+                self._state.last_error = None
+                self._set_status(ended)
+                return None
         # Billed elsewhere with a subscription of ours on the row: it may still be
         # live in Stripe (the move happened while no run was watching).
         leaving = (
@@ -554,8 +607,9 @@ class OrgBillingWorkflow:
         if self._safe():
             cap = decisions.watermark_cap(snapshot, workflow.now())
             decisions.cap_watermarks(self._state, [snapshot.id, snapshot.customer_id], cap)
-        if self._safe() and not first_sync:
+        if self._safe() and (not first_sync or self._follow_now) and self._state.closed_at is None:
             diffs += await self._follow_marketplace(snapshot)
+        self._follow_now = False
         return diffs
 
     async def _follow_marketplace(self, snapshot: SubscriptionSnapshot) -> list[FieldDifference]:
@@ -756,6 +810,81 @@ class OrgBillingWorkflow:
             )
             return
         notifications.published(self._state, plan)
+    # Org lifecycle (service API) -----------------------------------------------
+
+    def _closing(self) -> bool:
+        """The org was closed; asked only then, so runs without a close record no marker."""
+        return self._state.closed_at is not None and workflow.patched(ORG_LIFECYCLE)
+
+    async def _lifecycle_work(self) -> None:
+        """Sync the customer after an org change; end a closed org's subscription."""
+        if self._org_changed and workflow.patched(ORG_LIFECYCLE):
+            self._org_changed = False
+            if self._state.closed_at is None:
+                await self._sync_customer()
+                # Marketplace ids may have changed: re-read now and follow them.
+                self._resync_requested = True
+                self._follow_now = True
+        if self._closing():
+            self._close_wake = False
+            await self._close_step()
+
+    async def _sync_customer(self) -> None:
+        """The Stripe customer's name and email as the org has them (idempotent)."""
+        org = await db_activity(DbActivities.load_org, self._state.org_id)
+        name, email = lifecycle.customer_target(org)
+        customer_id = self._state.stripe_customer_id
+        if customer_id is None or not lifecycle.customer_sync_needed(self._state, name, email):
+            return
+        now = workflow.now()
+        updated = await stripe_activity(
+            StripeActivities.sync_customer,
+            SyncCustomerInput(customer_id=customer_id, name=name, email=email, requested_at=now),
+        )
+        self._state.customer_sync = CustomerSync(
+            customer_id=customer_id, name=name, email=email, synced_at=now, updated=updated
+        )
+        workflow.logger.info("customer synced", extra={**self._org(), "updated": updated})
+
+    async def _close_step(self) -> None:
+        step = lifecycle.close_step(self._state, self._state.close_cancel_of)
+        if step is lifecycle.CloseStep.NONE:
+            return
+        subscription_id = self._state.stripe_subscription_id
+        assert subscription_id is not None
+        if step is lifecycle.CloseStep.CANCEL_AT_PERIOD_END:
+            updated = await stripe_activity(
+                StripeActivities.cancel_at_period_end,
+                CancelAtPeriodEndInput(
+                    subscription_id=subscription_id, cancel=True, requested_at=workflow.now()
+                ),
+            )
+            self._state.close_cancel_of = subscription_id
+            await self._apply(updated)
+            workflow.logger.info("org closed: subscription ends at period end", extra=self._org())
+            return
+        # Immediately: the period so far gets its final report first, then the cancel.
+        await self._resync()
+        period = decisions.billable_period(self._state)
+        if period is not None and self._state.stripe_subscription_id == subscription_id:
+            # A second before the cancel: the period ends at the cancel's time,
+            # and no meter event may sit at or after a period's end.
+            await self._report_period(*period, lifecycle.before_cancel(self._report_time()))
+        canceled = await stripe_activity(
+            StripeActivities.cancel_subscription,
+            CancelSubscriptionInput(subscription_id=subscription_id, requested_at=workflow.now()),
+        )
+        await self._apply(canceled)
+        workflow.logger.info("org closed: subscription canceled", extra=self._org())
+
+    async def _finish_close(self) -> None:
+        """The run ends: nothing is owed to Stripe any more."""
+        self._set_status(lifecycle.closed_status(self._state))
+        # Events that came after the end change nothing for a closed org: seen.
+        while self._pending:
+            decisions.remember(self._state, self._pending.popleft(), self._tuning.seen_events_limit)
+        workflow.logger.info("org closed: billing finished", extra=self._org())
+        await workflow.wait_condition(workflow.all_handlers_finished)
 
     # Plumbing -------------------------------------------------------------------
 

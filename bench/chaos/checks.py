@@ -145,6 +145,8 @@ class Checker:
             await asyncio.to_thread(self.meter_totals, world, customer_org, clock_now),
             await asyncio.to_thread(self.meter_event_periods, world, customer_org),
             await asyncio.to_thread(self.billed_twice, world, customer_org),
+            self.closed_orgs(world, customer_org),
+            await asyncio.to_thread(self.customer_details, world, customer_org),
             self.webhooks(),
             await self.workflows(),
             await self.adoptions(world, customer_org),
@@ -314,7 +316,16 @@ class Checker:
                 # Its periods follow the checkout's date: each invoice's lines are
                 # checked above; how many there are is Stripe's calendar.
                 continue
-            if billed_periods[org_id] != expected_invoices:
+            allowed = {expected_invoices}
+            if plan.closed_month is not None:
+                # Canceled in the month it was closed in: the paid months before
+                # it are invoiced. The test clock outruns the wall clock, so a
+                # cancel that faults delayed may land after that month's renewal,
+                # which invoices it too (its quantities are checked above like
+                # any invoice's); nothing is invoiced after that.
+                allowed = {plan.closed_month - 1, plan.closed_month}
+                expected_invoices = plan.closed_month - 1
+            if billed_periods[org_id] not in allowed:
                 check.add(
                     f"org {org_id} has {billed_periods[org_id]} usage invoices, "
                     f"expected {expected_invoices}"
@@ -529,6 +540,48 @@ class Checker:
         )
         return check
 
+    # -- what the console changed --------------------------------------------------------
+
+    def closed_orgs(self, world: StripeWorld, customer_org: dict[str, int]) -> Invariant:
+        """A closed org has no live subscription (and its row says it is closed)."""
+        check = Invariant("closed orgs with a live subscription")
+        closed = {org_id for org_id, plan in self.orgs.items() if plan.closed_month is not None}
+        for sub in world.subscriptions:
+            org_id = customer_org.get(sub["customer"])
+            if org_id in closed and sub["status"] in LIVE:
+                check.add(f"org {org_id} is closed; subscription {sub['id']} is {sub['status']}")
+        with self.sessions() as session:
+            open_rows = set(
+                session.scalars(select(Org.id).where(Org.id.in_(closed), Org.closed_at.is_(None)))
+            )
+        for org_id in sorted(open_rows):
+            check.add(f"org {org_id} was closed but its row is not")
+        self.notes["orgs closed"] = len(closed)
+        return check
+
+    def customer_details(self, world: StripeWorld, customer_org: dict[str, int]) -> Invariant:
+        """Each org's Stripe customer shows the org's name and its owner's name and email."""
+        check = Invariant("customers whose name or email differ from their org's")
+        with self.sessions() as session:
+            profiles = {org_id: orgs.org_profile(session, org_id) for org_id in self.orgs}
+        for customer in world.customers:
+            org_id = customer_org.get(customer["id"])
+            if org_id is None:
+                continue
+            profile = profiles[org_id]
+            if (customer.get("name"), customer.get("email")) != (
+                profile.customer_name,
+                profile.owner_email,
+            ):
+                check.add(
+                    f"org {org_id}: customer {customer.get('name')!r} <{customer.get('email')}>, "
+                    f"org {profile.customer_name!r} <{profile.owner_email}>"
+                )
+        self.notes["orgs renamed or with an owner renamed"] = sum(
+            p.changes > 0 for p in self.orgs.values()
+        )
+        return check
+
     # -- webhooks and workflows ------------------------------------------------------------
 
     def webhooks(self) -> Invariant:
@@ -561,7 +614,12 @@ class Checker:
             if execution is None:
                 check.add(f"org {org_id} has no workflow")
                 continue
-            if execution.status != WorkflowExecutionStatus.RUNNING:
+            closed = self.orgs[org_id].closed_month is not None
+            # A closed org's workflow finishes once nothing is owed to Stripe.
+            wanted = (
+                WorkflowExecutionStatus.COMPLETED if closed else WorkflowExecutionStatus.RUNNING
+            )
+            if execution.status != wanted:
                 status = execution.status.name if execution.status else "unknown"
                 check.add(f"org {org_id}: latest run is {status}")
                 continue

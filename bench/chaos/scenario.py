@@ -18,6 +18,12 @@ marketplace (an AWS account id in their row, then the re-sync an operator's
 In the first month a couple of paying orgs cancel their subscription and come
 back through checkout: the owner asks the API for a checkout link and pays on
 Stripe's page; each must end with exactly one live subscription, the new one.
+
+Through both months some orgs are renamed and some owners change their name
+(what the service API's PUT does: the row, then the `org_changed` signal), and
+in the second month one paying org is closed (its row closed, then the
+`close_org` signal): its subscription ends at once after the usage of the
+period so far is reported, and its workflow finishes.
 """
 
 from __future__ import annotations
@@ -38,17 +44,30 @@ from sqlalchemy.orm import Session, sessionmaker
 from temporalio.client import Client
 
 from billing.auth import TokenRules, mint_token
-from billing.constants import RECONCILE_UPDATE, REPORT_USAGE_UPDATE, org_workflow_id
+from billing.constants import (
+    CLOSE_ORG_SIGNAL,
+    ORG_CHANGED_SIGNAL,
+    RECONCILE_UPDATE,
+    REPORT_USAGE_UPDATE,
+    org_workflow_id,
+)
 from billing.db import orgs
 from billing.db.models import Org, StripeEventLog, UsageLedger
 from billing.domain import (
     BillingStatus,
     LedgerStatus,
     OrgBillingState,
+    OrgCloseCancels,
+    OrgCloseSignal,
     ReconcileResult,
     UsageReportResult,
 )
-from billing.orchestration import RETRY_PROVISIONING, query_state, start_org_workflow
+from billing.orchestration import (
+    RETRY_PROVISIONING,
+    StartSignal,
+    query_state,
+    start_org_workflow,
+)
 
 from .faults import EmulatorControl, FaultInjector
 from .processes import TASK_QUEUE
@@ -70,6 +89,10 @@ SWITCHED_ORGS = 2
 RETURNING_ORGS = 2
 CHECKOUT_URL = "/api/payments/stripe/checkout"
 TEST_CARD_NUMBER = "4242424242424242"
+# Paying orgs closed in the middle of the second month; orgs renamed or whose
+# owner changes their name, in the middle of each month.
+CLOSED_ORGS = 1
+CHANGED_ORGS = 2
 
 OrgKind = Literal["stripe", "aws", "azure"]
 PlantedKind = Literal["look-alike", "dashboard"]
@@ -97,6 +120,10 @@ class OrgPlan:
     # subscription and the one checkout made.
     canceled_subscription: str | None = None
     came_back_with: str | None = None
+    # Set when the org was closed: the month it was closed in (1 is the first paid month).
+    closed_month: int | None = None
+    # Renames and owner name changes made to it.
+    changes: int = 0
 
     @property
     def billed(self) -> bool:
@@ -407,7 +434,7 @@ class Scenario:
         total = 0
         with self.sessions.begin() as session:
             for plan in self.orgs:
-                if not plan.billed:
+                if not plan.billed or plan.closed_month is not None:
                     continue
                 for _ in range(self.rng.randint(0, 3)):
                     when = self.rng.randint(start, end - 1)
@@ -421,7 +448,7 @@ class Scenario:
         changed = 0
         with self.sessions.begin() as session:
             for plan in self.orgs:
-                if not plan.billed or self.rng.random() > 0.2:
+                if not plan.billed or plan.closed_month is not None or self.rng.random() > 0.2:
                     continue
                 if plan.members and self.rng.random() < 0.4:
                     email = plan.members.pop(self.rng.randrange(len(plan.members)))
@@ -576,6 +603,79 @@ class Scenario:
         plan.came_back_with = state.stripe_subscription_id
         self.log(f"org {org_id} came back: {old} -> {plan.came_back_with}")
 
+    # -- what the console changes -----------------------------------------------------------
+
+    async def _signal(self, org_id: int, signal: StartSignal) -> None:
+        """Signal-with-start, as the service API does; Temporal may be restarting."""
+        while True:
+            try:
+                await asyncio.wait_for(
+                    start_org_workflow(self.client, TASK_QUEUE, org_id, signal=signal), 10
+                )
+                return
+            except Exception as err:
+                if self.remaining() <= 0:
+                    raise DeadlineExceeded(f"signal org {org_id}") from err
+                await asyncio.sleep(1)
+
+    def _rename(self, plan: OrgPlan, month: int) -> None:
+        """A new org name, or a new last name of its owner (what a PUT of the org does)."""
+        with self.sessions.begin() as session:
+            summary = orgs.org_summary(session, plan.org_id)
+            assert summary.owner_email is not None
+            rename = self.rng.random() < 0.5
+            orgs.put_org(
+                session,
+                plan.org_id,
+                orgs.OrgInput(
+                    uid=summary.uid,
+                    name=f"{summary.name} (m{month})" if rename else summary.name,
+                    owner=orgs.OwnerInput(
+                        email=summary.owner_email,
+                        first_name=summary.owner_first_name,
+                        last_name=summary.owner_last_name
+                        if rename
+                        else f"{summary.owner_last_name}-m{month}",
+                    ),
+                    aws_account_id=summary.aws_account_id,
+                    azure_subscription_id=summary.azure_subscription_id,
+                ),
+            )
+        plan.changes += 1
+
+    async def change_orgs(self, month: int) -> None:
+        """A few orgs are renamed or their owner's name changes; the Stripe customer follows."""
+        open_ = [p for p in self.orgs if p.billed and p.closed_month is None]
+        chosen = self.rng.sample(open_, min(CHANGED_ORGS, len(open_)))
+        for plan in chosen:
+            await self.blocking(self._rename, plan, month)
+            await self._signal(plan.org_id, StartSignal(ORG_CHANGED_SIGNAL))
+        if chosen:
+            self.log(f"orgs {', '.join(str(p.org_id) for p in chosen)} renamed")
+
+    async def close_orgs(self, month: int) -> None:
+        """A paying org is closed (DELETE): its subscription ends now, its workflow finishes."""
+        candidates = [
+            p
+            for p in self.orgs
+            if p.billed
+            and not p.failing_card
+            and p.switched_month is None
+            and p.closed_month is None
+            and p.canceled_subscription is None
+        ]
+        for plan in self.rng.sample(candidates, min(CLOSED_ORGS, len(candidates))):
+
+            def close(org_id: int = plan.org_id) -> datetime:
+                with self.sessions.begin() as session:
+                    return orgs.close_org(session, org_id).closed_at
+
+            closed_at = await self.blocking(close)
+            plan.closed_month = month
+            signal = OrgCloseSignal(closed_at=closed_at, cancels=OrgCloseCancels.IMMEDIATELY)
+            await self._signal(plan.org_id, StartSignal(CLOSE_ORG_SIGNAL, (signal,)))
+            self.log(f"org {plan.org_id} closed")
+
     # -- the clock --------------------------------------------------------------------------
 
     def _advance(self, target: int) -> None:
@@ -626,8 +726,10 @@ class Scenario:
             end = max(self._period(s)[1] for s in subs.values() if self._period(s)[0] == start)
             await self.step(f"month {month}, day 10", start + 10 * DAY, wait=False)
             await self.report_some_now()
+            await self.change_orgs(month)
             if month == 2:
                 await self.switch_to_marketplace(month)
+                await self.close_orgs(month)
             await self.step(f"month {month}, day 20", start + 20 * DAY)
             if month == 1:
                 await self.cancel_and_come_back()
@@ -689,15 +791,26 @@ class Scenario:
             return found
 
     async def events_applied(self) -> str | None:
-        """Every event the API handed to a workflow is in its seen events."""
+        """Every event the API handed to a workflow is in its seen events.
+
+        Not for a closed org: its workflow finished, and each event after that
+        starts a run that marks it seen and ends at once, knowing nothing of the
+        events before (the workflows invariant checks that it finished).
+        """
         signalled = await self.blocking(self._signalled)
+        for plan in self.orgs:
+            if plan.closed_month is not None:
+                signalled.pop(plan.org_id, None)
         states = await self.states(sorted(signalled))
         behind = [
             org_id
             for org_id, events in signalled.items()
             if (state := states.get(org_id)) is None or not events <= set(state.seen_event_ids)
         ]
-        return f"{len(behind)} workflows have not applied their events yet" if behind else None
+        if not behind:
+            return None
+        named = ", ".join(str(org_id) for org_id in sorted(behind)[:5])
+        return f"{len(behind)} workflows have not applied their events yet (orgs {named})"
 
     def _usage_missing(self, boundary: int) -> str | None:
         """Orgs renewed (or ended) at `boundary` whose ended period is not all sent."""

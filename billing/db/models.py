@@ -92,6 +92,9 @@ class Org(Base):
         Boolean, nullable=False, default=True, server_default=text("true")
     )
     access_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # When the org was closed (the service API's DELETE): its rows stay for audit,
+    # it takes no usage, and its workflow ends its subscription (ORG_CLOSE_CANCELS).
+    closed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     memberships: Mapped[list[Membership]] = relationship(back_populates="org")
 
@@ -121,17 +124,25 @@ class User(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     email: Mapped[str] = mapped_column(String(320), unique=True, nullable=False)
-    # The console's own id for the user (a JWKS token's `sub`); None if never named.
-    external_id: Mapped[str | None] = mapped_column(String(255))
     first_name: Mapped[str] = mapped_column(String(255), nullable=False, default="")
     last_name: Mapped[str] = mapped_column(String(255), nullable=False, default="")
+    # The console's own id of the user (the service API's `user_external_id`, a
+    # JWKS token's `sub`); None if the console never named it.
+    external_id: Mapped[str | None] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), nullable=False, server_default=func.now()
     )
 
     memberships: Mapped[list[Membership]] = relationship(back_populates="user")
 
-    __table_args__ = (UniqueConstraint("external_id", name="uq_users_external_id"),)
+    __table_args__ = (
+        Index(
+            "uq_users_external_id",
+            "external_id",
+            unique=True,
+            postgresql_where=text("external_id IS NOT NULL"),
+        ),
+    )
 
 
 class Membership(Base):
@@ -194,9 +205,19 @@ class RequestLog(Base):
         DateTime(timezone=True), nullable=False, server_default=func.now()
     )
     count: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
+    # The id a usage item was sent with through the service API (unique per org),
+    # so a repeated item is recognised; rows written otherwise leave it empty.
+    item_id: Mapped[str | None] = mapped_column(String(255))
 
     __table_args__ = (
         CheckConstraint("count > 0", name="ck_request_log_count_positive"),
+        Index(
+            "uq_request_log_org_item",
+            "org_id",
+            "item_id",
+            unique=True,
+            postgresql_where=text("item_id IS NOT NULL"),
+        ),
         # A period's sum is an index-only scan; BRIN finds old rows for retention.
         Index(
             "ix_request_log_org_time_count",

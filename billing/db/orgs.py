@@ -17,10 +17,11 @@ from datetime import UTC, datetime, timedelta
 
 import orjson
 from sqlalchemy import ColumnElement, Connection, func, or_, select, text, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from billing.db.models import Membership, Org, RequestLog, User
+from billing.db.models import Membership, Org, RequestLog, UsageLedger, User
 from billing.domain import (
     GRANTABLE_ROLES,
     FieldDifference,
@@ -78,7 +79,8 @@ REQUESTS_AHEAD = timedelta(days=5 * 366)
 def checked_text(value: str, what: str, *, max_length: int = MAX_NAME) -> str:
     """`value` stripped, refused if it holds control characters or is too long."""
     text = value.strip()
-    if any(unicodedata.category(char) == "Cc" for char in text):
+    # Unpaired surrogates (valid in JSON, not in UTF-8) cannot be stored either.
+    if any(unicodedata.category(char) in ("Cc", "Cs") for char in text):
         raise InvalidInputError(f"The {what} must not contain control characters.")
     if len(text) > max_length:
         raise InvalidInputError(
@@ -286,7 +288,12 @@ def orgs_without_billing(
     """
     query = (
         select(Org.id)
-        .where(Org.stripe_subscription_id.is_(None), ~Org.billed_elsewhere, Org.id > after_id)
+        .where(
+            Org.stripe_subscription_id.is_(None),
+            ~Org.billed_elsewhere,
+            Org.closed_at.is_(None),
+            Org.id > after_id,
+        )
         .order_by(Org.id)
     )
     if limit is not None:
@@ -319,6 +326,8 @@ def org_profile(session: Session, org_id: int) -> OrgProfile:
         azure_subscription_id=org.azure_subscription_id,
         stripe_customer_id=org.stripe_customer_id,
         stripe_subscription_id=org.stripe_subscription_id,
+        closed_at=org.closed_at,
+        subscription_status=org.subscription_status,
     )
 
 
@@ -407,6 +416,9 @@ class OrgSummary:
     owner_email: str | None
     members: int
     created_at: datetime
+    closed_at: datetime | None = None
+    owner_first_name: str = ""
+    owner_last_name: str = ""
 
 
 def _summaries(session: Session, orgs: list[Org]) -> list[OrgSummary]:
@@ -421,10 +433,10 @@ def _summaries(session: Session, orgs: list[Org]) -> list[OrgSummary]:
             .group_by(Membership.org_id)
         )
     }
-    owners: dict[int, str] = {
-        org_id: email
-        for org_id, email in session.execute(
-            select(Membership.org_id, User.email)
+    owners: dict[int, tuple[str, str, str]] = {
+        org_id: (email, first, last)
+        for org_id, email, first, last in session.execute(
+            select(Membership.org_id, User.email, User.first_name, User.last_name)
             .join(User, User.id == Membership.user_id)
             .where(Membership.org_id.in_(ids), Membership.role == MembershipRole.OWNER, _current())
         )
@@ -441,9 +453,12 @@ def _summaries(session: Session, orgs: list[Org]) -> list[OrgSummary]:
             aws_account_id=o.aws_account_id,
             azure_subscription_id=o.azure_subscription_id,
             billed_elsewhere=o.billed_elsewhere,
-            owner_email=owners.get(o.id),
+            owner_email=owners[o.id][0] if o.id in owners else None,
             members=counts.get(o.id, 0),
             created_at=o.created_at,
+            closed_at=o.closed_at,
+            owner_first_name=owners[o.id][1] if o.id in owners else "",
+            owner_last_name=owners[o.id][2] if o.id in owners else "",
         )
         for o in orgs
     ]
@@ -631,7 +646,7 @@ def record_requests(
         raise InvalidInputError(
             f"The request count must be between 1 and {MAX_REQUEST_COUNT}, not {count}."
         )
-    get_org(session, org_id)
+    ensure_open(session, org_id)
     now = datetime.now(UTC)
     when = at or now
     if when.tzinfo is None:
@@ -706,3 +721,547 @@ def save_entitlement(
         .values(entitled=entitled, access_until=access_until)
         .execution_options(synchronize_session=False)
     )
+
+
+# The service API: orgs and members under the console's ids, usage items -------------
+
+MAX_UID = 36
+MAX_EXTERNAL_ID = 255
+MAX_ITEM_ID = 255
+MAX_USAGE_ITEMS = 1000
+
+
+class OrgClosedError(ConflictError):
+    """The org was closed: it takes no more changes or usage."""
+
+    def __init__(self, org_id: int, closed_at: datetime) -> None:
+        self.closed_at = closed_at
+        super().__init__(f"Org {org_id} was closed at {closed_at.astimezone(UTC).isoformat()}.")
+
+
+@dataclass(frozen=True)
+class OwnerInput:
+    email: str
+    first_name: str = ""
+    last_name: str = ""
+
+
+@dataclass(frozen=True)
+class OrgInput:
+    """What the console says an org is (`PUT /api/orgs/{org_id}`)."""
+
+    uid: str
+    name: str
+    owner: OwnerInput
+    aws_account_id: str | None = None
+    azure_subscription_id: str | None = None
+
+
+@dataclass(frozen=True)
+class CustomerFacts:
+    """What the org's Stripe customer shows: a change of any of these is synced to Stripe."""
+
+    name: str
+    owner_email: str
+    owner_first_name: str
+    owner_last_name: str
+
+
+@dataclass(frozen=True)
+class OrgPut:
+    """The outcome of a PUT: the org as it is now, and what the workflow must hear of."""
+
+    org: OrgSummary
+    created: bool
+    customer_changed: bool
+    marketplace_changed: bool
+    # Other orgs the owner owns, whose Stripe customer shows the owner's changed name.
+    also_changed: tuple[int, ...] = ()
+
+
+def _optional_id(value: str | None, what: str) -> str | None:
+    return checked_text(value or "", what) or None
+
+
+def _checked_org_input(data: OrgInput) -> OrgInput:
+    uid = checked_text(data.uid, "org uid", max_length=MAX_UID)
+    if not uid:
+        raise InvalidInputError("The org uid must not be empty.")
+    name = checked_text(data.name, "org name")
+    if not name:
+        raise InvalidInputError("The org name must not be empty.")
+    return OrgInput(
+        uid=uid,
+        name=name,
+        owner=OwnerInput(
+            email=normalize_email(data.owner.email),
+            first_name=checked_text(data.owner.first_name, "owner's first name"),
+            last_name=checked_text(data.owner.last_name, "owner's last name"),
+        ),
+        aws_account_id=_optional_id(data.aws_account_id, "AWS account id"),
+        azure_subscription_id=_optional_id(data.azure_subscription_id, "Azure subscription id"),
+    )
+
+
+def _upsert_user(session: Session, email: str) -> User:
+    """The user with this email, inserted if new; safe against a concurrent insert."""
+    session.execute(
+        pg_insert(User)
+        .values(email=email, first_name="", last_name="")
+        .on_conflict_do_nothing(index_elements=[User.email])
+    )
+    user = session.scalar(select(User).where(User.email == email))
+    assert user is not None
+    return user
+
+
+def _owner_membership(session: Session, org_id: int) -> Membership | None:
+    return session.scalar(
+        select(Membership).where(
+            Membership.org_id == org_id, Membership.role == MembershipRole.OWNER, _current()
+        )
+    )
+
+
+def _customer_facts(session: Session, org: Org) -> CustomerFacts | None:
+    owner = _owner_membership(session, org.id)
+    if owner is None:
+        return None
+    return CustomerFacts(
+        name=org.name,
+        owner_email=owner.user.email,
+        owner_first_name=owner.user.first_name,
+        owner_last_name=owner.user.last_name,
+    )
+
+
+def _owned_elsewhere(session: Session, user: User, org_id: int) -> tuple[int, ...]:
+    """The other open orgs `user` owns (their customers carry the user's name and email)."""
+    return tuple(
+        session.scalars(
+            select(Membership.org_id)
+            .join(Org, Org.id == Membership.org_id)
+            .where(
+                Membership.user_id == user.id,
+                Membership.role == MembershipRole.OWNER,
+                Membership.org_id != org_id,
+                Org.closed_at.is_(None),
+                _current(),
+            )
+            .order_by(Membership.org_id)
+        )
+    )
+
+
+def _set_person(user: User, email: str, first_name: str, last_name: str) -> bool:
+    """Give the user these details; True if any changed."""
+    before = (user.email, user.first_name, user.last_name)
+    user.email, user.first_name, user.last_name = email, first_name, last_name
+    return before != (email, first_name, last_name)
+
+
+def _make_owner(session: Session, org_id: int, user: User) -> None:
+    """`user` becomes the org's one owner; a previous owner stays, as a billing admin."""
+    previous = _owner_membership(session, org_id)
+    if previous is not None and previous.user_id == user.id:
+        return
+    if previous is not None:
+        previous.role = MembershipRole.BILLING_ADMIN
+        session.flush()
+    membership = session.scalar(
+        select(Membership).where(
+            Membership.org_id == org_id, Membership.user_id == user.id, _current()
+        )
+    )
+    if membership is None:
+        session.add(Membership(org_id=org_id, user_id=user.id, role=MembershipRole.OWNER))
+    else:
+        membership.role = MembershipRole.OWNER
+    session.flush()
+
+
+def _keep_sequence_ahead(session: Session, org_id: int) -> None:
+    """Orgs made here (`billing orgs create`) never take an id the console already used."""
+    session.execute(text("SELECT pg_advisory_xact_lock(hashtext('orgs_id_seq'))"))
+    session.execute(
+        text(
+            "SELECT setval(pg_get_serial_sequence('orgs', 'id'), "
+            "GREATEST(:id, (SELECT last_value FROM orgs_id_seq)))"
+        ),
+        {"id": org_id},
+    )
+
+
+def _open_org(session: Session, org_id: int) -> Org:
+    """The org's row, locked; a closed org refuses changes."""
+    org = get_org(session, org_id, for_update=True)
+    if org.closed_at is not None:
+        raise OrgClosedError(org_id, org.closed_at)
+    return org
+
+
+def put_org(session: Session, org_id: int, data: OrgInput) -> OrgPut:
+    """Create or update the org under the console's id, with its owner.
+
+    Concurrent PUTs of one org make one org: the insert does nothing when the id
+    exists (it waits for a concurrent insert to commit), and the update path
+    holds the row's lock. A uid that differs from the org's, or that another
+    org has, is a conflict; so is a change to a closed org.
+    """
+    if not valid_id(org_id):
+        raise InvalidInputError(f"The org id must be between 1 and {MAX_ID}, not {org_id}.")
+    data = _checked_org_input(data)
+    inserted = session.scalar(
+        pg_insert(Org)
+        .values(
+            id=org_id,
+            uid=data.uid,
+            name=data.name,
+            aws_account_id=data.aws_account_id,
+            azure_subscription_id=data.azure_subscription_id,
+        )
+        .on_conflict_do_nothing()
+        .returning(Org.id)
+    )
+    if inserted is not None:
+        _keep_sequence_ahead(session, org_id)
+        owner = _upsert_user(session, data.owner.email)
+        renamed = _set_person(owner, owner.email, data.owner.first_name, data.owner.last_name)
+        session.add(Membership(org_id=org_id, user_id=owner.id, role=MembershipRole.OWNER))
+        session.flush()
+        return OrgPut(
+            org=org_summary(session, org_id),
+            created=True,
+            customer_changed=False,
+            marketplace_changed=False,
+            also_changed=_owned_elsewhere(session, owner, org_id) if renamed else (),
+        )
+    org = session.get(Org, org_id, with_for_update=True, populate_existing=True)
+    if org is None:
+        raise ConflictError(f"The uid {data.uid} belongs to another org.")
+    if org.uid != data.uid:
+        raise ConflictError(
+            f"Org {org_id} has the uid {org.uid}, not {data.uid}: an org's uid never changes."
+        )
+    if org.closed_at is not None:
+        raise OrgClosedError(org_id, org.closed_at)
+    before = _customer_facts(session, org)
+    marketplace_before = (org.aws_account_id, org.azure_subscription_id)
+    org.name = data.name
+    org.aws_account_id = data.aws_account_id
+    org.azure_subscription_id = data.azure_subscription_id
+    owner = _upsert_user(session, data.owner.email)
+    renamed = _set_person(owner, owner.email, data.owner.first_name, data.owner.last_name)
+    _make_owner(session, org_id, owner)
+    session.flush()
+    return OrgPut(
+        org=org_summary(session, org_id),
+        created=False,
+        customer_changed=_customer_facts(session, org) != before,
+        marketplace_changed=(org.aws_account_id, org.azure_subscription_id) != marketplace_before,
+        also_changed=_owned_elsewhere(session, owner, org_id) if renamed else (),
+    )
+
+
+@dataclass(frozen=True)
+class OrgClose:
+    closed_at: datetime
+    newly: bool
+
+
+def close_org(session: Session, org_id: int, *, at: datetime | None = None) -> OrgClose:
+    """Mark the org closed (once: a second close keeps the first time); rows stay."""
+    org = get_org(session, org_id, for_update=True)
+    if org.closed_at is not None:
+        return OrgClose(closed_at=org.closed_at, newly=False)
+    org.closed_at = _moment(at)
+    session.flush()
+    return OrgClose(closed_at=org.closed_at, newly=True)
+
+
+def ensure_open(session: Session, org_id: int) -> Org:
+    """The org's row; a closed org is refused with the time it was closed."""
+    org = get_org(session, org_id)
+    if org.closed_at is not None:
+        raise OrgClosedError(org_id, org.closed_at)
+    return org
+
+
+@dataclass(frozen=True)
+class MemberInput:
+    email: str
+    first_name: str
+    last_name: str
+    role: str
+
+
+@dataclass(frozen=True)
+class ExternalMember:
+    user_external_id: str
+    email: str
+    first_name: str
+    last_name: str
+    role: MembershipRole
+
+
+@dataclass(frozen=True)
+class MemberPut:
+    member: ExternalMember
+    created: bool
+    customer_changed: bool
+    # Other orgs the user owns, whose Stripe customer shows the user's changed details.
+    also_changed: tuple[int, ...] = ()
+
+
+def _role(value: str) -> MembershipRole:
+    for role in MembershipRole:
+        if value == role.value:
+            return role
+    names = ", ".join(role.value for role in MembershipRole)
+    raise InvalidInputError(f"{value!r} is not a role; use one of {names}.")
+
+
+def _external_id(value: str) -> str:
+    external_id = checked_text(value, "user's external id", max_length=MAX_EXTERNAL_ID)
+    if not external_id:
+        raise InvalidInputError("The user's external id must not be empty.")
+    return external_id
+
+
+def put_member(
+    session: Session, org_id: int, user_external_id: str, data: MemberInput
+) -> MemberPut:
+    """Add or update the member the console knows as `user_external_id`.
+
+    The user is found by external id, else by email (an existing user without an
+    external id gets this one), else created. Exactly one owner stays: making a
+    member the owner turns the previous owner into a billing admin; the owner
+    cannot be given another role (make someone else the owner first).
+    Changes of one org are serialized by the org row's lock.
+    """
+    external_id = _external_id(user_external_id)
+    role = _role(data.role)
+    email = normalize_email(data.email)
+    first = checked_text(data.first_name, "first name")
+    last = checked_text(data.last_name, "last name")
+    org = _open_org(session, org_id)
+    before = _customer_facts(session, org)
+    user = session.scalar(select(User).where(User.external_id == external_id))
+    by_email = session.scalar(select(User).where(User.email == email))
+    if user is None:
+        if by_email is not None and by_email.external_id not in (None, external_id):
+            raise ConflictError(f"{email} belongs to another user ({by_email.external_id}).")
+        if by_email is None:
+            session.execute(
+                pg_insert(User)
+                .values(email=email, first_name=first, last_name=last, external_id=external_id)
+                .on_conflict_do_nothing()
+            )
+            by_email = session.scalar(select(User).where(User.email == email))
+            if by_email is None or by_email.external_id not in (None, external_id):
+                raise ConflictError(f"{email} or {external_id} belongs to another user.")
+        user = by_email
+        user.external_id = external_id
+    elif by_email is not None and by_email.id != user.id:
+        raise ConflictError(f"{email} belongs to another user.")
+    changed_person = _set_person(user, email, first, last)
+    session.flush()
+    membership = session.scalar(
+        select(Membership).where(
+            Membership.org_id == org_id, Membership.user_id == user.id, _current()
+        )
+    )
+    created = membership is None
+    if (
+        membership is not None
+        and membership.role == MembershipRole.OWNER
+        and role != (MembershipRole.OWNER)
+    ):
+        raise ConflictError(
+            f"{email} owns org {org_id}: make another member the owner first "
+            "(the org keeps exactly one owner)."
+        )
+    if role == MembershipRole.OWNER:
+        _make_owner(session, org_id, user)
+    elif membership is None:
+        session.add(Membership(org_id=org_id, user_id=user.id, role=role))
+    else:
+        membership.role = role
+    session.flush()
+    return MemberPut(
+        member=ExternalMember(
+            user_external_id=external_id,
+            email=email,
+            first_name=first,
+            last_name=last,
+            role=role,
+        ),
+        created=created,
+        customer_changed=_customer_facts(session, org) != before,
+        also_changed=_owned_elsewhere(session, user, org_id) if changed_person else (),
+    )
+
+
+def delete_member(
+    session: Session, org_id: int, user_external_id: str, *, at: datetime | None = None
+) -> bool:
+    """End the membership of the console's user (kept as history); False if there was none.
+
+    The owner cannot be removed: make another member the owner first.
+    """
+    external_id = _external_id(user_external_id)
+    _open_org(session, org_id)
+    membership = session.scalar(
+        select(Membership)
+        .join(User, User.id == Membership.user_id)
+        .where(Membership.org_id == org_id, User.external_id == external_id, _current())
+    )
+    if membership is None:
+        return False
+    if membership.role == MembershipRole.OWNER:
+        raise ConflictError(
+            f"{external_id} owns org {org_id} and cannot be removed: "
+            "make another member the owner first."
+        )
+    membership.left_at = max(_moment(at), membership.joined_at)
+    session.flush()
+    return True
+
+
+@dataclass(frozen=True)
+class UsageItem:
+    """One usage item as sent; `problem` set when it cannot be recorded."""
+
+    id: str | None
+    count: int = 0
+    at: datetime | None = None
+    problem: str | None = None
+
+
+@dataclass(frozen=True)
+class UsageOutcome:
+    id: str | None
+    outcome: str  # recorded, duplicate, rejected, late
+    detail: str | None = None
+
+
+def _usage_item(raw: object) -> UsageItem:
+    """Check one raw item (a JSON object); a bad one is refused alone, with the reason."""
+    if not isinstance(raw, dict):
+        return UsageItem(id=None, problem="an item must be an object with id, count and at")
+    raw_id = raw.get("id")
+    if not isinstance(raw_id, str) or not raw_id.strip():
+        return UsageItem(id=None, problem="the item has no id (a non-empty string)")
+    try:
+        item_id = checked_text(raw_id, "item id", max_length=MAX_ITEM_ID)
+    except InvalidInputError as err:
+        return UsageItem(id=raw_id[:MAX_ITEM_ID], problem=str(err))
+    count = raw.get("count")
+    if not isinstance(count, int) or isinstance(count, bool):
+        return UsageItem(id=item_id, problem="count must be an integer")
+    if not 1 <= count <= MAX_REQUEST_COUNT:
+        return UsageItem(
+            id=item_id, problem=f"count must be between 1 and {MAX_REQUEST_COUNT}, not {count}"
+        )
+    raw_at = raw.get("at")
+    if not isinstance(raw_at, str):
+        return UsageItem(id=item_id, problem="at must be an ISO 8601 time")
+    try:
+        at = datetime.fromisoformat(
+            raw_at.replace("Z", "+00:00") if raw_at.endswith("Z") else raw_at
+        )
+    except ValueError:
+        return UsageItem(id=item_id, problem=f"at {raw_at[:40]!r} is not an ISO 8601 time")
+    at = at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+    return UsageItem(id=item_id, count=count, at=at)
+
+
+def usage_billed_through(session: Session, org_id: int) -> datetime | None:
+    """The end of the org's latest period whose final usage report was made.
+
+    A final report's meter events are timestamped at the period's last second;
+    requests before this time can no longer be billed (the invoice is made).
+    """
+    return session.scalar(
+        select(func.max(UsageLedger.period_end)).where(
+            UsageLedger.org_id == org_id,
+            UsageLedger.event_timestamp >= UsageLedger.period_end - timedelta(seconds=1),
+        )
+    )
+
+
+_INSERT_ITEMS = text(
+    """
+    INSERT INTO request_log (org_id, item_id, count, occurred_at)
+    SELECT :org_id, i.id, i.count, i.at
+    FROM jsonb_to_recordset(CAST(:items AS jsonb)) AS i(id varchar, count integer, at timestamptz)
+    ON CONFLICT (org_id, item_id) WHERE item_id IS NOT NULL DO NOTHING
+    RETURNING item_id
+    """
+)
+
+
+def record_usage_items(
+    session: Session, org_id: int, raw_items: Sequence[object], *, now: datetime | None = None
+) -> list[UsageOutcome]:
+    """Record a batch of usage items, each answered on its own, in the batch's order.
+
+    `recorded`: added to the request log. `duplicate`: an item with this id was
+    recorded before (in this batch or an earlier one); nothing is added.
+    `late`: recorded, but its period's invoice is already made, so it is not
+    billed. `rejected`: not recorded, `detail` says why (a bad item, or a
+    closed org). One statement inserts the good items; the unique index on
+    (org, item id) tells new from repeated, also against a concurrent batch.
+    """
+    if len(raw_items) > MAX_USAGE_ITEMS:
+        raise InvalidInputError(
+            f"A batch holds at most {MAX_USAGE_ITEMS} items, not {len(raw_items)}."
+        )
+    org = session.get(Org, org_id, with_for_update={"read": True}) if valid_id(org_id) else None
+    if org is None:
+        raise OrgNotFoundError(org_id)
+    items = [_usage_item(raw) for raw in raw_items]
+    if org.closed_at is not None:
+        closed = f"org {org_id} is closed; usage is no longer recorded"
+        return [UsageOutcome(item.id, "rejected", item.problem or closed) for item in items]
+    moment = _moment(now)
+    first_of: dict[str, int] = {}
+    to_insert: list[dict[str, object]] = []
+    for n, item in enumerate(items):
+        if item.problem is None and item.at is not None and item.id is not None:
+            if not EARLIEST_REQUEST <= item.at <= moment + REQUESTS_AHEAD:
+                items[n] = UsageItem(
+                    id=item.id,
+                    problem=(
+                        f"{item.at.isoformat()} is outside any billing period this service can "
+                        f"bill (from {EARLIEST_REQUEST.year} to five years ahead)"
+                    ),
+                )
+            elif item.id not in first_of:
+                first_of[item.id] = n
+                to_insert.append({"id": item.id, "count": item.count, "at": item.at.isoformat()})
+    inserted: set[str] = set()
+    if to_insert:
+        inserted = set(
+            session.scalars(
+                _INSERT_ITEMS, {"org_id": org_id, "items": orjson.dumps(to_insert).decode()}
+            )
+        )
+    billed_through = usage_billed_through(session, org_id)
+    outcomes: list[UsageOutcome] = []
+    for n, item in enumerate(items):
+        if item.problem is not None or item.id is None or item.at is None:
+            outcomes.append(UsageOutcome(item.id, "rejected", item.problem))
+        elif first_of.get(item.id) != n or item.id not in inserted:
+            outcomes.append(UsageOutcome(item.id, "duplicate", "already recorded; nothing added"))
+        elif billed_through is not None and item.at < billed_through:
+            outcomes.append(
+                UsageOutcome(
+                    item.id,
+                    "late",
+                    "period already invoiced: recorded, not billed",
+                )
+            )
+        else:
+            outcomes.append(UsageOutcome(item.id, "recorded", None))
+    return outcomes

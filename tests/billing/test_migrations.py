@@ -100,3 +100,32 @@ def test_entitlement_migration_up_and_down(empty_database: str) -> None:
         upgrade(empty_database, "head")
     finally:
         engine.dispose()
+
+
+def test_service_api_migration_up_and_down(empty_database: str) -> None:
+    engine = create_engine(empty_database)
+    item = "INSERT INTO request_log (org_id, count, item_id) VALUES (1, 1, 'item-1')"
+    try:
+        upgrade(empty_database, "0004_billing_admin_role")
+        with engine.begin() as conn:
+            for statement in SEED.strip().split(";\n"):
+                conn.execute(text(statement))
+        upgrade(empty_database, "0006_service_api")
+        with engine.begin() as conn:
+            conn.execute(text(item))
+            conn.execute(text("UPDATE orgs SET closed_at = now() WHERE id = 1"))
+            conn.execute(text("UPDATE users SET external_id = 'ext-1' WHERE id = 1"))
+            # Rows the host application writes have no item id: never in conflict.
+            for _ in range(2):
+                conn.execute(text("INSERT INTO request_log (org_id, count) VALUES (1, 1)"))
+        with pytest.raises(IntegrityError), engine.begin() as conn:
+            conn.execute(text(item))
+        with pytest.raises(IntegrityError), engine.begin() as conn:
+            conn.execute(text("UPDATE users SET external_id = 'ext-1' WHERE id = 2"))
+
+        downgrade(empty_database, "0004_billing_admin_role")
+        with engine.connect() as conn:
+            assert conn.scalar(text("SELECT count(*) FROM request_log")) == 3
+        upgrade(empty_database)
+    finally:
+        engine.dispose()

@@ -61,10 +61,13 @@ def test_a_short_chaos_month_loses_nothing_and_doubles_nothing(tmp_path: Path) -
 
     failing = {i["name"]: i for i in report["invariants"] if i["count"] != 0}
     assert not failing, f"invariants not at 0: {failing}\n{tail}"
-    assert len(report["invariants"]) == 12
+    assert len(report["invariants"]) == 14
     assert report["invariants"][-1]["name"].startswith("workflow payloads in clear")
     # The dashboard subscriptions and look-alikes were there, and refused.
     notes = report["notes"]
+    # The console's changes happened: a close, renames.
+    assert notes["orgs closed"] == 1, notes
+    assert notes["orgs renamed or with an owner renamed"] > 0, notes
     assert notes["adoptions refused"] > 0, notes
     assert notes["events of another environment not routed"] > 0, notes
     assert report["error"] is None, f"{report['error']}\n{tail}"

@@ -371,3 +371,19 @@ def test_settings_come_from_the_dev_home(invoke: Invoke, cli_home: object) -> No
 
     assert decode_token(_rules(FROM_HOME_SECRET), from_home.stdout.strip()).org_id == org_id
     assert decode_token(_rules(), env_wins.stdout.strip()).org_id == org_id
+
+
+def test_record_requests_refuses_a_closed_org(
+    invoke: Invoke, session_factory: sessionmaker[Session]
+) -> None:
+    from billing.db import orgs
+
+    org_id = _org(invoke)
+    with session_factory.begin() as session:
+        orgs.close_org(session, org_id)
+
+    refused = invoke("requests", "record", str(org_id), "--count", "5")
+
+    assert_clean_error(refused, "was closed")
+    with session_factory() as session:
+        assert session.scalar(select(RequestLog.id).where(RequestLog.org_id == org_id)) is None

@@ -10,7 +10,7 @@ workflow writes them (the id is stable per change), the worker's delivery
 loop sends them in `position` order per org (docs/notifications.md).
 
 Revision ID: 0007_entitlement
-Revises: 0004_billing_admin_role
+Revises: 0006_service_api
 """
 
 from collections.abc import Sequence
@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0007_entitlement"
-down_revision: str | None = "0004_billing_admin_role"
+down_revision: str | None = "0006_service_api"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
