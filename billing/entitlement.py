@@ -14,6 +14,7 @@ table, one row per status.
   (then `incomplete_expired`).
 - `provisioning`, `provisioning_failed`: entitled, and the reason says billing
   is not set up: a billing fault never locks customers out.
+- `closed` (the console closed the org, and Stripe never billed it): not entitled.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class EntitlementReason(StrEnum):
     # Flagged: billing is not set up yet, or setting it up failed (needs a person).
     PROVISIONING = "provisioning"
     PROVISIONING_FAILED = "provisioning_failed"
+    # The console closed the org (`DELETE /api/orgs/{org_id}`).
+    CLOSED = "closed"
 
 
 # Reasons that grant access while billing itself is not in order: a console may
@@ -111,6 +114,7 @@ def decide(
         BillingStatus.UNPAID,
         BillingStatus.PAUSED,
         BillingStatus.INCOMPLETE_EXPIRED,
+        BillingStatus.CLOSED,
     ):
         entitled = False
         reason = EntitlementReason(status.value)

@@ -41,6 +41,7 @@ grace_days = st.integers(min_value=0, max_value=60)
         (BillingStatus.PAUSED, False, EntitlementReason.PAUSED),
         (BillingStatus.INCOMPLETE_EXPIRED, False, EntitlementReason.INCOMPLETE_EXPIRED),
         (BillingStatus.CANCELED, False, EntitlementReason.CANCELED),
+        (BillingStatus.CLOSED, False, EntitlementReason.CLOSED),
     ],
 )
 def test_each_status_without_dates(
