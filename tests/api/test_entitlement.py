@@ -25,7 +25,7 @@ def api_settings(database_url: str, emulator: EmulatorServer, task_queue: str) -
         database_url=database_url,
         stripe_api_base=emulator.url,
         temporal_task_queue=task_queue,
-        billing_service_api_keys=f" svc-someone-else ,{SERVICE_KEY},",
+        billing_service_api_keys=f" svc-someone-else-{'0' * 32} ,{SERVICE_KEY},",
     )
 
 

@@ -41,7 +41,7 @@ from tests.factories.stack import (
 )
 from tests.factories.stripe_events import sign_stripe_payload
 
-SERVICE_KEY = "svc-test-key-0123456789abcdef"
+SERVICE_KEY = "svc-test-key-0123456789abcdef0123456789"
 
 
 @pytest_asyncio.fixture
@@ -81,7 +81,7 @@ async def notify_stack(
         billing_notify_retry_initial_seconds=0.2,
         billing_notify_retry_max_seconds=0.5,
         billing_notify_poll_seconds=0.1,
-        billing_service_api_keys=f"other-key, {SERVICE_KEY}",
+        billing_service_api_keys=f"other-key-{'0' * 32}, {SERVICE_KEY}",
         past_due_grace_days=grace_days,
     ) as live:
         yield live

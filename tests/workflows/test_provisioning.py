@@ -337,7 +337,9 @@ async def test_backfill_provisions_each_org_once_and_a_second_run_changes_nothin
         def provisioned() -> int:
             with session_factory() as session:
                 rows = session.scalars(
-                    select(Org.id).where(Org.stripe_subscription_id.is_not(None))
+                    select(Org.id).where(
+                        Org.id.in_(billed), Org.stripe_subscription_id.is_not(None)
+                    )
                 ).all()
                 return len(rows)
 
