@@ -154,7 +154,8 @@ class DbActivities:
         Every event is timestamped inside the period, before its end. Rows left
         `pending` by a crash are returned again with their original identifier
         and value (and a timestamp moved back inside the period if it was cut
-        short since).
+        short since, or forward into the 35 days Stripe accepts if the clock
+        moved on since).
         """
         s = self._settings
         start, end = data.period_start, data.period_end
@@ -203,6 +204,11 @@ class DbActivities:
                 if row.event_timestamp > last_second:
                     row.event_timestamp = last_second
                     row.period_end = end
+                if too_old <= last_second and row.event_timestamp < too_old:
+                    # A row left pending long ago, in a period Stripe still takes:
+                    # moved forward into Stripe's window, still inside its period
+                    # (in seq order, so the last users level stays the last).
+                    row.event_timestamp = too_old
                 if row.event_timestamp < too_old:
                     skipped_reason = (
                         f"period {start.isoformat()}..{end.isoformat()} ended more than 35 days"

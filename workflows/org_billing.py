@@ -102,6 +102,10 @@ CHECKOUT = "checkout"
 # The service API's org lifecycle: `org_changed` syncs the Stripe customer and
 # follows marketplace ids at once; `close_org` ends the subscription and the run.
 ORG_LIFECYCLE = "org-lifecycle"
+# A refused usage report re-reads Stripe before its retry, so the retry plans
+# with Stripe's clock as it is now (a test clock may have moved on meanwhile),
+# and an ended period's final report is timed by Stripe's clock, not ours.
+USAGE_STRIPE_CLOCK = "usage-stripe-clock"
 # Every patch id, for the checks of what a history may hold in plaintext.
 PATCH_IDS = (
     NOT_BILLED_RECHECK,
@@ -112,6 +116,7 @@ PATCH_IDS = (
     ADOPTION_PROBLEM,
     CHECKOUT,
     ORG_LIFECYCLE,
+    USAGE_STRIPE_CLOCK,
 )
 # The prefix of `last_error` for usage work (cleared when usage goes through again).
 USAGE_ERROR = "usage report"
@@ -307,6 +312,8 @@ class OrgBillingWorkflow:
         self._state.last_error = f"{step}: {outcome.message}"
         if usage and self._safe():
             wait = decisions.usage_refused(self._state, outcome.kind, self._tuning, workflow.now())
+            if outcome.kind == "StripeInvalidRequestError" and workflow.patched(USAGE_STRIPE_CLOCK):
+                self._resync_requested = True  # e.g. a timestamp Stripe's clock left behind
             self._upsert_attributes()
             workflow.logger.error(
                 f"{step} failed; retrying in {int(wait.total_seconds())} s",
@@ -740,7 +747,8 @@ class OrgBillingWorkflow:
         while self._state.to_finalize:
             worked = True
             period = self._state.to_finalize[0]
-            await self._report_period(period.start, period.end, max(workflow.now(), period.end))
+            report_time = max(self._report_time(), workflow.now(), period.end)
+            await self._report_period(period.start, period.end, report_time)
             self._state.to_finalize.pop(0)
             self._period_rolled = True
         return worked

@@ -401,6 +401,44 @@ async def test_periods_missed_during_an_outage_are_caught_up(stack: LiveStack) -
         assert meter_total(stack, state.stripe_customer_id, REQUESTS, start, end) == expected
 
 
+async def test_a_row_left_pending_long_ago_is_sent_inside_stripes_window(
+    session_factory: sessionmaker[Session], database_url: str
+) -> None:
+    """A crash left a mid-period report pending; the clock moved 35 days past it, not past
+    the period: the row goes out again, same identifier and value, timestamp moved forward."""
+    settings = Settings.model_validate({"database_url": database_url})
+    db = DbActivities(session_factory, settings)
+    org_id = create_org(session_factory)
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    end = datetime(2026, 2, 1, tzinfo=UTC)
+    with session_factory.begin() as session:
+        orgs.record_requests(session, org_id, 3, start + timedelta(hours=1))
+
+    def plan_at(report_time: datetime) -> list[MeterEventToSend]:
+        return db.plan_usage(
+            PlanUsageInput(
+                org_id=org_id,
+                customer_id="cus_x",
+                period_start=start,
+                period_end=end,
+                report_time=report_time,
+            )
+        ).events
+
+    crashed = plan_at(start + timedelta(hours=2))  # planned, never sent
+    assert {e.timestamp for e in crashed} == {start + timedelta(hours=2)}
+    now = end + timedelta(days=5)
+    resent = plan_at(now)
+
+    assert [(e.identifier, e.value) for e in resent] == [(e.identifier, e.value) for e in crashed]
+    for event in resent:
+        assert now - timedelta(days=35) < event.timestamp < end
+    with session_factory() as session:
+        rows = session.scalars(select(UsageLedger).where(UsageLedger.org_id == org_id)).all()
+        assert {r.event_timestamp for r in rows} == {e.timestamp for e in resent}
+        assert {r.status for r in rows} == {"pending"}
+
+
 async def test_a_period_older_than_stripe_accepts_is_skipped_with_its_reason(
     session_factory: sessionmaker[Session], database_url: str
 ) -> None:

@@ -18,8 +18,9 @@ import stripe
 from temporalio import activity
 from temporalio.api.enums.v1 import EventType
 
+from activities.db_activities import DbActivities
 from activities.errors import stripe_errors_classified
-from activities.models import FetchSubscriptionInput, MeterEventToSend
+from activities.models import FetchSubscriptionInput, MeterEventToSend, PlanUsageInput
 from activities.stripe_activities import StripeActivities
 from billing.config import Settings
 from billing.constants import org_workflow_id
@@ -46,8 +47,10 @@ from tests.factories.stack import (
 from tests.workflows.test_usage import (
     REQUESTS,
     USERS,
+    at,
     invoice_quantities,
     ledger,
+    meter_total,
     period_of,
     record,
 )
@@ -211,6 +214,57 @@ async def test_a_refused_final_report_keeps_retrying_and_makes_the_invoice_once_
             "usage_refused_then_fixed",
             pick=counted(EventType.EVENT_TYPE_ACTIVITY_TASK_FAILED),
         )
+
+
+async def test_a_report_left_pending_behind_stripes_clock_is_sent_once_the_clock_is_read(
+    stack: LiveStack,
+) -> None:
+    """A report planned early in a period lost its send with the worker; by the time it
+    is sent, Stripe's clock is 35 days past its timestamp but not past the period.
+
+    Stripe refuses the old timestamp: the workflow re-reads Stripe's clock and sends
+    the same rows again, moved into the window, so the period is billed, not stuck.
+    """
+    state = await active_org(stack)
+    org_id, sub_id = state.org_id, state.stripe_subscription_id
+    customer_id = state.stripe_customer_id
+    assert sub_id and customer_id
+    start, end = period_of(stack, sub_id)
+    record(stack, org_id, 7, start + 600)
+    await stack.worker.stop()
+    planned = DbActivities(stack.session_factory, stack.settings).plan_usage(
+        PlanUsageInput(
+            org_id=org_id,
+            customer_id=customer_id,
+            period_start=at(start),
+            period_end=at(end),
+            report_time=at(start + 3600),
+        )
+    )
+    assert {e.timestamp for e in planned.events} == {at(start + 3600)}
+    await stack.advance(end + 3600)
+    await stack.advance(end + 10 * 86400)
+    await stack.worker.start()
+
+    async def rows() -> list[tuple[str, int, str]]:
+        return [(r.dimension, r.value, r.status) for r in ledger(stack, org_id, start)]
+
+    await eventually(rows, lambda rs: rs == [(REQUESTS, 7, "sent"), (USERS, 1, "sent")])
+    assert [r.identifier for r in ledger(stack, org_id, start)] == sorted(
+        e.identifier for e in planned.events
+    )
+    assert meter_total(stack, customer_id, REQUESTS, start, end) == 7
+    healed = await eventually(
+        lambda: query_state(stack.client, org_id),
+        lambda s: not s.to_finalize and s.usage_problem is None,
+    )
+    assert healed.last_error is None
+    await capture_history(
+        stack.client,
+        org_workflow_id(org_id),
+        "usage_refused_stripe_clock",
+        pick=counted(EventType.EVENT_TYPE_ACTIVITY_TASK_FAILED),
+    )
 
 
 @pytest.mark.stripe_activities.with_args(misconfigured)
