@@ -185,6 +185,8 @@ def create_app(
     app.state.webhook_refusals = BoundedLog(
         logging.getLogger("api.routes.webhooks"), "Stripe webhook refused"
     )
+    # Added first, so innermost: the metrics, access log and body timeout wrap it.
+    app.add_middleware(webhooks.WebhookFastPath)
     app.add_middleware(BodyTimeoutMiddleware, timeout=resolved.api_body_timeout_seconds)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
 

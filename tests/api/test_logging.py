@@ -126,6 +126,30 @@ async def test_webhook_and_portal_requests_log_no_secrets(
         assert secret not in output
 
 
+async def test_a_webhook_delivery_is_one_access_line_with_its_event_org_and_outcome(
+    api: Api, log_stream: io.StringIO
+) -> None:
+    org, _ = make_org_with_member(api.session_factory)
+    event = stripe_event("customer.subscription.updated", subscription_object(org_id=org.id))
+
+    answer = await post_event(api.http, event)
+
+    assert answer.status_code == 200
+    records = _records(log_stream)
+    mine = [r for r in records if r.get("event_id") == event["id"] and r["level"] != "DEBUG"]
+    assert len(mine) == 1, mine
+    [line] = mine
+    assert line["message"] == "POST /api/webhooks/stripe 200"
+    assert (line["org_id"], line["workflow_id"], line["outcome"]) == (
+        org.id,
+        f"org-billing-{org.id}",
+        "signalled",
+    )
+    assert line["event_type"] == "customer.subscription.updated"
+    assert line["routed_by"] == "org from metadata"
+    assert isinstance(line["duration_ms"], float)
+
+
 @pytest.mark.parametrize(
     "text",
     [
