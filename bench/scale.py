@@ -6,14 +6,19 @@ Phases (all by default; `--phases` picks some):
   the worker processes with the emulator's rate limit off (a high request
   budget): wall time, worker RSS with N running org workflows (sampled every
   2 s; the workflow cache size is `--cached`), Temporal history sizes (a sample).
-- `request-log`: `--log-rows` request-log rows over the last 90 days in time
-  order, skewed (a few orgs make most requests), then one org's 30-day sum and a
-  whole cycle's planning (every org's two plan_usage statements), first with the
-  index of migration 0001, then after migration 0003 (covering + BRIN index;
-  how long the migration takes on that table), and the retention delete
+- `request-log`: the database is at head; migration 0003's downgrade puts back
+  the plain `(org_id, occurred_at)` index of 0001 in place of its covering and
+  BRIN indexes. Then `--log-rows` request-log rows over the last 90 days in time
+  order, skewed (a few orgs make most requests), then one org's 30-day sum
+  (`orgs.request_total`) and a whole cycle's planning (the `db_plan_usage`
+  activity for every org), first with the old index, then after migration
+  0003's upgrade (how long building its indexes takes on that table; the
+  indexes are checked to be exactly head's), and the retention delete
   (`billing requests prune`'s statement) of the rows past 66 days.
 - `cycle`: the `report_usage` Update on `--cycle-orgs` orgs at the default budget
   (25 requests/s, Stripe's test-mode limit on): time, against the one-hour grace.
+  With `--cycle-orgs` below `--orgs`, the cycle for all `--orgs` is computed
+  from the measured per-org time (and printed as computed, not measured).
 
 Every figure is printed with what it projects to at `--project` orgs, computed
 from the measured per-org costs.
@@ -26,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib
 import random
 import statistics
 import time
@@ -49,6 +55,8 @@ from _stack import (
     wait_with_progress,
 )
 from _workers import WorkerProcesses
+from alembic.migration import MigrationContext
+from alembic.operations import Operations
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 from usage_cycle import (
@@ -60,12 +68,15 @@ from usage_cycle import (
     seed_requests,
 )
 
+from activities.db_activities import DbActivities
+from activities.models import PlanUsageInput
 from billing.constants import org_workflow_id
 from billing.db import orgs
-from billing.db.migrate import upgrade
 
 PHASES = ("provisioning", "request-log", "cycle")
-OLD_INDEX_REVISION = "0002_stripe_rate"
+# The migration that replaced request_log's plain (org_id, occurred_at) index by a
+# covering one and a BRIN one: its downgrade is the "before", its upgrade the "after".
+INDEX_MIGRATION = "billing.migrations.versions.0003_request_log_scale"
 LOG_DAYS = 90
 PERIOD_DAYS = 30
 KEEP_DAYS = 66  # what `billing requests prune` must keep (orgs.REQUESTS_BILLABLE_FOR)
@@ -284,19 +295,45 @@ def time_one_org(
     return OrgTiming(label, org_id, int(rows), min(times[1:]), times[0], buffers)
 
 
-def time_planning(session: Session, org_ids: list[int], since: datetime, until: datetime) -> float:
-    """A whole cycle's planning: both plan_usage statements for every org, one at a time."""
+def time_sums(session: Session, org_ids: list[int], since: datetime, until: datetime) -> float:
+    """Every org's period sum (`orgs.request_total`), one at a time, one connection."""
     started = time.perf_counter()
     for org_id in org_ids:
-        orgs.member_count(session, org_id)
-        orgs.request_total(session, org_id, since=since, until=until)
+        orgs.request_total(session, org_id, since=since, until=until, through=until)
     return time.perf_counter() - started
+
+
+def time_planning(stack: Stack, org_ids: list[int], since: datetime, until: datetime) -> float:
+    """A whole cycle's planning: the `db_plan_usage` activity for every org, one at a time.
+
+    Its pending ledger rows (period starting at `since`, which no real period
+    shares) are deleted afterwards, so the cycle phase finds none of them.
+    """
+    plan = DbActivities(stack.sessions, stack.settings)
+    started = time.perf_counter()
+    with console.status("Planning…") as status:
+        for i, org_id in enumerate(org_ids):
+            if i % 500 == 0:
+                status.update(f"Planning (db_plan_usage): org {i + 1}/{len(org_ids)}")
+            plan.plan_usage(
+                PlanUsageInput(
+                    org_id=org_id,
+                    customer_id=f"cus_bench_{org_id}",
+                    period_start=since,
+                    period_end=until,
+                    report_time=until,
+                )
+            )
+    seconds = time.perf_counter() - started
+    with stack.engine.begin() as conn:
+        conn.execute(text("DELETE FROM usage_ledger WHERE period_start = :s"), {"s": since})
+    return seconds
 
 
 def aggregation_figures(
     stack: Stack, org_ids: list[int], counts: dict[int, int], label: str, figures: Figures
 ) -> None:
-    until = datetime.now(UTC)
+    until = datetime.now(UTC).replace(microsecond=0)
     since = until - timedelta(days=PERIOD_DAYS)
     by_size = sorted(org_ids, key=lambda o: counts[o])
     picks = [
@@ -307,7 +344,9 @@ def aggregation_figures(
     with stack.sessions() as session:
         session.execute(text("SELECT 1"))
         timings = [time_one_org(session, name, o, since, until) for name, o in picks]
-        planning = time_planning(session, org_ids, since, until)
+        with console.status(f"{label}: every org's period sum…"):
+            sums = time_sums(session, org_ids, since, until)
+    planning = time_planning(stack, org_ids, since, until)
     for t in timings:
         figures.add(
             f"{label}: one org's {PERIOD_DAYS}-day sum, {t.label}",
@@ -316,30 +355,65 @@ def aggregation_figures(
             f"{t.buffers:,} buffers (8 KB pages) touched",
         )
     figures.add(
+        f"{label}: every org's {PERIOD_DAYS}-day sum, {len(org_ids)} orgs",
+        f"{sums:.1f} s",
+        f"{sums / len(org_ids) * 1000:.2f} ms per org (orgs.request_total, one connection)",
+    )
+    figures.add(
         f"{label}: a cycle's planning, {len(org_ids)} orgs",
         f"{planning:.1f} s",
-        f"{planning / len(org_ids) * 1000:.2f} ms per org (members count + request sum, "
-        "one statement each, one connection)",
+        f"{planning / len(org_ids) * 1000:.2f} ms per org (the db_plan_usage activity: "
+        "members, request sum, ledger rows written; one at a time)",
     )
+
+
+def run_index_migration(stack: Stack, direction: str) -> float:
+    """Migration 0003's `upgrade` or `downgrade`, as alembic runs it; returns seconds."""
+    migration = importlib.import_module(INDEX_MIGRATION)
+    started = time.monotonic()
+    with stack.engine.connect() as conn:
+        context = MigrationContext.configure(conn)
+        with Operations.context(context), context.begin_transaction():
+            getattr(migration, direction)()
+        conn.commit()
+    return time.monotonic() - started
+
+
+def request_log_indexes(stack: Stack) -> list[str]:
+    """request_log's index definitions and storage options, to compare with head's."""
+    with stack.engine.connect() as conn:
+        defs = conn.execute(
+            text("SELECT indexdef FROM pg_indexes WHERE tablename = 'request_log' ORDER BY 1")
+        ).scalars()
+        options = conn.execute(
+            text("SELECT reloptions FROM pg_class WHERE relname = 'request_log'")
+        ).scalar_one()
+        return [*defs, f"reloptions {options}"]
 
 
 def request_log_phase(
     stack: Stack, args: argparse.Namespace, org_ids: list[int], figures: Figures
 ) -> None:
+    head = request_log_indexes(stack)
+    run_index_migration(stack, "downgrade")
+    old = request_log_indexes(stack)
+    console.print("request_log indexes before: " + "; ".join(old))
     counts = rows_per_org(org_ids, args.log_rows)
     seconds = seed_request_log(stack, counts)
     figures.add("request_log written", table_size(stack), f"in {seconds:.0f} s (setup)")
     figures.add("VACUUM ANALYZE request_log", f"{vacuum(stack):.1f} s", "")
     aggregation_figures(stack, org_ids, counts, "index (org_id, occurred_at)", figures)
 
-    started = time.monotonic()
-    upgrade(stack.settings.database_url, "head")
+    with console.status("Migration 0003 on request_log (building its indexes)…"):
+        build = run_index_migration(stack, "upgrade")
+    if (now := request_log_indexes(stack)) != head:
+        raise RuntimeError(f"request_log indexes after 0003 {now} are not head's {head}")
     figures.add(
         "migration 0003 on that table",
-        f"{time.monotonic() - started:.0f} s",
+        f"{build:.0f} s",
         "CREATE INDEX CONCURRENTLY (covering) + BRIN, old index dropped; inserts continue",
     )
-    figures.add("request_log after 0003", table_size(stack), "")
+    figures.add("request_log after 0003", table_size(stack), "indexes exactly head's")
     aggregation_figures(stack, org_ids, counts, "covering index", figures)
 
 
@@ -402,6 +476,15 @@ async def cycle_phase(
     )
     figures.add("worker RSS after the cycle", mb(rss), f"peak during it {mb(workers.peak_rss)}")
     per_org = cycle.wall / n
+    if n < len(org_ids):
+        computed = per_org * len(org_ids)
+        figures.add(
+            f"computed, not measured: a cycle for all {len(org_ids):,} orgs at "
+            f"{args.requests_per_second:g} requests/s",
+            f"{computed / 60:.0f} min",
+            f"{len(org_ids):,} times the measured {per_org * 1000:.0f} ms per org ({n} orgs "
+            f"reported); margin against the hour {(GRACE_SECONDS - computed) / 60:.1f} min",
+        )
     for orgs_count, rps in ((args.project, STRIPE_RATE), (args.project, 100.0)):
         projected = orgs_count * METER_EVENTS_PER_ORG / rps
         figures.add(
@@ -434,7 +517,8 @@ def projections(args: argparse.Namespace, figures: Figures) -> None:
         figures.add(
             f"projected: provisioning {args.project:,} orgs at {rps:g} requests/s",
             f"{seconds / 3600:.1f} h",
-            "4 requests per org at the full budget (0 429s measured)",
+            "4 requests per org at the full budget, assuming no 429s "
+            "(provisioning here ran with the limit off)",
         )
 
 
@@ -444,8 +528,7 @@ async def run(args: argparse.Namespace) -> int:
     figures = Figures()
     wanted = set(args.phases)
     needs_temporal = bool(wanted & {"provisioning", "cycle"})
-    revision = OLD_INDEX_REVISION if "request-log" in wanted else "head"
-    async with open_stack(revision) as stack:
+    async with open_stack("head") as stack:
         console.print(f"Stack up in {stack.setup_seconds:.1f} s (Postgres: {stack.postgres}).")
         org_ids = await asyncio.to_thread(seed_orgs, stack, args.orgs, rng)
         console.print(f"{args.orgs} orgs with members written.")
