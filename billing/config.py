@@ -107,7 +107,7 @@ class Settings(BaseSettings):
     worker_metrics_port: int | None = Field(default=None, ge=1, le=65535)
     worker_metrics_host: str = "127.0.0.1"
     # Org workflows a worker process keeps in memory between tasks (sticky cache).
-    worker_max_cached_workflows: int = Field(default=1000, ge=0, le=100_000)
+    worker_max_cached_workflows: int = Field(default=500, ge=0, le=100_000)
 
     # Operational knobs (not part of the seed's contract).
     backfill_interval_seconds: int = Field(default=300, ge=10)
