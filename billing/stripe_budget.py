@@ -10,7 +10,8 @@ next free slot (GCRA, the "virtual scheduling" form of a token bucket):
     UPDATE ... SET next_at = greatest(next_at, now()) + 1/rate RETURNING ...
 
 Each request takes the slot the row held and moves the row on by 1/rate
-seconds; the caller sleeps until its slot. One tiny statement per request
+seconds; the caller sleeps until its slot (one it reaches too late, after a
+stall of its process, is traded for a new one). One tiny statement per request
 (a few hundred microseconds, on its own connection, not the worker's pool)
 and no clock but the database's, so skewed hosts cannot overshoot. Slots are
 handed out in order, so the sending rate is exactly the budget whenever there
@@ -61,6 +62,10 @@ MAX_PAUSE_SECONDS = 60.0
 MAX_RATE_LIMIT_RETRIES = 5
 # Clock arithmetic between the database and this process is this exact.
 PAUSE_TOLERANCE_SECONDS = 0.01
+# A slot this late (the process was starved of CPU, or its loop blocked) is given
+# up for a new one: otherwise every slot that fell due during the stall is sent at
+# once, a burst past what Stripe's bucket holds (a second's worth), answered 429.
+LATE_SLOT_SECONDS = 0.5
 CONNECT_TIMEOUT_SECONDS = 5
 STATEMENT_TIMEOUT_MS = 5_000
 
@@ -168,6 +173,8 @@ class PostgresRequestBudget:
             slot = time.monotonic() + max(wait or 0.0, 0.0)
             if slot > time.monotonic():
                 await asyncio.sleep(slot - time.monotonic())
+            if time.monotonic() - slot > LATE_SLOT_SECONDS:
+                continue
             # A pause someone set after this slot was taken makes the slot void.
             if self._paused_until <= slot + PAUSE_TOLERANCE_SECONDS:
                 return time.monotonic() - started

@@ -114,6 +114,37 @@ async def test_a_pause_voids_the_slots_already_handed_out(database_url: str) -> 
 
 
 @pytest.mark.asyncio
+async def test_slots_missed_during_a_stall_are_not_sent_as_one_burst(database_url: str) -> None:
+    """The loop blocks for 1.5 s while 30 callers wait for slots 50 ms apart.
+
+    Sending every slot that fell due meanwhile at once would be a burst of about
+    25 requests, past Stripe's bucket of a second's worth: the late ones take new
+    slots instead, so the sends after the stall keep close to the budget's pace.
+    """
+    budget = PostgresRequestBudget(database_url, name=name(), rate=RATE)
+    sent: list[float] = []
+
+    async def caller() -> None:
+        await budget.acquire()
+        sent.append(time.monotonic())
+
+    try:
+        callers = [asyncio.create_task(caller()) for _ in range(30)]
+        await asyncio.sleep(0.3)  # every caller holds a slot; a few were sent
+        time.sleep(1.5)  # the process stalls (blocked loop, starved CPU)
+        resumed = time.monotonic()
+        await asyncio.gather(*callers)
+    finally:
+        await budget.close()
+
+    after = sorted(t for t in sent if t >= resumed)
+    burst = max(sum(1 for u in after if t <= u < t + 0.15) for t in after)
+    # Slots at most LATE_SLOT_SECONDS late still go (about 10), then 50 ms apart.
+    assert burst <= 15, f"{burst} requests within 150 ms after the stall"
+    assert len(sent) == 30
+
+
+@pytest.mark.asyncio
 async def test_a_429_with_retry_after_pushes_every_process_back(
     database_url: str, emulator: EmulatorServer
 ) -> None:
