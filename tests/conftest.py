@@ -37,6 +37,27 @@ from stripe_emulator.client import make_client
 from stripe_emulator.server import EmulatorConfig, EmulatorServer
 from tooling.binaries import temporal_cli_path, temporal_test_server_path
 
+# The CLI's consoles (module-level, rich) fix their width at import from COLUMNS
+# when it is set, and pytest-xdist sets it (80) in every worker: the CLI tests
+# then wrap lines that their `COLUMNS=200` per invocation keeps whole. Nothing
+# of the CLI is imported yet here; each test passes the width it wants.
+os.environ.pop("COLUMNS", None)
+
+# The longest tests first: the chaos month, then the `billing dev` subprocess
+# tests. On parallel workers the rest of the suite fills the other workers while
+# these run, instead of one of them being the last thing left.
+_LONG_FIRST = ("chaos", "devstack")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        for position, marker in enumerate(_LONG_FIRST):
+            if item.get_closest_marker(marker) is not None:
+                return position
+        return len(_LONG_FIRST)
+
+    items.sort(key=rank)  # stable: the collected order within each rank
+
 
 def _psycopg_dsn(sqlalchemy_url: str) -> str:
     return (

@@ -455,10 +455,19 @@ def _create_org(env: dict[str, str], name: str) -> dict[str, object]:
     email = f"owner@{name.lower().replace(' ', '-')}.test"
     created = _billing(env, "orgs", "create", "--name", name, "--owner-email", email, "--json")
     assert created.returncode == 0, created.stderr
-    shown = _wait_for_status(env, int(json.loads(created.stdout)["org"]["id"]), "trialing")
-    org = shown["org"]
-    assert isinstance(org, dict)
-    return org
+    org_id = int(json.loads(created.stdout)["org"]["id"])
+    shown = _wait_for_status(env, org_id, "trialing")
+    # A new row is `trialing` by default, and the workflow reports trialing as soon as
+    # Stripe answered, a moment before its activity writes the ids to the row.
+    deadline = time.monotonic() + 30
+    while True:
+        org = shown["org"]
+        assert isinstance(org, dict)
+        if org["stripe_customer_id"] and org["stripe_subscription_id"]:
+            return org
+        assert time.monotonic() < deadline, f"org {org_id} never got its Stripe ids: {shown}"
+        time.sleep(0.2)
+        shown = _show(env, org_id)
 
 
 @pytest.fixture(scope="module")
