@@ -4,7 +4,8 @@ There is one way in, `start_org_workflow`, and its options say what happens to
 a workflow that is already running: it receives the start signal (signal-with-
 start: an event for an org whose workflow does not exist yet, or closed, starts
 it, and the event is the first thing it sees), or, without a signal, the
-conflict policy decides (leave it alone, or refuse to start).
+conflict policy decides (leave it alone, or refuse to start). Webhooks use
+`deliver_to_org_workflow`: the same outcome, with a plain signal first.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from temporalio.common import (
     TypedSearchAttributes,
     WorkflowIDConflictPolicy,
 )
+from temporalio.service import RPCError, RPCStatusCode
 
 from billing.config import Settings
 from billing.constants import (
@@ -98,6 +100,31 @@ async def start_org_workflow(
         static_summary=f"Billing of org {org_id}",
         static_details=STATIC_DETAILS.format(org_id=org_id),
     )
+
+
+async def deliver_to_org_workflow(
+    client: Client,
+    task_queue: str,
+    org_id: int,
+    signal: StartSignal,
+    *,
+    tuning: OrgBillingTuning | None = None,
+) -> None:
+    """Signal the org's running workflow; when none runs, start it with the signal.
+
+    The same outcome as `start_org_workflow` with a signal, for less: most
+    deliveries are for a running workflow, and a plain signal carries no start
+    request (input, search attributes, summary) for the client to build and the
+    server to weigh. A closed or never started one answers NOT_FOUND, and is
+    started with the signal, which a workflow started meanwhile receives too.
+    """
+    handle = client.get_workflow_handle(org_workflow_id(org_id))
+    try:
+        await handle.signal(signal.name, args=list(signal.args))
+    except RPCError as err:
+        if err.status != RPCStatusCode.NOT_FOUND:
+            raise
+        await start_org_workflow(client, task_queue, org_id, signal=signal, tuning=tuning)
 
 
 async def start_provisioning(client: Client, settings: Settings, org_id: int) -> None:

@@ -45,7 +45,7 @@ from api.webhook_store import WebhookStore
 from billing.config import Settings
 from billing.constants import HANDLED_EVENT_TYPES, org_workflow_id
 from billing.logging import bind_log_context
-from billing.orchestration import StartSignal, start_org_workflow, tuning_of
+from billing.orchestration import StartSignal, deliver_to_org_workflow, tuning_of
 from billing.stripe_gateway import (
     WEBHOOK_TOLERANCE_SECONDS,
     StripeGateway,
@@ -359,11 +359,11 @@ async def _signal(
     try:
         client = await link.ready_client()
         async with asyncio.timeout(SIGNAL_TIMEOUT_SECONDS):
-            await start_org_workflow(
+            await deliver_to_org_workflow(
                 client,
                 settings.temporal_task_queue,
                 org_id,
-                signal=StartSignal.stripe_event(signal_of(event)),
+                StartSignal.stripe_event(signal_of(event)),
                 tuning=tuning_of(settings),
             )
     except TemporalUnavailableError as err:

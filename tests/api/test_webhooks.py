@@ -10,12 +10,13 @@ from collections.abc import AsyncIterator
 import pytest
 import stripe
 from sqlalchemy.orm import Session, sessionmaker
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.testing import WorkflowEnvironment
 
 from api.main import create_app
 from api.webhook_events import MAX_BODY_BYTES
 from billing.config import Settings
+from billing.constants import org_workflow_id
 from tests.api.conftest import Api, start_dev_server
 from tests.api.support import (
     WEBHOOK_SECRET,
@@ -278,6 +279,33 @@ async def test_redelivered_event_is_signalled_again_and_recorded_once(api: Api) 
     assert first.status_code == second.status_code == 200
     # The workflow drops the duplicate by event id; the log keeps one row.
     assert [r.id for r in event_rows(api.session_factory)] == [event["id"]]
+
+
+async def test_deliveries_signal_the_running_workflow_and_start_a_new_one_once_it_ended(
+    api: Api,
+) -> None:
+    """A running workflow is signalled (one run, every event in it); once that run has
+    ended, the next delivery starts a new run that receives it first."""
+    org = make_org(api.session_factory)
+    first, second, third = (
+        stripe_event(UPDATED, subscription_object(org_id=org.id)) for _ in range(3)
+    )
+    handle = api.temporal.get_workflow_handle(org_workflow_id(org.id))
+
+    assert (await post_event(api.http, first)).status_code == 200
+    started = (await handle.describe()).run_id
+    assert (await post_event(api.http, second)).status_code == 200
+    assert (await handle.describe()).run_id == started
+    assert [s.event_id for s in await signalled_events(api.temporal, org.id)] == [
+        first["id"],
+        second["id"],
+    ]
+
+    await handle.terminate("the run ended")
+    assert (await post_event(api.http, third)).status_code == 200
+    after = await handle.describe()
+    assert after.run_id != started and after.status == WorkflowExecutionStatus.RUNNING
+    assert [s.event_id for s in await signalled_events(api.temporal, org.id)] == [third["id"]]
 
 
 async def test_a_burst_of_deliveries_is_answered_and_logged_event_by_event(api: Api) -> None:
