@@ -176,6 +176,9 @@ def create_app(
         version="0.1.0",
         summary="Stripe webhooks in, billing portal links and billing state out.",
         lifespan=lifespan,
+        # The API's metrics are its own (Prometheus, `/metrics`); FastAPI's OpenTelemetry
+        # hooks would look for a provider in the environment on every request.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
         # Served by add_offline_docs from this process, not from a CDN.
         docs_url=None,
         redoc_url=None,
