@@ -401,18 +401,28 @@ async def test_periods_missed_during_an_outage_are_caught_up(stack: LiveStack) -
         assert meter_total(stack, state.stripe_customer_id, REQUESTS, start, end) == expected
 
 
+JANUARY = datetime(2026, 1, 1, tzinfo=UTC)
+FEBRUARY = datetime(2026, 2, 1, tzinfo=UTC)
+
+
+def january_org(
+    session_factory: sessionmaker[Session], database_url: str, requests_at: datetime
+) -> tuple[DbActivities, int]:
+    """The DB activities and a new org with 3 requests at `requests_at` (January's period)."""
+    db = DbActivities(session_factory, Settings.model_validate({"database_url": database_url}))
+    org_id = create_org(session_factory)
+    with session_factory.begin() as session:
+        orgs.record_requests(session, org_id, 3, requests_at)
+    return db, org_id
+
+
 async def test_a_row_left_pending_long_ago_is_sent_inside_stripes_window(
     session_factory: sessionmaker[Session], database_url: str
 ) -> None:
     """A crash left a mid-period report pending; the clock moved 35 days past it, not past
     the period: the row goes out again, same identifier and value, timestamp moved forward."""
-    settings = Settings.model_validate({"database_url": database_url})
-    db = DbActivities(session_factory, settings)
-    org_id = create_org(session_factory)
-    start = datetime(2026, 1, 1, tzinfo=UTC)
-    end = datetime(2026, 2, 1, tzinfo=UTC)
-    with session_factory.begin() as session:
-        orgs.record_requests(session, org_id, 3, start + timedelta(hours=1))
+    db, org_id = january_org(session_factory, database_url, JANUARY + timedelta(hours=1))
+    start, end = JANUARY, FEBRUARY
 
     def plan_at(report_time: datetime) -> list[MeterEventToSend]:
         return db.plan_usage(
@@ -442,13 +452,8 @@ async def test_a_row_left_pending_long_ago_is_sent_inside_stripes_window(
 async def test_a_period_older_than_stripe_accepts_is_skipped_with_its_reason(
     session_factory: sessionmaker[Session], database_url: str
 ) -> None:
-    settings = Settings.model_validate({"database_url": database_url})
-    db = DbActivities(session_factory, settings)
-    org_id = create_org(session_factory)
-    start = datetime(2026, 1, 1, tzinfo=UTC)
-    end = datetime(2026, 2, 1, tzinfo=UTC)
-    with session_factory.begin() as session:
-        orgs.record_requests(session, org_id, 3, start + timedelta(days=2))
+    db, org_id = january_org(session_factory, database_url, JANUARY + timedelta(days=2))
+    start, end = JANUARY, FEBRUARY
     plan_input = PlanUsageInput(
         org_id=org_id,
         customer_id="cus_x",
