@@ -291,11 +291,13 @@ async def test_reconcile_applies_what_stripe_changed_and_says_what_differed(
     state = await provisioned_org(stack)
     assert state.stripe_subscription_id and state.trial_end
     await stack.settled(state.org_id)
+    handle = stack.client.get_workflow_handle(org_workflow_id(state.org_id))
+    # Asleep: no event's re-read of Stripe is still under way to see the change first.
+    await eventually(lambda: handle.fetch_history(), lambda h: _asleep(h.events))
     for endpoint in stack.stripe.v1.webhook_endpoints.list().data:
         stack.stripe.v1.webhook_endpoints.delete(endpoint.id)
     wanted = stack.clock_time() + 10 * 86400  # before the trial end, so the end moves
     stack.stripe.v1.subscriptions.update(state.stripe_subscription_id, {"cancel_at": wanted})
-    handle = stack.client.get_workflow_handle(org_workflow_id(state.org_id))
 
     result = await handle.execute_update(RECONCILE_UPDATE, result_type=ReconcileResult)
 
@@ -306,6 +308,11 @@ async def test_reconcile_applies_what_stripe_changed_and_says_what_differed(
     assert stack.org(state.org_id).subscription_end == cancel_at
     again = await handle.execute_update(RECONCILE_UPDATE, result_type=ReconcileResult)
     assert again.differences == []
+
+
+def _asleep(events: Any) -> bool:
+    """The run's last command is its wake timer, and nothing happened after it."""
+    return bool(events) and events[-1].event_type == EventType.EVENT_TYPE_TIMER_STARTED
 
 
 async def _row_end(stack: LiveStack, org_id: int) -> datetime | None:
