@@ -573,7 +573,8 @@ def add_member(
     """Add a user (created if new) to the org as a member or billing admin, from `at`.
 
     A user who left before comes back with a new membership; the old one stays
-    as history.
+    as history. A current member asked for another role gets it (the owner's
+    role never changes here); asked for the role they have, it is a conflict.
     """
     role = grantable_role(role)
     get_org(session, org_id)
@@ -585,7 +586,13 @@ def add_member(
         )
     )
     if existing is not None:
-        raise ConflictError(f"{user.email} is already a member of org {org_id}.")
+        if existing.role == role or existing.role == MembershipRole.OWNER:
+            raise ConflictError(
+                f"{user.email} is already a member of org {org_id} (role {existing.role.value})."
+            )
+        existing.role = role
+        session.flush()
+        return user
     session.add(Membership(org_id=org_id, user_id=user.id, role=role, joined_at=_moment(at)))
     try:
         session.flush()

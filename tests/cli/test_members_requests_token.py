@@ -114,6 +114,7 @@ def test_add_a_billing_admin(invoke: Invoke, session_factory: sessionmaker[Sessi
         "org_id": org_id,
         "email": "bill@acme.test",
         "role": "billing_admin",
+        "previous_role": None,
         "members": 2,
     }
     assert plain.exit_code == 0 and "as member" in plain.stdout
@@ -157,7 +158,37 @@ def test_adding_a_member_twice_is_refused(invoke: Invoke) -> None:
 
     result = invoke("members", "add", str(org_id), "--email", "grace@acme.test")
 
-    assert_clean_error(result, "already a member")
+    assert_clean_error(result, f"already a member of org {org_id} (role member)")
+
+
+def test_a_current_member_is_granted_billing_admin_and_back(invoke: Invoke) -> None:
+    org_id = _org(invoke)
+    invoke("members", "add", str(org_id), "--email", "grace@acme.test")
+
+    granted = invoke(
+        "members", "add", str(org_id), "--email", "grace@acme.test", "--role", "billing_admin"
+    )
+
+    assert granted.exit_code == 0, granted.output
+    assert f"grace@acme.test is now billing_admin of org {org_id} (was member)" in granted.stdout
+    members = json.loads(invoke("orgs", "show", str(org_id), "--json").stdout)["members"]
+    assert {m["email"]: m["role"] for m in members} == {
+        "ada@acme.test": "owner",
+        "grace@acme.test": "billing_admin",
+    }
+    back = invoke("members", "add", str(org_id), "--email", "grace@acme.test", "--json")
+    assert json.loads(back.stdout)["previous_role"] == "billing_admin"
+    assert len(json.loads(invoke("orgs", "show", str(org_id), "--json").stdout)["members"]) == 2
+
+
+def test_the_owner_keeps_their_role_when_added_again(invoke: Invoke) -> None:
+    org_id = _org(invoke)
+
+    result = invoke(
+        "members", "add", str(org_id), "--email", "ada@acme.test", "--role", "billing_admin"
+    )
+
+    assert_clean_error(result, f"already a member of org {org_id} (role owner)")
 
 
 def test_the_owner_cannot_be_removed(invoke: Invoke) -> None:

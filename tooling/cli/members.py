@@ -33,13 +33,26 @@ def add(
     ] = MembershipRole.MEMBER.value,
     as_json: JsonOption = False,
 ) -> None:
-    """Add a user (created if new) to the org."""
+    """Add a user (created if new) to the org, or give a current member another role."""
     with state_of(ctx).session() as session:
         granted = orgs.grantable_role(role)
+        before = {m.email: m.role for m in orgs.list_members(session, org_id)}
         user = orgs.add_member(session, org_id, email, name, granted)
         members = len(orgs.list_members(session, org_id))
+    previous = before.get(user.email)
     if as_json:
-        print_json({"org_id": org_id, "email": user.email, "role": granted, "members": members})
+        print_json(
+            {
+                "org_id": org_id,
+                "email": user.email,
+                "role": granted,
+                "previous_role": previous,
+                "members": members,
+            }
+        )
+        return
+    if previous is not None:
+        out.print(f"{safe(user.email)} is now {granted} of org {org_id} (was {previous}).")
         return
     out.print(
         f"Added {safe(user.email)} to org {org_id} as {granted}; it now has {members} members."
