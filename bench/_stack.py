@@ -46,7 +46,6 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 from temporalio.client import Client, WorkflowHandle
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.runtime import (
     LogForwardingConfig,
     LoggingConfig,
@@ -299,13 +298,12 @@ def temporal_dev_server() -> Iterator[str]:
 
 
 async def wait_for_server(address: str, runtime: Runtime, timeout: float = 30) -> Client:
-    """A plain client on the worker's runtime, once the server answers (it opens its port first)."""
+    """The product's client on the worker's runtime, once the server answers."""
     deadline = time.monotonic() + timeout
+    settings = Settings.model_validate({"temporal_address": address})
     while True:
         try:
-            return await Client.connect(
-                address, runtime=runtime, data_converter=pydantic_data_converter
-            )
+            return await connect_client(settings, runtime=runtime, timeout=5)
         except RuntimeError:
             if time.monotonic() > deadline:
                 raise

@@ -36,11 +36,11 @@ from pathlib import Path
 import psycopg
 import stripe
 from sqlalchemy.engine import make_url
-from temporalio.client import Client
 
 from billing.config import Settings
 from billing.constants import org_workflow_id
 from billing.problems import PROBLEM_ORGS_QUERY
+from billing.temporal_client import connect_client
 from tooling.devstack import workflows_link
 
 BILLING = str(Path(sys.executable).parent / "billing")
@@ -170,7 +170,7 @@ def make_stuck_orgs(stack: Stack) -> dict[str, int]:
 
 
 async def run_id_of(address: str, org_id: int) -> str:
-    client = await Client.connect(address)
+    client = await connect_client(Settings.model_validate({"temporal_address": address}))
     description = await client.get_workflow_handle(org_workflow_id(org_id)).describe()
     return description.run_id
 
