@@ -1,9 +1,9 @@
 """What each `BillingProblem` code means and what fixes it, said once.
 
 The workflow's current details (the Temporal UI's detail page), `billing orgs
-list --problem`, `billing orgs show` and the table in docs/stuck-orgs.md all
-read this mapping (a test checks the docs against it). Pure: no I/O, so the
-workflow may call it.
+list --problem`, `billing orgs show` and the table in docs/operations.md
+("BillingProblem codes") all read this mapping (a test checks the docs against
+it). Pure: no I/O, so the workflow may call it.
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def current_details(state: OrgBillingState) -> str:
 
 
 def docs_table() -> str:
-    """The codes table of docs/stuck-orgs.md, as it must read."""
+    """The codes table of docs/operations.md ("BillingProblem codes"), as it must read."""
     rows = ["| code | means | fix |", "|---|---|---|"]
     rows += [f"| `{code.value}` | {h.means} | {h.fix} |" for code, h in PROBLEM_HELP.items()]
     return "\n".join(rows)

@@ -287,6 +287,10 @@ async def test_an_event_that_failed_is_kept_visible_and_applied_once_stripe_answ
     assert kept.event.event_id not in failed.seen_event_ids
     assert failed.problem is BillingProblem.EVENT_FAILED
     await eventually(lambda: shown_problem(stack, org_id), lambda shown: shown == "event_failed")
+    await eventually(
+        lambda: listed(stack, "BillingProblem = 'event_failed'"),
+        lambda ids: org_workflow_id(org_id) in ids,
+    )
     assert "**event_failed** — fix: " in await current_details(stack.client, org_id)
     assert stack.org(org_id).subscription_end != datetime.fromtimestamp(cancel_at, UTC)
 
@@ -300,4 +304,8 @@ async def test_an_event_that_failed_is_kept_visible_and_applied_once_stripe_answ
     assert stack.org(org_id).subscription_end == datetime.fromtimestamp(cancel_at, UTC)
     await eventually(lambda: shown_problem(stack, org_id), lambda shown: shown is None)
     assert "problem" not in await current_details(stack.client, org_id)
+    await eventually(
+        lambda: listed(stack, "BillingProblem IS NOT NULL"),
+        lambda ids: org_workflow_id(org_id) not in ids,
+    )
     await capture_history(stack.client, org_workflow_id(org_id), "event_failed_then_applied")
