@@ -26,7 +26,10 @@ from tests.cli.test_devstack import DevProcess, _clean_env, _free_ports, dev_hom
 pytestmark = [pytest.mark.devstack, pytest.mark.timeout(240)]
 
 PAGE = Path(__file__).resolve().parents[2] / "docs" / "walkthrough.md"
-CLOCK_START = "2031-01-30T09:15:00Z"
+# Not the day the walkthrough's sample output was taken on (2031-01-30): a
+# year's last day, late in the evening, so the trial ends in another year and
+# the first paid period ends on a month's shortened last day (February 28th).
+CLOCK_START = "2029-12-31T23:40:00Z"
 VENV_BIN = str(Path(sys.executable).parent)
 
 
@@ -96,8 +99,8 @@ EXPECTED = [
     Expect(r"^billing emulator card 2 --failing", _has("now pays with a failing card")),
     Expect(
         r"^billing emulator advance --to period-end$",
-        # The clock started on CLOCK_START: the 30-day trial ends on March 1st.
-        _has("Crossed the trial end of orgs 1, 2 (2031-03-01 09:15 UTC)", "invoices are finalized"),
+        # The clock started on CLOCK_START: the 30-day trial ends on January 30th.
+        _has("Crossed the trial end of orgs 1, 2 (2030-01-30 23:40 UTC)", "invoices are finalized"),
     ),
     Expect(
         r"^billing orgs list$",
