@@ -11,7 +11,7 @@ import json
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, exists, or_, select, update
+from sqlalchemy import and_, exists, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, aliased
 
@@ -148,3 +148,26 @@ def redeliver(session: Session, notification_id: str, now: datetime) -> Notifica
     row.lease_until = None
     row.created_at = now
     return row
+
+
+def prune(session: Session, *, before: datetime, include_failed: bool, limit: int) -> int:
+    """Delete up to `limit` finished notifications older than `before`; returns how many.
+
+    Delivered ones count from `delivered_at`; failed ones (only with `include_failed`)
+    from `created_at`, the time they were written or queued again. Pending ones are
+    never deleted. Callers commit each batch, so a large delete never holds one long
+    transaction (docs/operations.md#notifications-retention).
+    """
+    if limit < 1:
+        raise ValueError(f"The batch size must be at least 1, not {limit}.")
+    condition = "(status = 'delivered' AND delivered_at < :before)"
+    if include_failed:
+        condition += " OR (status = 'failed' AND created_at < :before)"
+    result = session.execute(
+        text(
+            "DELETE FROM notifications WHERE ctid = ANY(ARRAY("
+            f"SELECT ctid FROM notifications WHERE {condition} LIMIT :limit))"
+        ),
+        {"before": before, "limit": limit},
+    )
+    return int(getattr(result, "rowcount", 0) or 0)

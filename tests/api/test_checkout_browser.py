@@ -65,6 +65,22 @@ async def test_canceled_org_pays_in_the_browser_and_is_entitled_again(
 
     state = await canceled_org(stack)
     old = state.stripe_subscription_id
+
+    async def entitlement() -> Any:
+        async with httpx.AsyncClient(base_url=stack.api_url) as http:
+            answer = await http.get(
+                f"/api/orgs/{state.org_id}/entitlement", headers=owner_headers(stack, state.org_id)
+            )
+        assert answer.status_code == 200, answer.text
+        return answer.json()
+
+    # Access really ended: the canceled trial's end is past, nothing is entitled before paying.
+    before = await entitlement()
+    assert (before["entitled"], before["reason"], before["status"]) == (
+        False,
+        "canceled",
+        "canceled",
+    ), before
     async with httpx.AsyncClient(base_url=stack.api_url) as http:
         answer = await http.post(CHECKOUT_URL, headers=owner_headers(stack, state.org_id))
     assert answer.status_code == 200, answer.text
@@ -121,14 +137,6 @@ async def test_canceled_org_pays_in_the_browser_and_is_entitled_again(
     assert billing.status_code == 200, billing.text
     assert billing.json()["status"] == "active"
 
-    async def entitlement() -> Any:
-        async with httpx.AsyncClient(base_url=stack.api_url) as http:
-            answer = await http.get(
-                f"/api/orgs/{state.org_id}/entitlement", headers=owner_headers(stack, state.org_id)
-            )
-        assert answer.status_code == 200, answer.text
-        return answer.json()
-
     entitled = await eventually(entitlement, lambda e: e["status"] == "active")
-    assert entitled["entitled"] is True, entitled
+    assert (entitled["entitled"], entitled["reason"]) == (True, "active"), entitled
     await eventually(row, lambda o: o.entitled is True)

@@ -8,13 +8,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from billing.domain import BillingStatus
+from billing.domain import BillingStatus, OrgBillingState
 from billing.entitlement import (
     FLAGGED_REASONS,
     EntitlementReason,
     decide,
     next_change,
     of_row,
+    of_state,
 )
 
 NOW = datetime(2026, 6, 15, 12, tzinfo=UTC)
@@ -71,6 +72,45 @@ def test_canceled_is_entitled_until_the_paid_period_ends() -> None:
     over = decide(BillingStatus.CANCELED, now=end, current_period_end=end)
     assert not over.entitled and over.reason is EntitlementReason.CANCELED
     assert next_change(over, end) is None
+
+
+def test_canceled_during_the_trial_keeps_access_until_the_trial_s_end() -> None:
+    """The trial counts as the period it was granted: Stripe keeps the trial as the
+    current period of a subscription canceled during it, and access runs to its end."""
+    trial_end = NOW + 10 * DAY
+    state = OrgBillingState(
+        org_id=1,
+        status=BillingStatus.CANCELED,
+        trial_end=trial_end,
+        current_period_start=NOW - 20 * DAY,
+        current_period_end=trial_end,
+        subscription_end=NOW,  # canceled at once, today
+    )
+    answer = of_state(state, NOW, grace_days=7)
+    assert answer.entitled and answer.reason is EntitlementReason.CANCELED_PAID_PERIOD
+    assert answer.access_until == answer.trial_end == trial_end
+    assert next_change(answer, NOW) == trial_end
+    just_before = of_state(state, trial_end - timedelta(seconds=1), grace_days=7)
+    assert just_before.entitled
+    over = of_state(state, trial_end, grace_days=7)
+    assert not over.entitled and over.reason is EntitlementReason.CANCELED
+    # The row, written by the workflow, gives the same answer when the workflow cannot.
+    row = of_row(
+        BillingStatus.CANCELED,
+        access_until=answer.access_until,
+        subscription_end=NOW,
+        now=NOW,
+        grace_days=7,
+    )
+    assert (row.entitled, row.reason, row.access_until) == (True, answer.reason, trial_end)
+
+
+def test_a_past_due_row_without_access_until_counts_the_grace_from_now() -> None:
+    row = of_row(
+        BillingStatus.PAST_DUE, access_until=None, subscription_end=None, now=NOW, grace_days=7
+    )
+    assert row.entitled and row.reason is EntitlementReason.PAST_DUE_GRACE
+    assert row.grace_until == row.access_until == NOW + 7 * DAY
 
 
 def test_trialing_and_active_are_open_ended_whatever_their_dates() -> None:

@@ -34,6 +34,16 @@ async def checkout(stack: LiveStack, org_id: int) -> dict[str, Any]:
     return body
 
 
+async def entitlement(stack: LiveStack, org_id: int) -> dict[str, Any]:
+    async with httpx.AsyncClient(base_url=stack.api_url) as http:
+        answer = await http.get(
+            f"/api/orgs/{org_id}/entitlement", headers=owner_headers(stack, org_id)
+        )
+    assert answer.status_code == 200, answer.text
+    body: dict[str, Any] = answer.json()
+    return body
+
+
 async def pay(url: str) -> None:
     async with httpx.AsyncClient() as http:
         answer = await http.post(url, data={"cardNumber": VISA, "billingName": "Ada"})
@@ -43,6 +53,8 @@ async def pay(url: str) -> None:
 async def test_canceled_org_pays_through_checkout_and_is_billed_again(stack: LiveStack) -> None:
     state = await canceled_org(stack)
     old = state.stripe_subscription_id
+    before = await entitlement(stack, state.org_id)
+    assert (before["entitled"], before["reason"]) == (False, "canceled"), before
 
     session = await checkout(stack, state.org_id)
     assert session["mode"] == "subscription"
@@ -61,6 +73,8 @@ async def test_canceled_org_pays_through_checkout_and_is_billed_again(stack: Liv
         if s.status not in ("canceled", "incomplete_expired")
     ]
     assert [s.id for s in live] == [sub.id]
+    after = await entitlement(stack, state.org_id)
+    assert (after["entitled"], after["reason"]) == (True, "active"), after
     # Usage is reported into the new subscription's period.
     handle = stack.client.get_workflow_handle(org_workflow_id(state.org_id))
     report = await handle.execute_update(REPORT_USAGE_UPDATE, result_type=UsageReportResult)

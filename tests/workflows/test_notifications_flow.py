@@ -30,6 +30,7 @@ from billing.orchestration import (
     tuning_of,
 )
 from stripe_emulator.server import EmulatorServer
+from tests.factories.checkout import CHECKOUT_URL, canceled_org, owner_headers
 from tests.factories.live import LiveStack, live_stack
 from tests.factories.receiver import Receiver
 from tests.factories.stack import (
@@ -164,7 +165,12 @@ async def test_notifications_arrive_signed_once_and_in_order_and_entitlement_fol
     )
     await post_event(stack, trial_notice)
     await post_event(stack, trial_notice)
+    # And a second notice for the same trial end under a new event id: the event-id
+    # dedupe lets it through, the once-per-trial-end key keeps it to one notification.
+    again = {**trial_notice, "id": f"{trial_notice['id']}_again"}
+    await post_event(stack, again)
     await stack.settled(org_id)
+    assert again["id"] in (await query_state(stack.client, org_id)).seen_event_ids
 
     receiver.start()
     final = await eventually(
@@ -189,6 +195,7 @@ async def test_notifications_arrive_signed_once_and_in_order_and_entitlement_fol
 
     types = [d.body["type"] for d in accepted if d.id in first_arrivals]
     assert types.count("org.billing.trial_will_end") == 1
+    assert [r.type for r in final].count("org.billing.trial_will_end") == 1
     assert "org.billing.payment_failed" in types
     statuses = [
         d.body["data"]["status"] for d in accepted if d.body["type"].endswith("status_changed")
@@ -311,3 +318,62 @@ async def test_no_grace_locks_a_past_due_org_until_it_pays(
     assert ids == [r.id for r in final if r.status is NotificationStatus.DELIVERED]
     tried = [d.id for d in receiver.deliveries if d.body["org_id"] == org_id]
     assert tried.count(refused[0].id) == 1
+
+
+async def test_a_canceled_org_paying_at_checkout_is_notified_active_and_entitled(
+    notify_stack: LiveStack, receiver: Receiver
+) -> None:
+    stack = notify_stack
+    receiver.start()
+    state = await canceled_org(stack)
+    org_id = state.org_id
+
+    def delivered() -> list[dict[str, Any]]:
+        return [d.body for d in receiver.accepted() if d.body["org_id"] == org_id]
+
+    def is_lockout(body: dict[str, Any]) -> bool:
+        return body["type"] == "org.billing.entitlement_changed" and (
+            body["data"]["entitled"] is False
+        )
+
+    # Its access over, the console was told before the owner pays.
+    await eventually(lambda: asyncio.to_thread(delivered), lambda bs: any(map(is_lockout, bs)))
+    before = await entitlement(stack, org_id, SERVICE_KEY)
+    assert (before.json()["entitled"], before.json()["status"]) == (False, "canceled")
+    seen = len(delivered())
+
+    async with httpx.AsyncClient(base_url=stack.api_url) as http:
+        session = await http.post(CHECKOUT_URL, headers=owner_headers(stack, org_id))
+        assert session.status_code == 200, session.text
+        paid = await http.post(
+            session.json()["url"], data={"cardNumber": "4242424242424242", "billingName": "Ada"}
+        )
+    assert paid.status_code == 303, paid.text
+    await wait_for_status(stack.client, org_id, {BillingStatus.ACTIVE})
+    await stack.settled(org_id)
+
+    def changes() -> list[dict[str, Any]]:
+        return [b for b in delivered()[seen:] if b["type"].endswith("_changed")]
+
+    after = await eventually(
+        lambda: asyncio.to_thread(changes),
+        lambda bs: {b["type"] for b in bs}
+        >= {"org.billing.status_changed", "org.billing.entitlement_changed"},
+    )
+    assert receiver.unverified == []
+    statuses = [
+        (b["data"]["previous_status"], b["data"]["status"], b["data"]["entitled"])
+        for b in after
+        if b["type"] == "org.billing.status_changed"
+    ]
+    assert statuses == [("canceled", "active", True)]
+    entitlements = [
+        (b["data"]["previous_entitled"], b["data"]["entitled"], b["data"]["reason"])
+        for b in after
+        if b["type"] == "org.billing.entitlement_changed"
+    ]
+    assert entitlements == [(False, True, "active")]
+    await eventually(
+        lambda: asyncio.to_thread(outbox, stack, org_id),
+        lambda rows: all(r.status is NotificationStatus.DELIVERED for r in rows),
+    )

@@ -1,8 +1,8 @@
-"""`billing notifications list` and `billing notifications redeliver`: the outbox to the console."""
+"""`billing notifications list`, `redeliver` and `prune`: the outbox to the console."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 import typer
@@ -100,3 +100,53 @@ def redeliver(
         f"Notification {document['id']} of org {document['org_id']} is queued for delivery "
         "again (the worker sends it)."
     )
+
+
+PRUNE_BATCH = 10_000
+MAX_PRUNE_BATCHES = 100_000
+
+
+@app.command("prune")
+def prune(
+    ctx: typer.Context,
+    older_than_days: Annotated[
+        int,
+        typer.Option(
+            "--older-than-days",
+            help="Delete delivered notifications delivered more than this many days ago.",
+        ),
+    ] = 30,
+    include_failed: Annotated[
+        bool,
+        typer.Option(
+            "--include-failed",
+            help="Also delete failed ones written (or queued again) more than that long ago.",
+        ),
+    ] = False,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help="Rows per transaction.")
+    ] = PRUNE_BATCH,
+    as_json: JsonOption = False,
+) -> None:
+    """Delete old delivered (and with --include-failed, failed) notifications, in batches;
+    pending ones are never deleted."""
+    if not 0 <= older_than_days <= 36_600:
+        fail(f"--older-than-days must be between 0 and 36600, not {older_than_days}.")
+    if batch_size < 1:
+        fail(f"--batch-size must be at least 1, not {batch_size}.")
+    state = state_of(ctx)
+    before = datetime.now(UTC) - timedelta(days=older_than_days)
+    deleted = 0
+    for _ in range(MAX_PRUNE_BATCHES):
+        with state.session() as session:
+            batch = notifications.prune(
+                session, before=before, include_failed=include_failed, limit=batch_size
+            )
+        deleted += batch
+        if batch < batch_size:
+            break
+    if as_json:
+        print_json({"deleted": deleted, "before": before, "include_failed": include_failed})
+        return
+    kinds = "delivered and failed" if include_failed else "delivered"
+    out.print(f"Deleted {deleted} {kinds} notifications older than {before.isoformat()}.")
