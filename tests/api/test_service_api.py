@@ -127,6 +127,9 @@ async def test_every_service_route_refuses_a_bad_key_and_changes_nothing(
         ("PUT", f"{base}/{org_id}/members/u-grace", member),
         ("DELETE", f"{base}/{org_id}/members/u-grace", None),
         ("POST", f"{base}/{org_id}/usage", usage),
+        # The key is checked before the path: an id holding `/`, an org id out of range.
+        ("PUT", f"{base}/{org_id}/members/auth0%7Cx%2Fy", member),
+        ("DELETE", f"{base}/0/members/a%2Fb", None),
     ]
     member_token = mint_token(TokenRules.of(svc.stack.settings), 1, org_id)
     keys = {
