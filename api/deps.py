@@ -235,7 +235,15 @@ def service_key_ok(settings: Settings, presented: str) -> bool:
 
 
 async def get_org_reader(
-    org_id: Annotated[int, Path(ge=1, le=2**31 - 1, description="The org's id")],
+    org_id: Annotated[
+        int,
+        Path(
+            ge=1,
+            le=2**31 - 1,
+            description="The org's id",
+            openapi_examples={"org": {"summary": "Org 42", "value": 42}},
+        ),
+    ],
     settings: SettingsDep,
     factory: SessionFactoryDep,
     jwks: Annotated[JwksKeys | None, Depends(get_jwks)],

@@ -8,7 +8,7 @@ applied to the org workflow's live state, or to the org row (`entitled`,
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Path, status
 
@@ -24,13 +24,62 @@ from billing.logging import bind_log_context
 
 router = APIRouter(prefix="/api/orgs", tags=["orgs"])
 
-OrgId = Annotated[int, Path(ge=1, le=2**31 - 1, description="The org's id")]
+OrgId = Annotated[
+    int,
+    Path(
+        ge=1,
+        le=2**31 - 1,
+        description="The org's id",
+        openapi_examples={"org": {"summary": "Org 42", "value": 42}},
+    ),
+]
+
+
+def _json_examples(**named: tuple[str, Any]) -> dict[str, Any]:
+    examples = {
+        name: {"summary": summary, "value": value} for name, (summary, value) in named.items()
+    }
+    return {"content": {"application/json": {"examples": examples}}}
+
+
+# Copies of the shared entries, so the examples stay on this route.
+ANSWERS: dict[int | str, dict[str, Any]] = {
+    code: dict(entry) for code, entry in responses(401, 403, 404, 500, 503).items()
+}
+ANSWERS[200] = _json_examples(
+    trialing=(
+        "In its trial",
+        {
+            "entitled": True,
+            "reason": "trialing",
+            "status": "trialing",
+            "access_until": None,
+            "trial_end": "2026-12-14T12:00:00Z",
+            "grace_until": None,
+        },
+    ),
+    grace=(
+        "Past due, within the grace",
+        {
+            "entitled": True,
+            "reason": "past_due_grace",
+            "status": "past_due",
+            "access_until": "2026-12-08T12:00:00Z",
+            "trial_end": None,
+            "grace_until": "2026-12-08T12:00:00Z",
+        },
+    ),
+)
+ANSWERS[401] |= _json_examples(
+    missing=("No token and no service key", {"detail": "Missing bearer token"}),
+)
+ANSWERS[404] |= _json_examples(org=("No such org", {"detail": "Organization not found"}))
 
 
 @router.get(
     "/{org_id}/entitlement",
     response_model=Entitlement,
-    responses=responses(401, 403, 404, 500, 503),
+    responses=ANSWERS,
     summary="Whether an org is entitled to the product (member token or service key)",
     dependencies=[Depends(get_org_reader)],
 )

@@ -48,13 +48,31 @@ router = APIRouter(
     dependencies=[Depends(require_service_key)],
 )
 
-OrgId = Annotated[int, Path(ge=1, le=orgs.MAX_ID, description="The console's id of the org")]
+OrgId = Annotated[
+    int,
+    Path(
+        ge=1,
+        le=orgs.MAX_ID,
+        description="The console's id of the org",
+        openapi_examples={"org": {"summary": "The console's org 42", "value": 42}},
+    ),
+]
+# Routed as `{user_external_id}`: an id holding `/` (an identity provider's
+# subject such as `auth0|x/y`) arrives whole, sent as `%2F` or as `/` alike.
 UserExternalId = Annotated[
     str,
     Path(
         min_length=1,
         max_length=orgs.MAX_EXTERNAL_ID,
-        description="The console's id of the user",
+        description="The console's id of the user, percent-encoded (encodeURIComponent); "
+        "it may hold `/` (`%2F` and `/` name the same user)",
+        openapi_examples={
+            "plain": {"summary": "A console user id", "value": "user-1001"},
+            "subject": {
+                "summary": "An identity provider's subject holding `/` (sent as `%2F`)",
+                "value": "auth0|x/y",
+            },
+        },
     ),
 ]
 SIGNAL_TIMEOUT_SECONDS = 5.0
@@ -229,8 +247,24 @@ async def _org_changed(link: TemporalLink, settings: Settings, org_id: int) -> N
     )
 
 
+def _example(summary: str, value: Any) -> dict[str, Any]:
+    return {"summary": summary, "value": value}
+
+
+def _with_examples(
+    answers: dict[int | str, dict[str, Any]],
+    examples: dict[int, dict[str, dict[str, Any]]],
+) -> dict[int | str, dict[str, Any]]:
+    """`answers` (OpenAPI responses) with named examples of each code's JSON body."""
+    merged = {code: dict(entry) for code, entry in answers.items()}
+    for code, named in examples.items():
+        merged.setdefault(code, {})["content"] = {"application/json": {"examples": named}}
+    return merged
+
+
 ERRORS = responses(401, 404, 503)
-# Routes with a body: one that is not JSON at all is a 400.
+# Routes with a body: one that is not JSON is a 422 (`json_invalid`, with the
+# position); only bytes that are not UTF-8 are a 400.
 BODY_ERRORS = responses(400, 401, 404, 503)
 CONFLICT: dict[int | str, dict[str, Any]] = {
     409: {"model": ErrorPublic, "description": "Conflicts with the org's state"}
@@ -242,6 +276,229 @@ INVALID: dict[int | str, dict[str, Any]] = {
         "stored (one sentence)",
     }
 }
+
+UNAUTHORIZED_EXAMPLES = {
+    "missing": _example(
+        "No key", {"detail": "Missing service API key: send Authorization: Bearer <key>"}
+    ),
+    "wrong": _example("A key that is not configured", {"detail": "Invalid service API key"}),
+    "member": _example(
+        "A member's token",
+        {"detail": "Member tokens are not accepted here: use a service API key"},
+    ),
+}
+NOT_FOUND_EXAMPLES = {"org": _example("No such org", {"detail": "Org 42 does not exist."})}
+NOT_JSON_EXAMPLES = {
+    "not_utf8": _example(
+        "A body that is not UTF-8", {"detail": "There was an error parsing the body"}
+    )
+}
+UNAVAILABLE_EXAMPLES = {
+    "temporal": _example(
+        "Temporal did not take the org's work (what was written stays written: retry)",
+        {
+            "detail": {
+                "title": "Temporal unavailable",
+                "description": "The Temporal server did not accept the request "
+                "(RPCError); retry later.",
+            }
+        },
+    )
+}
+INVALID_EXAMPLES = {
+    "not_json": _example(
+        "A body that is not JSON",
+        {
+            "detail": [
+                {
+                    "type": "json_invalid",
+                    "loc": ["body", 1],
+                    "msg": "JSON decode error",
+                    "input": {},
+                    "ctx": {"error": "Expecting property name enclosed in double quotes"},
+                }
+            ]
+        },
+    ),
+    "schema": _example(
+        "A body that does not fit",
+        {
+            "detail": [
+                {
+                    "type": "missing",
+                    "loc": ["body", "owner"],
+                    "msg": "Field required",
+                    "input": {"uid": "2f0c6b1e", "name": "Acme"},
+                }
+            ]
+        },
+    ),
+    "value": _example(
+        "A value that cannot be stored", {"detail": "The org name must not be empty."}
+    ),
+}
+ORG_OUT_EXAMPLE = {
+    "id": 42,
+    "uid": "2f0c6b1e-7d4a-4a8e-9a61-3f1d2c9b8e70",
+    "name": "Acme",
+    "owner": {"email": "ada@acme.example", "first_name": "Ada", "last_name": "Lovelace"},
+    "aws_account_id": None,
+    "azure_subscription_id": None,
+    "billing_status": "trialing",
+    "created_at": "2026-11-30T12:00:00Z",
+    "closed_at": None,
+}
+MEMBER_OUT_EXAMPLE = {
+    "user_external_id": "auth0|x/y",
+    "email": "grace@acme.example",
+    "first_name": "Grace",
+    "last_name": "Hopper",
+    "role": "member",
+}
+COMMON_EXAMPLES = {401: UNAUTHORIZED_EXAMPLES, 404: NOT_FOUND_EXAMPLES, 503: UNAVAILABLE_EXAMPLES}
+BODY_EXAMPLES = COMMON_EXAMPLES | {400: NOT_JSON_EXAMPLES, 422: INVALID_EXAMPLES}
+
+PUT_ORG_ANSWERS = _with_examples(
+    {
+        201: {"model": OrgOut, "description": "Created"},
+        **BODY_ERRORS,
+        **CONFLICT,
+        **INVALID,
+    },
+    BODY_EXAMPLES
+    | {
+        200: {"updated": _example("The org existed: updated", ORG_OUT_EXAMPLE)},
+        201: {"created": _example("A new org: its billing starts", ORG_OUT_EXAMPLE)},
+        409: {
+            "uid": _example(
+                "Another uid",
+                {
+                    "detail": "Org 42 has the uid 2f0c6b1e-7d4a-4a8e-9a61-3f1d2c9b8e70, not "
+                    "another-uid: an org's uid never changes."
+                },
+            ),
+            "closed": _example(
+                "A closed org", {"detail": "Org 42 was closed at 2026-11-30T12:00:00+00:00."}
+            ),
+        },
+    },
+)
+DELETE_ORG_ANSWERS = _with_examples(
+    {**ERRORS, **INVALID},
+    COMMON_EXAMPLES
+    | {
+        202: {
+            "closed": _example(
+                "Closed; the subscription ends now",
+                {"id": 42, "closed_at": "2026-11-30T12:00:00Z", "cancels": "immediately"},
+            )
+        },
+        422: {
+            "org_id": _example(
+                "An org id out of range",
+                {
+                    "detail": [
+                        {
+                            "type": "greater_than_equal",
+                            "loc": ["path", "org_id"],
+                            "msg": "Input should be greater than or equal to 1",
+                            "input": "0",
+                            "ctx": {"ge": 1},
+                        }
+                    ]
+                },
+            )
+        },
+    },
+)
+PUT_MEMBER_ANSWERS = _with_examples(
+    {
+        201: {"model": MemberOut, "description": "Added"},
+        **BODY_ERRORS,
+        **CONFLICT,
+        **INVALID,
+    },
+    BODY_EXAMPLES
+    | {
+        200: {"updated": _example("An existing member, updated", MEMBER_OUT_EXAMPLE)},
+        201: {"added": _example("The user joined the org", MEMBER_OUT_EXAMPLE)},
+        409: {
+            "owner": _example(
+                "The owner given another role",
+                {
+                    "detail": "grace@acme.example owns org 42: make another member the owner "
+                    "first (the org keeps exactly one owner)."
+                },
+            )
+        },
+    },
+)
+DELETE_MEMBER_ANSWERS = _with_examples(
+    {**ERRORS, **CONFLICT, **INVALID},
+    COMMON_EXAMPLES
+    | {
+        409: {
+            "owner": _example(
+                "The owner",
+                {
+                    "detail": "auth0|x/y owns org 42 and cannot be removed: make another "
+                    "member the owner first."
+                },
+            )
+        }
+    },
+)
+USAGE_ANSWERS = _with_examples(
+    {**BODY_ERRORS, **INVALID},
+    BODY_EXAMPLES
+    | {
+        200: {
+            "outcomes": _example(
+                "Each item's outcome, in order",
+                {
+                    "items": [
+                        {"id": "req-7-1733000000", "outcome": "recorded", "detail": None},
+                        {
+                            "id": "req-7-1733000060",
+                            "outcome": "duplicate",
+                            "detail": "already recorded; nothing added",
+                        },
+                        {
+                            "id": "req-7-1730000000",
+                            "outcome": "late",
+                            "detail": "period already invoiced: recorded, not billed",
+                        },
+                        {
+                            "id": "req-7-x",
+                            "outcome": "rejected",
+                            "detail": "count must be an integer",
+                        },
+                    ]
+                },
+            )
+        },
+        422: {
+            "too_many": _example(
+                "More than 1,000 items",
+                {
+                    "detail": [
+                        {
+                            "type": "too_long",
+                            "loc": ["body", "items"],
+                            "msg": "List should have at most 1000 items after validation, not 1001",
+                            "input": [],
+                            "ctx": {
+                                "field_type": "List",
+                                "max_length": 1000,
+                                "actual_length": 1001,
+                            },
+                        }
+                    ]
+                },
+            )
+        },
+    },
+)
 
 ORG_EXAMPLES = {
     "create": {
@@ -305,12 +562,7 @@ USAGE_EXAMPLES = {
     "/{org_id}",
     response_model=OrgOut,
     status_code=status.HTTP_200_OK,
-    responses={
-        201: {"model": OrgOut, "description": "Created"},
-        **BODY_ERRORS,
-        **CONFLICT,
-        **INVALID,
-    },
+    responses=PUT_ORG_ANSWERS,
     summary="Create or update an org (service API)",
 )
 async def put_org(
@@ -358,7 +610,7 @@ async def put_org(
     "/{org_id}",
     response_model=OrgClosedOut,
     status_code=status.HTTP_202_ACCEPTED,
-    responses={**ERRORS, **INVALID},
+    responses=DELETE_ORG_ANSWERS,
     summary="Close an org (service API)",
 )
 async def delete_org(
@@ -399,14 +651,9 @@ async def delete_org(
 
 
 @router.put(
-    "/{org_id}/members/{user_external_id}",
+    "/{org_id}/members/{user_external_id:path}",
     response_model=MemberOut,
-    responses={
-        201: {"model": MemberOut, "description": "Added"},
-        **BODY_ERRORS,
-        **CONFLICT,
-        **INVALID,
-    },
+    responses=PUT_MEMBER_ANSWERS,
     summary="Add or update a member (service API)",
 )
 async def put_member(
@@ -447,9 +694,9 @@ async def put_member(
 
 
 @router.delete(
-    "/{org_id}/members/{user_external_id}",
+    "/{org_id}/members/{user_external_id:path}",
     status_code=status.HTTP_204_NO_CONTENT,
-    responses={**ERRORS, **CONFLICT, **INVALID},
+    responses=DELETE_MEMBER_ANSWERS,
     summary="Remove a member (service API)",
 )
 async def delete_member(
@@ -464,7 +711,7 @@ async def delete_member(
 @router.post(
     "/{org_id}/usage",
     response_model=UsageOut,
-    responses={**BODY_ERRORS, **INVALID},
+    responses=USAGE_ANSWERS,
     summary="Record request counts (service API)",
 )
 async def post_usage(

@@ -24,7 +24,7 @@ from api.main import create_app
 from billing.auth import TokenRules, mint_token
 from billing.constants import org_workflow_id
 from billing.db import orgs
-from billing.db.models import Membership, Org, RequestLog, User
+from billing.db.models import Membership, Org, RequestLog, UsageLedger, User
 from billing.domain import LIVE_SUBSCRIPTION_STATUSES, BillingStatus
 from billing.logging import configure_logging
 from stripe_emulator.server import EmulatorServer
@@ -113,6 +113,49 @@ async def test_only_a_service_key_passes_and_no_key_is_logged(
         assert secret not in output
 
 
+async def test_every_service_route_refuses_a_bad_key_and_changes_nothing(
+    svc: ServiceStack,
+) -> None:
+    org_id = new_org_id()
+    assert (await svc.put_org(org_id, org_body())).status_code == 201
+    base = f"{svc.stack.api_url}/api/orgs"
+    member = {"email": "grace@acme.example", "role": "member"}
+    usage = {"items": [{"id": "k-1", "count": 1, "at": datetime.now(UTC).isoformat()}]}
+    routes: list[tuple[str, str, object]] = [
+        ("PUT", f"{base}/{new_org_id()}", org_body()),
+        ("DELETE", f"{base}/{org_id}", None),
+        ("PUT", f"{base}/{org_id}/members/u-grace", member),
+        ("DELETE", f"{base}/{org_id}/members/u-grace", None),
+        ("POST", f"{base}/{org_id}/usage", usage),
+        # The key is checked before the path: an id holding `/`, an org id out of range.
+        ("PUT", f"{base}/{org_id}/members/auth0%7Cx%2Fy", member),
+        ("DELETE", f"{base}/0/members/a%2Fb", None),
+    ]
+    member_token = mint_token(TokenRules.of(svc.stack.settings), 1, org_id)
+    keys = {
+        "missing": {},
+        "wrong": {"Authorization": "Bearer svc_test_" + "x" * 40},
+        "member": {"Authorization": f"Bearer {member_token}"},
+    }
+    details = {
+        "missing": "Missing service API key",
+        "wrong": "Invalid service API key",
+        "member": "Member tokens are not accepted",
+    }
+    async with httpx.AsyncClient(timeout=30) as anonymous:
+        for method, url, body in routes:
+            for what, headers in keys.items():
+                answer = await anonymous.request(method, url, json=body, headers=headers)
+                assert answer.status_code == 401, (method, url, what)
+                assert details[what] in answer.json()["detail"], (method, url, what)
+    # Nothing got through: the org is open, has no member and no usage.
+    assert svc.stack.org(org_id).closed_at is None
+    assert "grace@acme.example" not in roles(svc.stack.session_factory, org_id)
+    with svc.stack.session_factory() as session:
+        logged = session.scalar(select(func.count()).where(RequestLog.org_id == org_id))
+    assert logged == 0
+
+
 async def test_without_keys_the_routes_say_they_are_not_configured(
     database_url: str,
     emulator: EmulatorServer,
@@ -143,6 +186,49 @@ async def test_a_short_key_stops_the_api_at_startup(
     with pytest.raises(ServiceKeyConfigError, match="at least 32"):
         async with serve(app):
             pass
+
+
+# OpenAPI --------------------------------------------------------------------------------
+
+
+def test_every_service_key_operation_has_examples(database_url: str) -> None:
+    """A console's developer sees a body to send and an answer to expect on every route."""
+    app = create_app(make_api_settings(database_url=database_url))
+    doc = app.openapi()
+    reached: set[str] = set()
+    for path, operations in doc["paths"].items():
+        if not path.startswith("/api/orgs/"):
+            continue
+        for method, operation in operations.items():
+            label = f"{method.upper()} {path}"
+            keyed = "ServiceApiKey" in str(operation.get("security", []))
+            # The entitlement route also takes a service key (docs/http.md).
+            if not keyed and not path.endswith("/entitlement"):
+                continue
+            reached.add(label)
+            if "requestBody" in operation:
+                body = operation["requestBody"]["content"]["application/json"]
+                assert body.get("examples"), f"{label}: no request body example"
+            answered = [
+                code
+                for code, answer in operation["responses"].items()
+                if answer.get("content", {}).get("application/json", {}).get("examples")
+            ]
+            assert answered, f"{label}: no response example"
+            for code, answer in operation["responses"].items():
+                if code.startswith("2") and "content" in answer:
+                    assert code in answered, f"{label}: no example of its {code}"
+            for parameter in operation.get("parameters", []):
+                if parameter["in"] == "path":
+                    assert parameter.get("examples"), f"{label}: no example of {parameter['name']}"
+    assert reached == {
+        "PUT /api/orgs/{org_id}",
+        "DELETE /api/orgs/{org_id}",
+        "PUT /api/orgs/{org_id}/members/{user_external_id}",
+        "DELETE /api/orgs/{org_id}/members/{user_external_id}",
+        "POST /api/orgs/{org_id}/usage",
+        "GET /api/orgs/{org_id}/entitlement",
+    }
 
 
 # Orgs -----------------------------------------------------------------------------------
@@ -323,6 +409,29 @@ async def test_members_come_and_go_and_one_owner_stays(svc: ServiceStack) -> Non
     assert roles(svc.stack.session_factory, org_id) == {"grace@acme.example": "owner"}
 
 
+async def test_a_member_id_holding_a_slash_is_one_member(svc: ServiceStack) -> None:
+    org_id = new_org_id()
+    assert (await svc.put_org(org_id, org_body())).status_code == 201
+    url = f"/api/orgs/{org_id}/members"
+    grace = {"email": "grace@acme.example", "first_name": "Grace", "last_name": "Hopper"}
+
+    # As a console sends it (encodeURIComponent), then with the slash as it is.
+    added = await svc.http.put(f"{url}/auth0%7Cx%2Fy", json=grace | {"role": "member"})
+    again = await svc.http.put(f"{url}/auth0|x/y", json=grace | {"role": "billing_admin"})
+
+    assert (added.status_code, again.status_code) == (201, 200), added.text
+    assert added.json()["user_external_id"] == "auth0|x/y"
+    assert again.json()["user_external_id"] == "auth0|x/y"
+    with svc.stack.session_factory() as session:
+        stored = session.scalar(select(User.external_id).where(User.email == grace["email"]))
+    assert stored == "auth0|x/y"
+    assert roles(svc.stack.session_factory, org_id)["grace@acme.example"] == "billing_admin"
+
+    removed = await svc.http.delete(f"{url}/auth0%7Cx%2Fy")
+    assert removed.status_code == 204
+    assert "grace@acme.example" not in roles(svc.stack.session_factory, org_id)
+
+
 # Usage ----------------------------------------------------------------------------------
 
 
@@ -417,3 +526,14 @@ async def test_usage_of_an_invoiced_period_is_late(svc: ServiceStack) -> None:
         ("before", "duplicate"),
     ]
     assert answer.json()["items"][0]["detail"] == "period already invoiced: recorded, not billed"
+    # Recorded, but not billed: the invoiced period's reported usage stays the first 3.
+    with stack.session_factory() as session:
+        recorded = orgs.request_total(session, org_id, until=trial_end)
+        billed = session.scalar(
+            select(func.coalesce(func.sum(UsageLedger.value), 0)).where(
+                UsageLedger.org_id == org_id,
+                UsageLedger.dimension == stack.settings.stripe_requests_dimension,
+                UsageLedger.period_end <= trial_end,
+            )
+        )
+    assert (recorded, billed) == (7, 3)
