@@ -118,6 +118,9 @@ def create_database(workdir: Path, base_url: str | None = None) -> Database:
 # The stack -------------------------------------------------------------------------
 
 
+WEBHOOK_RETRY_DELAYS = "0.5,1,2,4,8,15,30,60"
+
+
 class Stack:
     """Every process of the product, with the settings they share."""
 
@@ -158,6 +161,11 @@ class Stack:
                 str(self.emulator_port),
                 "--state-file",
                 str(self.state_file),
+                # Stripe retries a failed delivery for days; the emulator's default
+                # gives up after 15 s, shorter than an API restart and a Temporal
+                # outage together on a slow machine. About two minutes here.
+                "--webhook-retry-delays",
+                WEBHOOK_RETRY_DELAYS,
             ),
             base_env,
         )

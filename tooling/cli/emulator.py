@@ -51,11 +51,36 @@ def serve(
     state_file: Annotated[
         Path | None, typer.Option("--state-file", help="Keep the emulator's data in this file.")
     ] = None,
+    webhook_retry_delays: Annotated[
+        str | None,
+        typer.Option(
+            "--webhook-retry-delays",
+            help="Seconds between attempts of a failed webhook delivery, comma-separated "
+            "(default 0.5,1,2,4,8; Stripe itself retries for days).",
+        ),
+    ] = None,
 ) -> None:
     """Run the Stripe emulator alone, until interrupted."""
     from stripe_emulator.server import serve as serve_emulator
 
-    serve_emulator(host, port, str(state_file) if state_file else None)
+    options: dict[str, tuple[float, ...]] = {}
+    if webhook_retry_delays is not None:
+        options["webhook_retry_delays"] = _retry_delays(webhook_retry_delays)
+    serve_emulator(host, port, str(state_file) if state_file else None, **options)
+
+
+def _retry_delays(text: str) -> tuple[float, ...]:
+    """`0.5,1,2` as seconds; anything else is a usage error that says what is wanted."""
+    try:
+        delays = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        delays = ()
+    if not delays or any(not 0 < delay <= 3600 for delay in delays):
+        raise typer.BadParameter(
+            f"{text!r} is not a list of seconds between 0 and 3600, such as 0.5,1,2,4,8.",
+            param_hint="--webhook-retry-delays",
+        )
+    return delays
 
 
 @app.command("setup")
