@@ -26,7 +26,7 @@ from billing.constants import ORG_BILLING_WORKFLOW, org_workflow_id
 from billing.db import orgs
 from billing.db.event_log import ADOPTION_REFUSED
 from billing.db.models import Org, RequestLog, StripeEventLog, UsageLedger
-from billing.domain import BillingStatus, LedgerStatus
+from billing.domain import BillingStatus, LedgerStatus, OrgBillingState
 from billing.search_attributes import BILLING_STATUS_KEY
 
 from .scenario import OrgPlan, Scenario
@@ -144,13 +144,19 @@ class Checker:
             await asyncio.to_thread(self.meter_events),
             await asyncio.to_thread(self.meter_totals, world, customer_org, clock_now),
             await asyncio.to_thread(self.meter_event_periods, world, customer_org),
-            await asyncio.to_thread(self.billed_twice, world, customer_org),
+            await asyncio.to_thread(
+                self.billed_twice, world, customer_org, await self._moved_back_states()
+            ),
             self.closed_orgs(world, customer_org),
             await asyncio.to_thread(self.customer_details, world, customer_org),
             self.webhooks(),
             await self.workflows(),
             await self.adoptions(world, customer_org),
         ]
+
+    async def _moved_back_states(self) -> dict[int, OrgBillingState | None]:
+        back = [org_id for org_id, plan in self.orgs.items() if plan.switched_back_at is not None]
+        return await self.scenario.states(sorted(back))
 
     # -- Stripe objects ------------------------------------------------------------------
 
@@ -189,7 +195,8 @@ class Checker:
         """One subscription per Stripe-billed org, whatever its status; none for AWS/Azure.
 
         An org that canceled and came back through checkout has two: the
-        canceled one, and exactly one live one, the one checkout made.
+        canceled one, and exactly one live one, the one checkout made. An org
+        that moved to a marketplace and back has exactly one, live.
         """
         found = Counter(customer_org.get(s["customer"]) for s in world.subscriptions)
         check = Invariant("orgs with != 1 subscription (AWS/Azure: != 0; back: 1 live)")
@@ -197,14 +204,16 @@ class Checker:
             expected = (2 if plan.canceled_subscription else 1) if plan.billed else 0
             if found[org_id] != expected:
                 check.add(f"org {org_id} ({plan.kind}) has {found[org_id]} subscriptions")
+            live = [
+                s["id"]
+                for s in world.subscriptions
+                if customer_org.get(s["customer"]) == org_id and s["status"] in LIVE
+            ]
+            if plan.switched_back_at is not None and len(live) != 1:
+                check.add(f"org {org_id} moved back from a marketplace; live in Stripe: {live}")
             if plan.canceled_subscription:
-                live = [
-                    s["id"]
-                    for s in world.subscriptions
-                    if customer_org.get(s["customer"]) == org_id and s["status"] in LIVE
-                ]
                 # Moved to a marketplace afterwards: that subscription has ended too.
-                moved_on = plan.switched_month is not None and not live
+                moved_on = plan.elsewhere_now and not live
                 if live != [plan.came_back_with] and not moved_on:
                     check.add(
                         f"org {org_id} came back with {plan.came_back_with}, live in Stripe: {live}"
@@ -309,7 +318,7 @@ class Checker:
         self.notes["metered invoice lines checked"] = checked
         for org_id, plan in self.orgs.items():
             expected_invoices = self.periods_billed if plan.billed and not plan.failing_card else 0
-            if plan.switched_month is not None:
+            if plan.switched_month is not None and plan.elsewhere_now:
                 # Its subscription ended with the period it moved in: not renewed then.
                 expected_invoices = min(expected_invoices, plan.switched_month - 1)
             if plan.canceled_subscription:
@@ -503,17 +512,35 @@ class Checker:
         self.notes["meter events checked against their period"] = checked
         return check
 
-    def billed_twice(self, world: StripeWorld, customer_org: dict[str, int]) -> Invariant:
-        """No org billed through Stripe and a cloud marketplace at once.
+    def billed_twice(
+        self,
+        world: StripeWorld,
+        customer_org: dict[str, int],
+        back_states: dict[int, OrgBillingState | None],
+    ) -> Invariant:
+        """No org billed through Stripe and a marketplace at once; one moved back is Stripe's.
 
         An org with an AWS or Azure id may keep a Stripe subscription only until
         the end of the period it moved in: live, it must be set to end by then,
-        and no Stripe invoice may bill a period that starts later.
+        and no Stripe invoice may bill a period that starts later. An org that
+        moved back before that end is billed through Stripe alone: no
+        marketplace id in its row, exactly one live subscription that is not
+        set to end, and its row and workflow both hold that subscription (its
+        invoices are counted as any paying org's).
         """
-        check = Invariant("orgs billed through Stripe and a marketplace at once")
+        check = Invariant(
+            "orgs billed through Stripe and a marketplace at once (moved back: Stripe's alone)"
+        )
         with self.sessions() as session:
             elsewhere = set(
                 session.scalars(select(Org.id).where(Org.id.in_(self.orgs), Org.billed_elsewhere))
+            )
+            row_subscription = dict(
+                session.execute(
+                    select(Org.id, Org.stripe_subscription_id).where(Org.id.in_(self.orgs))
+                )
+                .tuples()
+                .all()
             )
         moved = {org_id: plan for org_id, plan in self.orgs.items() if org_id in elsewhere}
         for sub in world.subscriptions:
@@ -535,9 +562,34 @@ class Checker:
                     f"org {org_id}: invoice {invoice['id']} bills a period after its move "
                     "to a marketplace"
                 )
+        back = {org_id: p for org_id, p in self.orgs.items() if p.switched_back_at is not None}
+        for org_id in sorted(back):
+            if org_id in elsewhere:
+                check.add(f"org {org_id} moved back but its row is billed elsewhere")
+            live = [
+                s
+                for s in world.subscriptions
+                if customer_org.get(s["customer"]) == org_id and s["status"] in LIVE
+            ]
+            if len(live) != 1:
+                continue  # counted by the subscriptions invariant
+            sub = live[0]
+            if sub.get("cancel_at") is not None:
+                check.add(f"org {org_id} moved back; subscription {sub['id']} still set to end")
+            state = back_states.get(org_id)
+            held = {
+                "row": row_subscription.get(org_id),
+                "workflow": state.stripe_subscription_id if state is not None else None,
+            }
+            for where, sub_id in held.items():
+                if sub_id != sub["id"]:
+                    check.add(
+                        f"org {org_id} moved back; its {where} holds {sub_id}, not {sub['id']}"
+                    )
         self.notes["orgs moved to a marketplace mid-month"] = sorted(
             org_id for org_id, plan in moved.items() if plan.billed
         )
+        self.notes["orgs moved back to Stripe before that period's end"] = sorted(back)
         return check
 
     # -- what the console changed --------------------------------------------------------
@@ -560,7 +612,11 @@ class Checker:
         return check
 
     def customer_details(self, world: StripeWorld, customer_org: dict[str, int]) -> Invariant:
-        """Each org's Stripe customer shows the org's name and its owner's name and email."""
+        """Each org's Stripe customer shows the org's name and its owner's name and email.
+
+        The owner is the org's current one: a member made the owner shows in its
+        row's owner and in the customer (`{first} {last} ({org name})`).
+        """
         check = Invariant("customers whose name or email differ from their org's")
         with self.sessions() as session:
             profiles = {org_id: orgs.org_profile(session, org_id) for org_id in self.orgs}
@@ -569,6 +625,9 @@ class Checker:
             if org_id is None:
                 continue
             profile = profiles[org_id]
+            new_owner = self.orgs[org_id].new_owner
+            if new_owner is not None and profile.owner_email != new_owner:
+                check.add(f"org {org_id}: owner {profile.owner_email}, made owner {new_owner}")
             if (customer.get("name"), customer.get("email")) != (
                 profile.customer_name,
                 profile.owner_email,
@@ -579,6 +638,9 @@ class Checker:
                 )
         self.notes["orgs renamed or with an owner renamed"] = sum(
             p.changes > 0 for p in self.orgs.values()
+        )
+        self.notes["orgs given another owner"] = sorted(
+            org_id for org_id, plan in self.orgs.items() if plan.new_owner is not None
         )
         return check
 

@@ -13,14 +13,19 @@ Requests are recorded at test-clock times ahead of each step, so every one
 belongs to a period that has not been reported yet; members join and leave at
 the test clock's time, so the users meter's level at each period's end is known.
 In the middle of the second month a couple of paying orgs move to a cloud
-marketplace (an AWS account id in their row, then the re-sync an operator's
-`billing reconcile` makes): Stripe must stop billing them at that period's end.
+marketplace (an AWS account id put as the service API's PUT does: the row,
+then the `org_changed` signal): Stripe must stop billing them at that period's
+end. On day 20 one of them moves back (the id removed the same way) before that
+end: Stripe must bill it again, with the subscription it had.
 In the first month a couple of paying orgs cancel their subscription and come
 back through checkout: the owner asks the API for a checkout link and pays on
 Stripe's page; each must end with exactly one live subscription, the new one.
 
 Through both months some orgs are renamed and some owners change their name
-(what the service API's PUT does: the row, then the `org_changed` signal), and
+(what the service API's PUT does: the row, then the `org_changed` signal), one
+org a month gets another owner (a member made the owner as the service API's
+member PUT with `role: owner` does, then the same signal: the previous owner
+stays as a billing admin, the Stripe customer shows the new owner), and
 in the second month one paying org is closed (its row closed, then the
 `close_org` signal): its subscription ends at once after the usage of the
 period so far is reported, and its workflow finishes.
@@ -33,7 +38,7 @@ import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
 
@@ -47,7 +52,6 @@ from billing.auth import TokenRules, mint_token
 from billing.constants import (
     CLOSE_ORG_SIGNAL,
     ORG_CHANGED_SIGNAL,
-    RECONCILE_UPDATE,
     REPORT_USAGE_UPDATE,
     org_workflow_id,
 )
@@ -59,7 +63,6 @@ from billing.domain import (
     OrgBillingState,
     OrgCloseCancels,
     OrgCloseSignal,
-    ReconcileResult,
     UsageReportResult,
 )
 from billing.orchestration import (
@@ -83,8 +86,10 @@ FAILING_CARD = "pm_card_chargeCustomerFail"
 LIVE = frozenset({"trialing", "active", "past_due", "unpaid"})
 QUERY_TIMEOUT = 5.0
 POLL = 1.0
-# Paying orgs that move to a cloud marketplace in the middle of the second month.
+# Paying orgs that move to a cloud marketplace in the middle of the second month;
+# those of them that move back before that period's end.
 SWITCHED_ORGS = 2
+SWITCHED_BACK_ORGS = 1
 # Paying orgs that cancel and come back through checkout in the first month.
 RETURNING_ORGS = 2
 CHECKOUT_URL = "/api/payments/stripe/checkout"
@@ -93,6 +98,8 @@ TEST_CARD_NUMBER = "4242424242424242"
 # owner changes their name, in the middle of each month.
 CLOSED_ORGS = 1
 CHANGED_ORGS = 2
+# Orgs a month in which a member is made the owner.
+NEW_OWNER_ORGS = 1
 
 OrgKind = Literal["stripe", "aws", "azure"]
 PlantedKind = Literal["look-alike", "dashboard"]
@@ -116,14 +123,25 @@ class OrgPlan:
     switched_month: int | None = None
     switched_at: int | None = None
     switched_period_end: int | None = None
+    # Set when the org moved back from the marketplace (test-clock time): Stripe
+    # bills it again, with the subscription it had.
+    switched_back_at: int | None = None
     # Set when the org canceled and came back through checkout: the canceled
     # subscription and the one checkout made.
     canceled_subscription: str | None = None
     came_back_with: str | None = None
     # Set when the org was closed: the month it was closed in (1 is the first paid month).
     closed_month: int | None = None
-    # Renames and owner name changes made to it.
+    # Renames, owner name changes and new owners made to it, and the last month of one.
     changes: int = 0
+    changed_month: int | None = None
+    # Set when a member was made the owner: the new owner's email.
+    new_owner: str | None = None
+
+    @property
+    def elsewhere_now(self) -> bool:
+        """Moved to a marketplace and not back: Stripe bills it no more after that period."""
+        return self.switched_month is not None and self.switched_back_at is None
 
     @property
     def billed(self) -> bool:
@@ -479,16 +497,44 @@ class Scenario:
 
     # -- moving to a marketplace -----------------------------------------------------------
 
-    def _set_aws_account(self, plans: list[OrgPlan]) -> None:
-        with self.sessions.begin() as session:
-            for plan in plans:
-                orgs.get_org(session, plan.org_id).aws_account_id = f"9{plan.org_id:011d}"
+    def _set_marketplace(self, plan: OrgPlan, account: str | None) -> list[int]:
+        """The org's AWS account id put (or removed) as the service API's PUT does."""
+        return self._put_org(plan.org_id, lambda data: replace(data, aws_account_id=account))
+
+    def _cancel_at(self, org_ids: set[int]) -> dict[int, int | None]:
+        """Each org's live subscription (the row's) and its `cancel_at`, from Stripe."""
+        with self.sessions() as session:
+            rows = session.execute(
+                select(Org.id, Org.stripe_subscription_id).where(Org.id.in_(org_ids))
+            ).tuples()
+            held = {org_id: sub_id for org_id, sub_id in rows if sub_id}
+        found: dict[int, int | None] = {}
+        for org_id, sub_id in held.items():
+            sub = self.stripe.v1.subscriptions.retrieve(sub_id)
+            if sub.status in LIVE:
+                found[org_id] = sub.cancel_at
+        return found
+
+    async def _stripe_follows(self, what: str, plans: list[OrgPlan], *, ending: bool) -> bool:
+        """Wait until each org's live subscription is set to end (`ending`) or bills on."""
+        wanted = {p.org_id for p in plans}
+
+        async def probe() -> str | None:
+            found = await self.blocking(self._cancel_at, wanted)
+            done = {
+                org_id for org_id, cancel_at in found.items() if (cancel_at is not None) == ending
+            }
+            missing = sorted(wanted - done)
+            return f"orgs {missing} not followed in Stripe yet" if missing else None
+
+        return await self.wait_for(what, probe, self.step_timeout)
 
     async def switch_to_marketplace(self, month: int) -> None:
-        """A couple of paying orgs move to AWS now; the re-sync makes Stripe stop at period end.
+        """A couple of paying orgs move to AWS now; Stripe stops billing them at period end.
 
-        The re-sync is the one `billing reconcile` asks for (a day's re-sync
-        would make it too, but the test clock outruns the wall clock).
+        The id is put as the service API's PUT puts it (the row, then the
+        `org_changed` signal, on which the workflow re-reads the subscription and
+        follows the marketplace id at once).
         """
         candidates = [p for p in self.orgs if p.billed and not p.failing_card]
         chosen = self.rng.sample(candidates, min(SWITCHED_ORGS, len(candidates)))
@@ -501,29 +547,30 @@ class Scenario:
             for s in subs.values()
             if s["status"] in LIVE and (s.get("metadata") or {}).get("org_id", "").isdigit()
         }
-        await self.blocking(self._set_aws_account, chosen)
         for plan in chosen:
+            told = await self.blocking(self._set_marketplace, plan, f"9{plan.org_id:011d}")
+            await self._tell_changed(told)
             plan.switched_month, plan.switched_at = month, now
             plan.switched_period_end = ends.get(plan.org_id)
-        self.log(
-            f"orgs {', '.join(str(p.org_id) for p in chosen)} moved to AWS Marketplace; "
-            "reconciling them"
-        )
+        self.log(f"orgs {', '.join(str(p.org_id) for p in chosen)} moved to AWS Marketplace")
+        await self._stripe_follows("moved orgs' subscriptions set to end", chosen, ending=True)
 
-        async def reconcile(plan: OrgPlan) -> None:
-            handle = self.client.get_workflow_handle(org_workflow_id(plan.org_id))
-            while True:
-                try:
-                    await asyncio.wait_for(
-                        handle.execute_update(RECONCILE_UPDATE, result_type=ReconcileResult), 20
-                    )
-                    return
-                except Exception as err:  # a fault may be on: try until the deadline
-                    if self.remaining() <= 0:
-                        raise DeadlineExceeded(f"reconcile org {plan.org_id}") from err
-                    await asyncio.sleep(1)
+    async def switch_back(self, month: int) -> None:
+        """One org that moved this month leaves the marketplace before the period's end.
 
-        await asyncio.gather(*(reconcile(p) for p in chosen))
+        The id is removed as the service API's PUT removes it: the cancel the
+        move asked for is taken back, and Stripe bills the org on.
+        """
+        moved = [p for p in self.orgs if p.switched_month == month and p.closed_month is None]
+        chosen = self.rng.sample(moved, min(SWITCHED_BACK_ORGS, len(moved)))
+        if not chosen:
+            return
+        now = await self.clock_time()
+        for plan in chosen:
+            await self._tell_changed(await self.blocking(self._set_marketplace, plan, None))
+            plan.switched_back_at = now
+        self.log(f"orgs {', '.join(str(p.org_id) for p in chosen)} moved back to Stripe")
+        await self._stripe_follows("moved-back orgs billed on", chosen, ending=False)
 
     # -- cancel, then come back through checkout -------------------------------------------
 
@@ -618,40 +665,88 @@ class Scenario:
                     raise DeadlineExceeded(f"signal org {org_id}") from err
                 await asyncio.sleep(1)
 
-    def _rename(self, plan: OrgPlan, month: int) -> None:
-        """A new org name, or a new last name of its owner (what a PUT of the org does)."""
+    async def _tell_changed(self, org_ids: list[int]) -> None:
+        """The `org_changed` signal to each org whose change the service API would pass on."""
+        for org_id in org_ids:
+            await self._signal(org_id, StartSignal(ORG_CHANGED_SIGNAL))
+
+    @staticmethod
+    def _as_is(summary: orgs.OrgSummary) -> orgs.OrgInput:
+        """What the console would PUT for the org as it is."""
+        assert summary.owner_email is not None
+        return orgs.OrgInput(
+            uid=summary.uid,
+            name=summary.name,
+            owner=orgs.OwnerInput(
+                email=summary.owner_email,
+                first_name=summary.owner_first_name,
+                last_name=summary.owner_last_name,
+            ),
+            aws_account_id=summary.aws_account_id,
+            azure_subscription_id=summary.azure_subscription_id,
+        )
+
+    def _put_org(self, org_id: int, change: Callable[[orgs.OrgInput], orgs.OrgInput]) -> list[int]:
+        """A PUT of the org, changed by `change`; the orgs the service API then signals."""
         with self.sessions.begin() as session:
-            summary = orgs.org_summary(session, plan.org_id)
-            assert summary.owner_email is not None
-            rename = self.rng.random() < 0.5
-            orgs.put_org(
+            summary = orgs.org_summary(session, org_id)
+            result = orgs.put_org(session, org_id, change(self._as_is(summary)))
+        told = [org_id] if result.customer_changed or result.marketplace_changed else []
+        return told + list(result.also_changed)
+
+    def _rename(self, plan: OrgPlan, month: int) -> list[int]:
+        """A new org name, or a new last name of its owner (what a PUT of the org does)."""
+        rename = self.rng.random() < 0.5
+
+        def change(data: orgs.OrgInput) -> orgs.OrgInput:
+            if rename:
+                return replace(data, name=f"{data.name} (m{month})")
+            last_name = f"{data.owner.last_name}-m{month}"
+            return replace(data, owner=replace(data.owner, last_name=last_name))
+
+        told = self._put_org(plan.org_id, change)
+        plan.changes, plan.changed_month = plan.changes + 1, month
+        return told
+
+    def _new_owner(self, plan: OrgPlan, month: int) -> list[int]:
+        """A member becomes the owner, as the service API's member PUT with `role: owner` does.
+
+        The member count stays (the previous owner stays, as a billing admin), so
+        the users meter's level does not move; the new owner is never removed.
+        """
+        email = plan.members.pop(self.rng.randrange(len(plan.members)))
+        with self.sessions.begin() as session:
+            result = orgs.put_member(
                 session,
                 plan.org_id,
-                orgs.OrgInput(
-                    uid=summary.uid,
-                    name=f"{summary.name} (m{month})" if rename else summary.name,
-                    owner=orgs.OwnerInput(
-                        email=summary.owner_email,
-                        first_name=summary.owner_first_name,
-                        last_name=summary.owner_last_name
-                        if rename
-                        else f"{summary.owner_last_name}-m{month}",
-                    ),
-                    aws_account_id=summary.aws_account_id,
-                    azure_subscription_id=summary.azure_subscription_id,
+                f"chaos-{email}",
+                orgs.MemberInput(
+                    email=email,
+                    first_name="Heir",
+                    last_name=f"{plan.org_id}-m{month}",
+                    role="owner",
                 ),
             )
-        plan.changes += 1
+        plan.new_owner = email
+        plan.changes, plan.changed_month = plan.changes + 1, month
+        told = [plan.org_id] if result.customer_changed else []
+        return told + list(result.also_changed)
 
     async def change_orgs(self, month: int) -> None:
-        """A few orgs are renamed or their owner's name changes; the Stripe customer follows."""
+        """Orgs are renamed, their owner renamed or replaced; the Stripe customer follows."""
         open_ = [p for p in self.orgs if p.billed and p.closed_month is None]
         chosen = self.rng.sample(open_, min(CHANGED_ORGS, len(open_)))
         for plan in chosen:
-            await self.blocking(self._rename, plan, month)
-            await self._signal(plan.org_id, StartSignal(ORG_CHANGED_SIGNAL))
+            await self._tell_changed(await self.blocking(self._rename, plan, month))
         if chosen:
             self.log(f"orgs {', '.join(str(p.org_id) for p in chosen)} renamed")
+        renamed = {p.org_id for p in chosen}
+        with_members = [
+            p for p in open_ if p.members and p.org_id not in renamed and p.new_owner is None
+        ]
+        for plan in self.rng.sample(with_members, min(NEW_OWNER_ORGS, len(with_members))):
+            await self._tell_changed(await self.blocking(self._new_owner, plan, month))
+            self.log(f"org {plan.org_id}: {plan.new_owner} is the owner now")
 
     async def close_orgs(self, month: int) -> None:
         """A paying org is closed (DELETE): its subscription ends now, its workflow finishes."""
@@ -663,6 +758,9 @@ class Scenario:
             and p.switched_month is None
             and p.closed_month is None
             and p.canceled_subscription is None
+            # A close on the heels of a change ends the org before its customer
+            # follows the change (a closed org's customer is left as it was).
+            and p.changed_month != month
         ]
         for plan in self.rng.sample(candidates, min(CLOSED_ORGS, len(candidates))):
 
@@ -733,6 +831,8 @@ class Scenario:
             await self.step(f"month {month}, day 20", start + 20 * DAY)
             if month == 1:
                 await self.cancel_and_come_back()
+            if month == 2:
+                await self.switch_back(month)
             await self.step(f"month {month} end", end + 5 * MINUTE, boundary=end)
             await self.step(f"month {month} invoices", end + 2 * HOUR)
             self.months_invoiced = month

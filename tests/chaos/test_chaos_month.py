@@ -65,9 +65,12 @@ def test_a_short_chaos_month_loses_nothing_and_doubles_nothing(tmp_path: Path) -
     assert report["invariants"][-1]["name"].startswith("workflow payloads in clear")
     # The dashboard subscriptions and look-alikes were there, and refused.
     notes = report["notes"]
-    # The console's changes happened: a close, renames.
+    # The console's changes happened: a close, renames, new owners, a move to a
+    # marketplace and back.
     assert notes["orgs closed"] == 1, notes
     assert notes["orgs renamed or with an owner renamed"] > 0, notes
+    assert len(notes["orgs given another owner"]) == 2, notes
+    assert len(notes["orgs moved back to Stripe before that period's end"]) == 1, notes
     assert notes["adoptions refused"] > 0, notes
     assert notes["events of another environment not routed"] > 0, notes
     assert report["error"] is None, f"{report['error']}\n{tail}"
