@@ -234,16 +234,20 @@ def service_key_ok(settings: Settings, presented: str) -> bool:
     return bool(keys and presented) and key_matches(presented, keys)
 
 
+# An org id in a route's path: what Postgres's integer column holds, with an example.
+OrgIdPath = Annotated[
+    int,
+    Path(
+        ge=1,
+        le=2**31 - 1,
+        description="The org's id",
+        openapi_examples={"org": {"summary": "Org 42", "value": 42}},
+    ),
+]
+
+
 async def get_org_reader(
-    org_id: Annotated[
-        int,
-        Path(
-            ge=1,
-            le=2**31 - 1,
-            description="The org's id",
-            openapi_examples={"org": {"summary": "Org 42", "value": 42}},
-        ),
-    ],
+    org_id: OrgIdPath,
     settings: SettingsDep,
     factory: SessionFactoryDep,
     jwks: Annotated[JwksKeys | None, Depends(get_jwks)],

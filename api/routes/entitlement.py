@@ -8,12 +8,12 @@ applied to the org workflow's live state, or to the org row (`entitled`,
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, HTTPException, Path, status
+from fastapi import APIRouter, Depends, HTTPException, status
 
 from api import store
-from api.deps import SessionFactoryDep, SettingsDep, TemporalDep, get_org_reader
+from api.deps import OrgIdPath, SessionFactoryDep, SettingsDep, TemporalDep, get_org_reader
 from api.errors import responses
 from api.temporal import workflow_state
 from billing import entitlement
@@ -24,15 +24,6 @@ from billing.logging import bind_log_context
 
 router = APIRouter(prefix="/api/orgs", tags=["orgs"])
 
-OrgId = Annotated[
-    int,
-    Path(
-        ge=1,
-        le=2**31 - 1,
-        description="The org's id",
-        openapi_examples={"org": {"summary": "Org 42", "value": 42}},
-    ),
-]
 
 
 def _json_examples(**named: tuple[str, Any]) -> dict[str, Any]:
@@ -84,7 +75,7 @@ ANSWERS[404] |= _json_examples(org=("No such org", {"detail": "Organization not 
     dependencies=[Depends(get_org_reader)],
 )
 async def read_entitlement(
-    org_id: OrgId, settings: SettingsDep, factory: SessionFactoryDep, link: TemporalDep
+    org_id: OrgIdPath, settings: SettingsDep, factory: SessionFactoryDep, link: TemporalDep
 ) -> Entitlement:
     """`entitled` and its `reason`, the billing `status`, and the dates that bound access."""
     bind_log_context(org_id=org_id)
