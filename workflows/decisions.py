@@ -677,6 +677,20 @@ def live_subscription_unfollowed(org: OrgProfile) -> bool:
     )
 
 
+def marketplace_left_after_end(
+    state: OrgBillingState, snapshot: SubscriptionSnapshot, billed_elsewhere: bool
+) -> bool:
+    """At provisioning: the subscription the org row names has ended, and it was this
+    workflow that ended it because the org moved to a marketplace, which the org has
+    left since. Then a new subscription bills it (one the customer canceled is never
+    replaced on our own)."""
+    return (
+        not billed_elsewhere
+        and snapshot.status not in LIVE_SUBSCRIPTION_STATUSES
+        and state.marketplace_cancel_of == snapshot.id
+    )
+
+
 # Problems ------------------------------------------------------------------------------
 
 

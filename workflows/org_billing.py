@@ -476,10 +476,18 @@ class OrgBillingWorkflow:
         ):
             # Nothing of ours bills any more: never subscribe a marketplace org.
             return self._not_billed()
+        replaces = None
+        if (
+            snapshot is not None
+            and decisions.marketplace_left_after_end(self._state, snapshot, org.billed_elsewhere)
+            and workflow.patched(MARKETPLACE_ENDED)
+        ):
+            # Ended by us for a marketplace the org has since left: Stripe bills it again.
+            replaces, snapshot = snapshot.id, None
         if snapshot is None:
             snapshot = await stripe_activity(
                 StripeActivities.ensure_subscription,
-                EnsureSubscriptionInput(customer_id=customer_id, org=org),
+                EnsureSubscriptionInput(customer_id=customer_id, org=org, replaces=replaces),
             )
         if leaving and self._state.billed_elsewhere:
             # The row's own subscription of the customer checked above: followed,
@@ -489,6 +497,8 @@ class OrgBillingWorkflow:
         if leaving:
             # Its last Stripe period gets its final report; nothing after it.
             await self._follow_marketplace(snapshot)
+        if replaces is not None:
+            self._state.marketplace_cancel_of = None
         self._state.last_error = None
         workflow.logger.info(
             "org provisioned", extra={"org_id": org.org_id, "subscription_id": snapshot.id}

@@ -547,6 +547,17 @@ def test_a_not_billed_org_follows_a_live_subscription_its_row_still_names() -> N
     assert not decisions.live_subscription_unfollowed(org(aws_account_id=None))
 
 
+def test_only_a_subscription_we_ended_for_a_marketplace_left_since_is_replaced() -> None:
+    ended = snapshot(SubscriptionStatus.CANCELED)
+    ours = billed(SubscriptionStatus.CANCELED, marketplace_cancel_of="sub_1")
+    assert decisions.marketplace_left_after_end(ours, ended, billed_elsewhere=False)
+    # Still billed elsewhere, still live, or canceled by the customer: not replaced.
+    assert not decisions.marketplace_left_after_end(ours, ended, billed_elsewhere=True)
+    assert not decisions.marketplace_left_after_end(ours, snapshot(), billed_elsewhere=False)
+    theirs = billed(SubscriptionStatus.CANCELED)
+    assert not decisions.marketplace_left_after_end(theirs, ended, billed_elsewhere=False)
+
+
 def test_the_orgs_own_subscription_is_still_applied_to_a_marketplace_org() -> None:
     """Reads of the subscription the org already has are no adoption."""
     moved = billed().model_copy(update={"status": BillingStatus.NOT_BILLED})

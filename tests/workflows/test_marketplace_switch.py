@@ -271,3 +271,36 @@ async def test_a_not_billed_run_whose_row_names_a_live_subscription_ends_it_at_p
         "marketplace_not_billed_follows_live",
         pick=scheduled("stripe_cancel_at_period_end"),
     )
+
+
+async def test_an_org_leaving_aws_after_its_subscription_ended_is_billed_through_stripe_again(
+    stack: LiveStack,
+) -> None:
+    state = await active(stack)
+    org_id, sub_id, customer = state.org_id, state.stripe_subscription_id, state.stripe_customer_id
+    assert sub_id and customer
+    _, end = period_of(stack, sub_id)
+    set_marketplace(stack, org_id, "123456789012")
+    await reconcile(stack, org_id)
+    await stack.advance(end + 300)
+    await wait_for_status(stack.client, org_id, {BillingStatus.NOT_BILLED})
+
+    set_marketplace(stack, org_id, None)
+    await reconcile(stack, org_id)  # the daily re-sync sees it too
+
+    billed = await wait_for_status(stack.client, org_id, {BillingStatus.ACTIVE})
+    new_id = billed.stripe_subscription_id
+    assert new_id and new_id != sub_id
+    new = stack.subscription(new_id)
+    assert new.customer == customer and new.status == "active" and new.trial_end is None
+    assert stack.org(org_id).stripe_subscription_id == new_id
+    subs = stack.stripe.v1.subscriptions.list({"customer": customer, "status": "all"}).data
+    assert sorted((s.id, s.status) for s in subs) == sorted(
+        [(sub_id, "canceled"), (new_id, "active")]
+    )
+    await capture_history(
+        stack.client,
+        org_workflow_id(org_id),
+        "marketplace_left_after_end",
+        pick=scheduled("stripe_ensure_subscription"),
+    )
