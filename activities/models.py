@@ -18,6 +18,9 @@ from billing.domain import (
 class EnsureSubscriptionInput(BaseModel):
     customer_id: str
     org: OrgProfile
+    # The org's subscription ended for a marketplace it has left: the new one
+    # follows it (no second trial, its own idempotency key).
+    replaces: str | None = None
 
 
 class OwnCustomer(BaseModel):

@@ -76,7 +76,9 @@ class StripeActivities:
         existing = await self._gateway.find_live_subscription(data.customer_id)
         if existing is not None:
             return existing
-        sub = await self._gateway.create_subscription(data.customer_id, data.org)
+        sub = await self._gateway.create_subscription(
+            data.customer_id, data.org, replaces=data.replaces
+        )
         log.info(
             "subscription created",
             extra={"org_id": data.org.org_id, "subscription_id": sub.id},

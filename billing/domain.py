@@ -301,6 +301,10 @@ class OrgBillingState(BaseModel):
     # The subscription whose cancellation at period end this workflow asked for
     # because the org moved to a cloud marketplace (undone if it moves back in time).
     marketplace_cancel_of: str | None = None
+    # Whether the org row named an AWS/Azure marketplace id when the workflow last
+    # read it (kept under the patch `marketplace-ended`): such an org never adopts
+    # a Stripe subscription, and its own one ended leaves it `not_billed`.
+    billed_elsewhere: bool = False
     # What needs a person, if anything: the `BillingProblem` search attribute.
     problem: BillingProblem | None = None
     # When the workflow first saw a failed payment (past_due/unpaid), until paid:

@@ -325,9 +325,18 @@ class StripeGateway:
         return snapshot_of(oldest.to_dict(), read_at=read_at)
 
     async def create_subscription(
-        self, customer_id: str, org: OrgProfile, *, idempotency_key: str | None = None
+        self,
+        customer_id: str,
+        org: OrgProfile,
+        *,
+        idempotency_key: str | None = None,
+        replaces: str | None = None,
     ) -> SubscriptionSnapshot:
-        """Create the org's subscription; the key defaults to the workflow's own."""
+        """Create the org's subscription; the key defaults to the workflow's own.
+
+        `replaces`: the org's ended subscription this one follows (it left a
+        marketplace); no second trial, and a key of its own.
+        """
         s = self._settings
         items: list[SubscriptionCreateParamsItem] = [
             {"price": s.stripe_price_id, "quantity": 1},
@@ -340,7 +349,7 @@ class StripeGateway:
             "metadata": self._identity(org),
             "automatic_tax": {"enabled": s.stripe_automatic_tax},
         }
-        if s.stripe_trial_days > 0:
+        if s.stripe_trial_days > 0 and replaces is None:
             params["trial_period_days"] = s.stripe_trial_days
             # Stripe's default (`create_invoice`) is left implicit: the parameters,
             # and so the idempotency key, stay those of earlier versions.
@@ -351,6 +360,8 @@ class StripeGateway:
         key = idempotency_key or subscription_create_key(
             s.billing_source, org.org_id, org.org_uid, params
         )
+        if replaces is not None and idempotency_key is None:
+            key = f"{key}-after-{replaces}"
         read_at = datetime.now(UTC)
         sub = await self._client.v1.subscriptions.create_async(params, {"idempotency_key": key})
         return snapshot_of(sub.to_dict(), read_at=read_at)

@@ -29,6 +29,7 @@ with workflow.unsafe.imports_passed_through():
         FailedEvent,
         OrgBillingState,
         OrgBillingTuning,
+        OrgProfile,
         RefusedAdoption,
         StripeEventSignal,
         SubscriptionSnapshot,
@@ -554,7 +555,8 @@ def refusal(
     customer the org already has (provisioning finds or makes that customer by
     `org_uid` and `source`). An event's metadata proves nothing (anyone can
     type an org id in the dashboard), so an org without a customer, or billed
-    through a marketplace, is never handed a subscription by an event. A
+    through a marketplace (whatever its status, e.g. while its own subscription
+    runs to its period end), is never handed a subscription by an event. A
     different subscription of the org's own customer replaces ours only when
     ours no longer bills and the new one does (made elsewhere, e.g. after a
     cancel); otherwise the org keeps the one it has.
@@ -565,7 +567,7 @@ def refusal(
     if state.stripe_customer_id and snapshot.customer_id != state.stripe_customer_id:
         return Refusal.FOREIGN_CUSTOMER
     if provable and snapshot.id != state.stripe_subscription_id:
-        if state.status is BillingStatus.NOT_BILLED:
+        if state.status is BillingStatus.NOT_BILLED or state.billed_elsewhere:
             return Refusal.NOT_BILLED
         if not state.stripe_customer_id:
             return Refusal.NO_CUSTOMER
@@ -647,6 +649,46 @@ def marketplace_cancel(
     if state.marketplace_cancel_of == snapshot.id and snapshot.cancel_at is not None:
         return False
     return None
+
+
+def marketplace_end_seen(state: OrgBillingState, snapshot: SubscriptionSnapshot) -> bool:
+    """After applying a read: the org's own subscription has ended, and the org may be
+    billed through a marketplace (it was when last read, or we ended it for that).
+
+    Then the org row is read again: still billed elsewhere, the org is
+    `not_billed` (entitled, paid through AWS or Azure), not `canceled`.
+    """
+    return (
+        snapshot.id == state.stripe_subscription_id
+        and snapshot.status not in LIVE_SUBSCRIPTION_STATUSES
+        and state.closed_at is None
+        and (state.billed_elsewhere or state.marketplace_cancel_of == snapshot.id)
+    )
+
+
+def live_subscription_unfollowed(org: OrgProfile) -> bool:
+    """At a `not_billed` org's re-sync: the org row still names a live Stripe
+    subscription of ours (as the last read wrote it) while the org is billed
+    elsewhere. Provisioning then follows it and ends it at its period end."""
+    return (
+        org.billed_elsewhere
+        and org.stripe_subscription_id is not None
+        and org.subscription_status in LIVE_SUBSCRIPTION_STATUSES
+    )
+
+
+def marketplace_left_after_end(
+    state: OrgBillingState, snapshot: SubscriptionSnapshot, billed_elsewhere: bool
+) -> bool:
+    """At provisioning: the subscription the org row names has ended, and it was this
+    workflow that ended it because the org moved to a marketplace, which the org has
+    left since. Then a new subscription bills it (one the customer canceled is never
+    replaced on our own)."""
+    return (
+        not billed_elsewhere
+        and snapshot.status not in LIVE_SUBSCRIPTION_STATUSES
+        and state.marketplace_cancel_of == snapshot.id
+    )
 
 
 # Problems ------------------------------------------------------------------------------

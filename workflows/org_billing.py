@@ -106,6 +106,10 @@ ORG_LIFECYCLE = "org-lifecycle"
 # with Stripe's clock as it is now (a test clock may have moved on meanwhile),
 # and an ended period's final report is timed by Stripe's clock, not ours.
 USAGE_STRIPE_CLOCK = "usage-stripe-clock"
+# An org billed through AWS/Azure whose Stripe subscription has ended is
+# `not_billed` (entitled), not `canceled`; an org billed elsewhere never adopts a
+# Stripe subscription, whatever its status.
+MARKETPLACE_ENDED = "marketplace-ended"
 # Every patch id, for the checks of what a history may hold in plaintext.
 PATCH_IDS = (
     NOT_BILLED_RECHECK,
@@ -117,6 +121,7 @@ PATCH_IDS = (
     CHECKOUT,
     ORG_LIFECYCLE,
     USAGE_STRIPE_CLOCK,
+    MARKETPLACE_ENDED,
 )
 # The prefix of `last_error` for usage work (cleared when usage goes through again).
 USAGE_ERROR = "usage report"
@@ -400,6 +405,7 @@ class OrgBillingWorkflow:
 
     def _not_billed(self) -> Refused | None:
         """Billed through a marketplace: nothing to provision (never an error)."""
+        self._note_billed_elsewhere(True)
         self._state.last_error = None
         self._set_status(BillingStatus.NOT_BILLED)
         return None
@@ -419,6 +425,8 @@ class OrgBillingWorkflow:
                 self._state.last_error = None
                 self._set_status(ended)
                 return None
+        if not org.billed_elsewhere:
+            self._note_billed_elsewhere(False)
         # Billed elsewhere with a subscription of ours on the row: it may still be
         # live in Stripe (the move happened while no run was watching).
         leaving = (
@@ -460,18 +468,37 @@ class OrgBillingWorkflow:
                     subscription_id=org.stripe_subscription_id, customer_id=customer_id
                 ),
             )
-        if leaving and (snapshot is None or snapshot.status not in LIVE_SUBSCRIPTION_STATUSES):
+        if leaving and (
+            snapshot is None
+            or snapshot.status not in LIVE_SUBSCRIPTION_STATUSES
+            # A live one made elsewhere, not ours: never adopted.
+            or (snapshot.id != org.stripe_subscription_id and workflow.patched(MARKETPLACE_ENDED))
+        ):
             # Nothing of ours bills any more: never subscribe a marketplace org.
             return self._not_billed()
+        replaces = None
+        if (
+            snapshot is not None
+            and decisions.marketplace_left_after_end(self._state, snapshot, org.billed_elsewhere)
+            and workflow.patched(MARKETPLACE_ENDED)
+        ):
+            # Ended by us for a marketplace the org has since left: Stripe bills it again.
+            replaces, snapshot = snapshot.id, None
         if snapshot is None:
             snapshot = await stripe_activity(
                 StripeActivities.ensure_subscription,
-                EnsureSubscriptionInput(customer_id=customer_id, org=org),
+                EnsureSubscriptionInput(customer_id=customer_id, org=org, replaces=replaces),
             )
+        if leaving and self._state.billed_elsewhere:
+            # The row's own subscription of the customer checked above: followed,
+            # never refused as an adoption (`billed_elsewhere` is MARKETPLACE_ENDED's).
+            self._state.stripe_subscription_id = snapshot.id
         await self._apply(snapshot)
         if leaving:
             # Its last Stripe period gets its final report; nothing after it.
             await self._follow_marketplace(snapshot)
+        if replaces is not None:
+            self._state.marketplace_cancel_of = None
         self._state.last_error = None
         workflow.logger.info(
             "org provisioned", extra={"org_id": org.org_id, "subscription_id": snapshot.id}
@@ -600,7 +627,15 @@ class OrgBillingWorkflow:
             if workflow.patched(NOT_BILLED_RECHECK):
                 # Marketplace billing removed from the org: bill it through Stripe.
                 org = await db_activity(DbActivities.load_org, self._state.org_id)
+                self._note_billed_elsewhere(org.billed_elsewhere)
                 if not org.billed_elsewhere:
+                    self._retry_requested = True
+                elif decisions.live_subscription_unfollowed(org) and workflow.patched(
+                    MARKETPLACE_ENDED
+                ):
+                    # Called `not_billed` while the row still names a live subscription
+                    # of ours (a run from before `marketplace-fresh-run`): provisioning
+                    # follows it to its period end instead of letting it renew unseen.
                     self._retry_requested = True
             return []
         read = decisions.resync_read(self._state)
@@ -627,6 +662,7 @@ class OrgBillingWorkflow:
         cancel (ours) is taken back.
         """
         org = await db_activity(DbActivities.load_org, self._state.org_id)
+        self._note_billed_elsewhere(org.billed_elsewhere)
         cancel = decisions.marketplace_cancel(self._state, snapshot, org.billed_elsewhere)
         if cancel is None:
             return []
@@ -683,8 +719,30 @@ class OrgBillingWorkflow:
         if snapshot.id == state.stripe_subscription_id:
             state.to_finalize.extend(decisions.ended_periods(state, snapshot))
         decisions.adopt(state, snapshot)
+        if decisions.marketplace_end_seen(state, snapshot) and workflow.patched(MARKETPLACE_ENDED):
+            await self._marketplace_ended(snapshot)
         self._upsert_attributes()
         return diffs
+
+    def _note_billed_elsewhere(self, billed_elsewhere: bool) -> None:
+        """Keep what the org row said about marketplace billing (asked only on a change,
+        so runs recorded before `MARKETPLACE_ENDED` replay without its marker)."""
+        if billed_elsewhere != self._state.billed_elsewhere and workflow.patched(MARKETPLACE_ENDED):
+            self._state.billed_elsewhere = billed_elsewhere
+
+    async def _marketplace_ended(self, snapshot: SubscriptionSnapshot) -> None:
+        """The org's Stripe subscription ended: billed through a marketplace, it is
+        `not_billed` (entitled), and Stripe never bills it again unless it leaves that
+        marketplace (the daily re-check then provisions it)."""
+        org = await db_activity(DbActivities.load_org, self._state.org_id)
+        self._state.billed_elsewhere = org.billed_elsewhere
+        if not org.billed_elsewhere:
+            return
+        self._state.status = BillingStatus.NOT_BILLED
+        workflow.logger.info(
+            "org billed through a marketplace: its Stripe subscription ended, not billed by us",
+            extra={**self._org(), "subscription_id": snapshot.id},
+        )
 
     async def _refuse_adoption(
         self,

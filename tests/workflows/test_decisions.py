@@ -13,6 +13,7 @@ from billing.domain import (
     BillingStatus,
     OrgBillingState,
     OrgBillingTuning,
+    OrgProfile,
     RefusedAdoption,
     StripeEventSignal,
     SubscriptionSnapshot,
@@ -493,6 +494,68 @@ def test_a_marketplace_org_never_adopts_a_subscription() -> None:
     )
     assert decisions.refusal(moved, snapshot(id="sub_2")) is Refusal.NOT_BILLED
     assert Refusal.NOT_BILLED in decisions.ADOPTION_REFUSALS
+
+
+def test_an_org_billed_elsewhere_never_adopts_a_subscription_whatever_its_status() -> None:
+    """Its own subscription ended (or still runs to its period end): a live one made
+    in the dashboard on its customer is refused, not taken as a replacement."""
+    dashboard = snapshot(id="sub_2")
+    ended = billed(SubscriptionStatus.CANCELED, billed_elsewhere=True)
+    assert decisions.refusal(ended, dashboard) is Refusal.NOT_BILLED
+    leaving = billed(billed_elsewhere=True)
+    assert decisions.refusal(leaving, dashboard) is Refusal.NOT_BILLED
+    # Not billed elsewhere, an ended subscription is replaced by a live one as before.
+    assert decisions.refusal(billed(SubscriptionStatus.CANCELED), dashboard) is None
+    # Its own subscription is still followed.
+    assert decisions.refusal(ended, snapshot(SubscriptionStatus.CANCELED)) is None
+
+
+def test_an_ended_subscription_of_an_org_that_may_be_billed_elsewhere_is_checked() -> None:
+    canceled = snapshot(SubscriptionStatus.CANCELED)
+    assert decisions.marketplace_end_seen(billed(billed_elsewhere=True), canceled)
+    assert decisions.marketplace_end_seen(billed(marketplace_cancel_of="sub_1"), canceled)
+    # Still live, another subscription, never billed elsewhere, or closed: not checked.
+    assert not decisions.marketplace_end_seen(billed(billed_elsewhere=True), snapshot())
+    assert not decisions.marketplace_end_seen(
+        billed(billed_elsewhere=True), snapshot(SubscriptionStatus.CANCELED, id="sub_2")
+    )
+    assert not decisions.marketplace_end_seen(billed(), canceled)
+    assert not decisions.marketplace_end_seen(
+        billed(billed_elsewhere=True, closed_at=JAN), canceled
+    )
+
+
+def test_a_not_billed_org_follows_a_live_subscription_its_row_still_names() -> None:
+    def org(**changes: object) -> OrgProfile:
+        profile = OrgProfile(
+            org_id=7,
+            org_uid="u7",
+            name="Labs",
+            owner_email="a@labs.test",
+            aws_account_id="123456789012",
+            stripe_customer_id="cus_1",
+            stripe_subscription_id="sub_1",
+            subscription_status=SubscriptionStatus.ACTIVE,
+        )
+        return profile.model_copy(update=changes)
+
+    assert decisions.live_subscription_unfollowed(org())
+    assert not decisions.live_subscription_unfollowed(
+        org(subscription_status=SubscriptionStatus.CANCELED)
+    )
+    assert not decisions.live_subscription_unfollowed(org(stripe_subscription_id=None))
+    assert not decisions.live_subscription_unfollowed(org(aws_account_id=None))
+
+
+def test_only_a_subscription_we_ended_for_a_marketplace_left_since_is_replaced() -> None:
+    ended = snapshot(SubscriptionStatus.CANCELED)
+    ours = billed(SubscriptionStatus.CANCELED, marketplace_cancel_of="sub_1")
+    assert decisions.marketplace_left_after_end(ours, ended, billed_elsewhere=False)
+    # Still billed elsewhere, still live, or canceled by the customer: not replaced.
+    assert not decisions.marketplace_left_after_end(ours, ended, billed_elsewhere=True)
+    assert not decisions.marketplace_left_after_end(ours, snapshot(), billed_elsewhere=False)
+    theirs = billed(SubscriptionStatus.CANCELED)
+    assert not decisions.marketplace_left_after_end(theirs, ended, billed_elsewhere=False)
 
 
 def test_the_orgs_own_subscription_is_still_applied_to_a_marketplace_org() -> None:

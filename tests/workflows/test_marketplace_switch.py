@@ -7,12 +7,20 @@ final usage report; moved back before that end, Stripe billing goes on.
 from __future__ import annotations
 
 import pytest
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import WorkflowHistory
 
-from billing.constants import RECONCILE_UPDATE, org_workflow_id
+from billing.constants import (
+    ORG_BILLING_WORKFLOW,
+    RECONCILE_UPDATE,
+    RESYNC_SIGNAL,
+    org_workflow_id,
+)
 from billing.db import orgs
 from billing.db.models import UsageLedger
-from billing.domain import BillingStatus, ReconcileResult
-from billing.orchestration import RETRY_PROVISIONING, start_org_workflow
+from billing.domain import BillingStatus, OrgBillingInput, OrgBillingState, ReconcileResult
+from billing.orchestration import RETRY_PROVISIONING, query_state, start_org_workflow
+from billing.search_attributes import BILLING_STATUS_KEY
 from tests.factories.live import LiveStack
 from tests.factories.stack import capture_history, eventually, scheduled, wait_for_status
 from tests.workflows.test_usage import (
@@ -34,6 +42,21 @@ DAY = 86400
 def set_marketplace(stack: LiveStack, org_id: int, aws_account_id: str | None) -> None:
     with stack.session_factory.begin() as session:
         orgs.get_org(session, org_id).aws_account_id = aws_account_id
+
+
+def became_not_billed(history: WorkflowHistory) -> int:
+    """Scores a run by whether it saw the subscription end under `marketplace-ended`: it
+    set the `BillingStatus` search attribute to `not_billed` and sent a final report."""
+    not_billed = patched = False
+    for e in history.events:
+        if e.event_type != EventType.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES:
+            continue
+        fields = e.upsert_workflow_search_attributes_event_attributes.search_attributes
+        status = fields.indexed_fields.get(BILLING_STATUS_KEY.name)
+        versions = fields.indexed_fields.get("TemporalChangeVersion")
+        not_billed |= status is not None and status.data == b'"not_billed"'
+        patched |= versions is not None and b"marketplace-ended" in versions.data
+    return int(not_billed and patched) * scheduled("db_plan_usage")(history)
 
 
 async def reconcile(stack: LiveStack, org_id: int) -> ReconcileResult:
@@ -65,7 +88,15 @@ async def test_an_org_moved_to_aws_leaves_stripe_at_period_end_with_its_final_us
 
     await stack.advance(end + 300)
 
-    await wait_for_status(stack.client, org_id, {BillingStatus.CANCELED})
+    # Paid through AWS from now on: not billed by us, and entitled (not `canceled`).
+    ended = await wait_for_status(stack.client, org_id, {BillingStatus.NOT_BILLED})
+    assert ended.stripe_subscription_id == sub_id and ended.billed_elsewhere
+
+    async def entitled() -> bool | None:
+        value: bool | None = stack.org(org_id).entitled
+        return value
+
+    await eventually(entitled, lambda value: value is True)
 
     async def rows() -> list[UsageLedger]:
         return ledger(stack, org_id, start)
@@ -87,12 +118,34 @@ async def test_an_org_moved_to_aws_leaves_stripe_at_period_end_with_its_final_us
     await stack.advance(end + 40 * DAY)
     assert invoice_quantities(stack, sub_id, end) == {}
     again = await reconcile(stack, org_id)
-    assert again.differences == [] and again.status == BillingStatus.CANCELED
+    assert again.differences == [] and again.status == BillingStatus.NOT_BILLED
+    assert stack.org(org_id).entitled is True
+
+    # A subscription made in the dashboard on the org's own customer after ours
+    # ended is never adopted: the org is billed through AWS.
+    dashboard = stack.stripe.v1.subscriptions.create(
+        {
+            "customer": customer,
+            "items": [{"price": stack.settings.stripe_price_id, "quantity": 1}],
+            "trial_period_days": 7,
+        }
+    )
+    refused = await eventually(
+        lambda: query_state(stack.client, org_id),
+        lambda s: any(r.subscription_id == dashboard.id for r in s.refused_adoptions),
+    )
+    assert refused.status == BillingStatus.NOT_BILLED
+    assert refused.stripe_subscription_id == sub_id
+    assert stack.org(org_id).stripe_subscription_id == sub_id
+    # The run that saw the subscription end, and the one that refused the new one.
+    await capture_history(
+        stack.client, org_workflow_id(org_id), "marketplace_ended", pick=became_not_billed
+    )
     await capture_history(
         stack.client,
         org_workflow_id(org_id),
-        "marketplace_switch",
-        pick=scheduled("stripe_cancel_at_period_end"),
+        "marketplace_ended_refuses_adoption",
+        pick=scheduled("db_record_adoption_refusal"),
     )
 
 
@@ -157,7 +210,7 @@ async def test_a_fresh_run_of_an_org_moved_to_aws_still_ends_its_live_subscripti
     fresh = await wait_for_status(stack.client, org_id, {BillingStatus.ACTIVE})
     assert fresh.stripe_subscription_id == sub_id
     await stack.advance(end + 300)
-    await wait_for_status(stack.client, org_id, {BillingStatus.CANCELED})
+    await wait_for_status(stack.client, org_id, {BillingStatus.NOT_BILLED})
     await eventually(reported, lambda n: n == 5)
     subs = stack.stripe.v1.subscriptions.list({"customer": customer, "status": "all"}).data
     assert [s.id for s in subs] == [sub_id]
@@ -166,4 +219,88 @@ async def test_a_fresh_run_of_an_org_moved_to_aws_still_ends_its_live_subscripti
         org_workflow_id(org_id),
         "marketplace_fresh_run",
         pick=scheduled("stripe_cancel_at_period_end"),
+    )
+
+
+async def test_a_not_billed_run_whose_row_names_a_live_subscription_ends_it_at_period_end(
+    stack: LiveStack,
+) -> None:
+    """A run that called a moved org `not_billed` while its subscription was still live
+    (as runs did before the fresh-run rule): its re-sync follows that subscription to
+    its period end rather than let it renew unseen."""
+    state = await active(stack)
+    org_id, sub_id, customer = state.org_id, state.stripe_subscription_id, state.stripe_customer_id
+    assert sub_id and customer
+    start, end = period_of(stack, sub_id)
+    record(stack, org_id, 3, start + DAY)
+    await stack.settled(org_id)
+    await stack.client.get_workflow_handle(org_workflow_id(org_id)).terminate("reset")
+    set_marketplace(stack, org_id, "123456789012")
+    assert stack.org(org_id).subscription_status == "active"
+
+    # The run as such a run left it: `not_billed`, nothing of Stripe's followed.
+    await stack.client.start_workflow(
+        ORG_BILLING_WORKFLOW,
+        OrgBillingInput(
+            org_id=org_id,
+            state=OrgBillingState(org_id=org_id, status=BillingStatus.NOT_BILLED),
+        ),
+        id=org_workflow_id(org_id),
+        task_queue=stack.settings.temporal_task_queue,
+        start_signal=RESYNC_SIGNAL,
+    )
+
+    async def cancel_at() -> int | None:
+        when: int | None = stack.subscription(sub_id).cancel_at
+        return when
+
+    async def reported() -> float:
+        return meter_total(stack, customer, REQUESTS, start, end)
+
+    await eventually(cancel_at, lambda when: when == end)
+    followed = await wait_for_status(stack.client, org_id, {BillingStatus.ACTIVE})
+    assert followed.stripe_subscription_id == sub_id
+    await stack.advance(end + 300)
+    await wait_for_status(stack.client, org_id, {BillingStatus.NOT_BILLED})
+    await eventually(reported, lambda n: n == 3)
+    subs = stack.stripe.v1.subscriptions.list({"customer": customer, "status": "all"}).data
+    assert [s.id for s in subs] == [sub_id]
+    await capture_history(
+        stack.client,
+        org_workflow_id(org_id),
+        "marketplace_not_billed_follows_live",
+        pick=scheduled("stripe_cancel_at_period_end"),
+    )
+
+
+async def test_an_org_leaving_aws_after_its_subscription_ended_is_billed_through_stripe_again(
+    stack: LiveStack,
+) -> None:
+    state = await active(stack)
+    org_id, sub_id, customer = state.org_id, state.stripe_subscription_id, state.stripe_customer_id
+    assert sub_id and customer
+    _, end = period_of(stack, sub_id)
+    set_marketplace(stack, org_id, "123456789012")
+    await reconcile(stack, org_id)
+    await stack.advance(end + 300)
+    await wait_for_status(stack.client, org_id, {BillingStatus.NOT_BILLED})
+
+    set_marketplace(stack, org_id, None)
+    await reconcile(stack, org_id)  # the daily re-sync sees it too
+
+    billed = await wait_for_status(stack.client, org_id, {BillingStatus.ACTIVE})
+    new_id = billed.stripe_subscription_id
+    assert new_id and new_id != sub_id
+    new = stack.subscription(new_id)
+    assert new.customer == customer and new.status == "active" and new.trial_end is None
+    assert stack.org(org_id).stripe_subscription_id == new_id
+    subs = stack.stripe.v1.subscriptions.list({"customer": customer, "status": "all"}).data
+    assert sorted((s.id, s.status) for s in subs) == sorted(
+        [(sub_id, "canceled"), (new_id, "active")]
+    )
+    await capture_history(
+        stack.client,
+        org_workflow_id(org_id),
+        "marketplace_left_after_end",
+        pick=scheduled("stripe_ensure_subscription"),
     )
