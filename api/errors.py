@@ -94,6 +94,12 @@ def forbidden(reason: str) -> HTTPException:
     return HTTPException(status_code=status.HTTP_403_FORBIDDEN, detail=reason)
 
 
+def answer_example(code: int, summary: str, value: Any) -> dict[int | str, dict[str, Any]]:
+    """An OpenAPI responses entry showing one JSON body of answer `code`."""
+    examples = {"example": {"summary": summary, "value": value}}
+    return {code: {"content": {"application/json": {"examples": examples}}}}
+
+
 def responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI entries for the error answers a route can give."""
     return {code: _RESPONSES[code] for code in codes}

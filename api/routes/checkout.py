@@ -29,7 +29,7 @@ from api.deps import (
     StripeDep,
     TemporalDep,
 )
-from api.errors import problem, responses, stripe_not_configured
+from api.errors import answer_example, problem, responses, stripe_not_configured
 from api.temporal import workflow_state
 from billing.config import Settings
 from billing.db import orgs
@@ -144,7 +144,14 @@ def _profile_and_status(session: Session, org_id: int) -> tuple[OrgProfile, str]
 @router.post(
     "/stripe/checkout",
     response_model=CheckoutSessionPublic,
-    responses=responses(401, 403, 404, 409, 500, 502, 503),
+    responses={
+        **responses(401, 403, 404, 409, 500, 502, 503),
+        **answer_example(
+            200,
+            "A canceled org subscribes again",
+            {"url": "https://checkout.stripe.com/c/pay/cs_test_a1B2c3", "mode": "subscription"},
+        ),
+    },
     summary="Create a Stripe Checkout session",
 )
 async def create_checkout_session(

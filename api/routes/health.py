@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api import store
 from api.deps import MetricsDep, SessionFactoryDep, TemporalDep
+from api.errors import answer_example
 
 router = APIRouter(tags=["operations"])
 
@@ -30,7 +31,12 @@ class ReadinessPublic(BaseModel):
     unavailable: list[str]
 
 
-@router.get("/healthz", response_model=HealthPublic, summary="Liveness")
+@router.get(
+    "/healthz",
+    response_model=HealthPublic,
+    responses=answer_example(200, "The process answers", {"status": "ok"}),
+    summary="Liveness",
+)
 async def healthz() -> HealthPublic:
     """The process answers; says nothing about its dependencies (see /readyz)."""
     return HealthPublic()
@@ -47,7 +53,30 @@ async def _check_database(factory: store.SessionFactory) -> str | None:
 @router.get(
     "/readyz",
     response_model=ReadinessPublic,
-    responses={503: {"model": ReadinessPublic, "description": "A dependency is unavailable"}},
+    responses={
+        **answer_example(
+            200,
+            "Ready",
+            {"status": "ready", "checks": {"database": "ok", "temporal": "ok"}, "unavailable": []},
+        ),
+        503: {
+            "model": ReadinessPublic,
+            "description": "A dependency is unavailable",
+            **answer_example(
+                503,
+                "Temporal does not answer",
+                {
+                    "status": "unavailable",
+                    "checks": {
+                        "database": "ok",
+                        "temporal": "Temporal is not reachable at temporal.internal:7233 "
+                        "(namespace billing-prod, mTLS): no answer within 10 s.",
+                    },
+                    "unavailable": ["temporal"],
+                },
+            )[503],
+        },
+    },
     summary="Readiness",
 )
 async def readyz(factory: SessionFactoryDep, link: TemporalDep) -> JSONResponse:

@@ -9,15 +9,15 @@ raw Stripe errors, watermarks, event ids) is for operators, who read it with
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Literal
 
-from fastapi import APIRouter, HTTPException, Path, status
+from fastapi import APIRouter, HTTPException, status
 from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 
 from api import store
-from api.deps import ClaimsDep, SessionFactoryDep, TemporalDep, require_member
-from api.errors import forbidden, responses
+from api.deps import ClaimsDep, OrgIdPath, SessionFactoryDep, TemporalDep, require_member
+from api.errors import answer_example, forbidden, responses
 from api.temporal import workflow_state
 from billing.db import orgs
 from billing.db.models import Org
@@ -26,7 +26,6 @@ from billing.logging import bind_log_context
 
 router = APIRouter(prefix="/api/orgs", tags=["orgs"])
 
-OrgId = Annotated[int, Path(ge=1, le=2**31 - 1, description="The org's id")]
 
 
 class UsageSoFarPublic(BaseModel):
@@ -102,11 +101,27 @@ async def _from_state(factory: store.SessionFactory, state: OrgBillingState) -> 
 @router.get(
     "/{org_id}/billing",
     response_model=OrgBillingPublic,
-    responses=responses(401, 403, 404, 500, 503),
+    responses={
+        **responses(401, 403, 404, 500, 503),
+        **answer_example(
+            200,
+            "An org in its first paid month",
+            {
+                "org_id": 42,
+                "status": "active",
+                "subscription_end": "2027-03-01T09:15:00Z",
+                "trial_end": "2027-01-30T09:15:00Z",
+                "current_period_start": "2027-01-30T09:15:00Z",
+                "current_period_end": "2027-03-01T09:15:00Z",
+                "usage": {"users": 3, "requests": 1250, "as_of": "2027-02-10T12:00:00Z"},
+                "source": "workflow",
+            },
+        ),
+    },
     summary="Read an org's billing (public view for its members)",
 )
 async def read_org_billing(
-    org_id: OrgId, claims: ClaimsDep, factory: SessionFactoryDep, link: TemporalDep
+    org_id: OrgIdPath, claims: ClaimsDep, factory: SessionFactoryDep, link: TemporalDep
 ) -> OrgBillingPublic:
     """The org's live billing from its workflow, or from its row when the workflow cannot answer."""
     # The token's org is compared first, so a caller learns nothing about other orgs.

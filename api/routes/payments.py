@@ -21,7 +21,7 @@ from api.deps import (
     StripeDep,
     TemporalDep,
 )
-from api.errors import problem, responses
+from api.errors import answer_example, problem, responses
 from api.temporal import TemporalLink, workflow_state
 from billing.db import orgs
 from billing.logging import bind_log_context
@@ -62,7 +62,14 @@ def _stripe_failed(err: stripe.StripeError) -> HTTPException:
 @router.post(
     "/stripe/portal",
     response_model=PortalSessionPublic,
-    responses=responses(401, 403, 404, 500, 502, 503),
+    responses={
+        **responses(401, 403, 404, 500, 502, 503),
+        **answer_example(
+            200,
+            "The portal of the org's customer",
+            {"url": "https://billing.stripe.com/p/session/test_YWNjdF8xTjJ"},
+        ),
+    },
     summary="Create a Stripe billing portal session",
 )
 async def create_portal_session(

@@ -23,6 +23,7 @@ from temporalio.service import RPCError
 from api import store
 from api.deps import require_stripe, services_of
 from api.errors import (
+    answer_example,
     database_unavailable,
     problem,
     responses,
@@ -221,7 +222,14 @@ WEBHOOK_PATH = "/api/webhooks/stripe"
 @router.post(
     "/stripe",
     response_model=WebhookReceiptPublic,
-    responses=responses(400, 413, 500, 503),
+    responses={
+        **responses(400, 413, 500, 503),
+        **answer_example(
+            200,
+            "An event signalled to its org's workflow",
+            {"event_id": "evt_1QxYz2AbCdEf", "outcome": "signalled", "org_id": 42},
+        ),
+    },
     openapi_extra={"requestBody": WEBHOOK_REQUEST_BODY},
     summary="Receive a Stripe webhook event",
 )

@@ -231,6 +231,32 @@ def test_every_service_key_operation_has_examples(database_url: str) -> None:
     }
 
 
+def test_every_json_route_shows_an_answer_and_its_path_parameters(database_url: str) -> None:
+    """Beyond the service API: each route's success answer and path parameters have examples."""
+    app = create_app(make_api_settings(database_url=database_url))
+    doc = app.openapi()
+    checked: set[str] = set()
+    for path, operations in doc["paths"].items():
+        for method, operation in operations.items():
+            label = f"{method.upper()} {path}"
+            for code, answer in operation["responses"].items():
+                json_answer = answer.get("content", {}).get("application/json")
+                if code.startswith("2") and json_answer is not None:
+                    assert json_answer.get("examples"), f"{label}: no example of its {code}"
+                    checked.add(label)
+            for parameter in operation.get("parameters", []):
+                if parameter["in"] == "path":
+                    assert parameter.get("examples"), f"{label}: no example of {parameter['name']}"
+    assert {
+        "POST /api/webhooks/stripe",
+        "POST /api/payments/stripe/portal",
+        "POST /api/payments/stripe/checkout",
+        "GET /api/orgs/{org_id}/billing",
+        "GET /healthz",
+        "GET /readyz",
+    } <= checked
+
+
 # Orgs -----------------------------------------------------------------------------------
 
 
