@@ -181,6 +181,42 @@ async def test_a_cancel_the_customer_asked_for_is_not_taken_back(stack: LiveStac
     assert stack.subscription(sub_id).cancel_at_period_end
 
 
+async def _followed_to_its_period_end(
+    stack: LiveStack,
+    org_id: int,
+    sub_id: str,
+    customer: str,
+    period: tuple[int, int],
+    requests: int,
+    history: str,
+) -> None:
+    """The moved org's live subscription ends at its period end, with the period's
+    `requests` reported, no other subscription made; the org is `not_billed` after."""
+    start, end = period
+
+    async def cancel_at() -> int | None:
+        when: int | None = stack.subscription(sub_id).cancel_at
+        return when
+
+    async def reported() -> float:
+        return meter_total(stack, customer, REQUESTS, start, end)
+
+    await eventually(cancel_at, lambda when: when == end)
+    followed = await wait_for_status(stack.client, org_id, {BillingStatus.ACTIVE})
+    assert followed.stripe_subscription_id == sub_id
+    await stack.advance(end + 300)
+    await wait_for_status(stack.client, org_id, {BillingStatus.NOT_BILLED})
+    await eventually(reported, lambda n: n == requests)
+    subs = stack.stripe.v1.subscriptions.list({"customer": customer, "status": "all"}).data
+    assert [s.id for s in subs] == [sub_id]
+    await capture_history(
+        stack.client,
+        org_workflow_id(org_id),
+        history,
+        pick=scheduled("stripe_cancel_at_period_end"),
+    )
+
+
 async def test_a_fresh_run_of_an_org_moved_to_aws_still_ends_its_live_subscription(
     stack: LiveStack,
 ) -> None:
@@ -199,26 +235,8 @@ async def test_a_fresh_run_of_an_org_moved_to_aws_still_ends_its_live_subscripti
         stack.client, stack.settings.temporal_task_queue, org_id, signal=RETRY_PROVISIONING
     )
 
-    async def cancel_at() -> int | None:
-        when: int | None = stack.subscription(sub_id).cancel_at
-        return when
-
-    async def reported() -> float:
-        return meter_total(stack, customer, REQUESTS, start, end)
-
-    await eventually(cancel_at, lambda when: when == end)
-    fresh = await wait_for_status(stack.client, org_id, {BillingStatus.ACTIVE})
-    assert fresh.stripe_subscription_id == sub_id
-    await stack.advance(end + 300)
-    await wait_for_status(stack.client, org_id, {BillingStatus.NOT_BILLED})
-    await eventually(reported, lambda n: n == 5)
-    subs = stack.stripe.v1.subscriptions.list({"customer": customer, "status": "all"}).data
-    assert [s.id for s in subs] == [sub_id]
-    await capture_history(
-        stack.client,
-        org_workflow_id(org_id),
-        "marketplace_fresh_run",
-        pick=scheduled("stripe_cancel_at_period_end"),
+    await _followed_to_its_period_end(
+        stack, org_id, sub_id, customer, (start, end), 5, "marketplace_fresh_run"
     )
 
 
@@ -250,26 +268,8 @@ async def test_a_not_billed_run_whose_row_names_a_live_subscription_ends_it_at_p
         start_signal=RESYNC_SIGNAL,
     )
 
-    async def cancel_at() -> int | None:
-        when: int | None = stack.subscription(sub_id).cancel_at
-        return when
-
-    async def reported() -> float:
-        return meter_total(stack, customer, REQUESTS, start, end)
-
-    await eventually(cancel_at, lambda when: when == end)
-    followed = await wait_for_status(stack.client, org_id, {BillingStatus.ACTIVE})
-    assert followed.stripe_subscription_id == sub_id
-    await stack.advance(end + 300)
-    await wait_for_status(stack.client, org_id, {BillingStatus.NOT_BILLED})
-    await eventually(reported, lambda n: n == 3)
-    subs = stack.stripe.v1.subscriptions.list({"customer": customer, "status": "all"}).data
-    assert [s.id for s in subs] == [sub_id]
-    await capture_history(
-        stack.client,
-        org_workflow_id(org_id),
-        "marketplace_not_billed_follows_live",
-        pick=scheduled("stripe_cancel_at_period_end"),
+    await _followed_to_its_period_end(
+        stack, org_id, sub_id, customer, (start, end), 3, "marketplace_not_billed_follows_live"
     )
 
 
