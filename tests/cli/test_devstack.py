@@ -75,7 +75,7 @@ class DevProcess:
             start_new_session=True,
         )
 
-    def wait_ready(self, timeout: float = 45) -> float:
+    def wait_ready(self, timeout: float = 90) -> float:
         deadline = self.started + timeout
         while time.monotonic() < deadline:
             assert self.process.poll() is None, self.output.read_text()
